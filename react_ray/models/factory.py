@@ -1,0 +1,204 @@
+"""Build any OpenCLIP model by name, optionally with REACT gated blocks and a REACT checkpoint.
+
+>>> clip = build_model(ModelConfig(name="react-tiny"))
+>>> clip.encode_texts(["a red circle"]).shape
+torch.Size([1, 128])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Callable
+
+import open_clip
+import torch
+from torch import nn
+
+from react_ray import storage
+from react_ray.config import ModelConfig
+from react_ray.models.gated import default_gated_layers, image_resblocks, insert_gated_blocks
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+TINY_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+_GATED_KEY = re.compile(r"^visual\.transformer\.resblocks\.(\d+)\.gated_attn_block\.")
+
+
+@cache
+def register_tiny_models() -> None:
+    """Make the repo's small test/demo configs (``react-tiny``, ``react-micro``) known to open_clip."""
+    open_clip.add_model_config(CONFIG_DIR)
+
+
+def available_models() -> list[str]:
+    register_tiny_models()
+    return open_clip.list_models()
+
+
+@dataclass
+class ClipModel:
+    """An OpenCLIP model with its tokenizer and image transforms, ready to embed."""
+
+    model: nn.Module
+    tokenizer: Callable
+    preprocess: Callable  # eval transform: PIL image -> normalised tensor
+    train_preprocess: Callable
+    spec: ModelConfig
+    gated_indices: list[int] = field(default_factory=list)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(open_clip.get_model_config(self.spec.name)["embed_dim"])
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Preprocessed image batch (N, 3, H, W) -> L2-normalised features (N, D), float32."""
+        features = self.model.encode_image(images.to(self.device), normalize=True)
+        return features.float()
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """Captions or prompts -> L2-normalised features (N, D), float32."""
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        return self.model.encode_text(tokens, normalize=True).float()
+
+
+def _check_model_name(name: str) -> None:
+    names = available_models()
+    if name not in names:
+        close = [n for n in names if n.lower().startswith(name.lower()[:5])][:8]
+        hint = f" Close matches: {', '.join(close)}." if close else ""
+        raise ValueError(
+            f"model.name: unknown model {name!r}.{hint} Run `react-ray models` for all "
+            f"{len(names)} OpenCLIP names; the repo's small configs are {', '.join(TINY_MODELS)}."
+        )
+
+
+def _local_weights(uri: str) -> str:
+    """A local path for a weights file given as a local path, ``file://`` or ``s3://`` URI."""
+    if not storage.is_remote(uri):
+        path = storage.local_path(uri)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"weights file not found: {uri}")
+        return path
+    cache_dir = Path(os.environ.get("REACT_RAY_CACHE", Path.home() / ".cache" / "react-ray"))
+    target = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:16] / os.path.basename(uri)
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        storage.write_bytes_atomic(str(target), storage.read_bytes(uri))
+    return str(target)
+
+
+def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
+    if not pretrained:
+        return None
+    if "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        return _local_weights(pretrained)
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        allowed = ", ".join(tags) if tags else "none (use a weights file path)"
+        raise ValueError(f"model.pretrained: {pretrained!r} is not a tag of {name}; its tags are: {allowed}")
+    return pretrained
+
+
+def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
+    """A REACT-format checkpoint: a bare (fp16) state_dict, keys optionally prefixed ``module.``;
+    open_clip training checkpoints (``{"state_dict": ...}``) are accepted too."""
+    state = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def gated_layers_in(state: dict[str, torch.Tensor]) -> int:
+    return len({int(m.group(1)) for k in state if (m := _GATED_KEY.match(k))})
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    result = model.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]})")
+    if result.unexpected_keys:
+        problems.append(f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]})")
+    if problems:
+        raise ValueError(f"checkpoint {source} does not fit the model: " + "; ".join(problems))
+
+
+def build_model(spec: ModelConfig | str, device: str | torch.device = "cpu") -> ClipModel:
+    """Create the model ``spec`` names; insert gated blocks when asked or when the checkpoint has them.
+
+    ``spec.gated_layers``: None means "REACT's K if the checkpoint is gated, else none";
+    0 means none; K>0 inserts K blocks. A checkpoint is loaded with strict key checking.
+    """
+    spec = ModelConfig(name=spec) if isinstance(spec, str) else spec
+    _check_model_name(spec.name)
+    pretrained = _resolve_pretrained(spec.name, spec.pretrained)
+    try:
+        model, train_preprocess, preprocess = open_clip.create_model_and_transforms(
+            spec.name, pretrained=pretrained, device=device
+        )
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"could not load pretrained weights {spec.pretrained!r} for {spec.name}: {error}. "
+            "Without network access, download the weights once and pass their path or s3:// URI."
+        ) from error
+    state = read_state_dict(spec.checkpoint) if spec.checkpoint else None
+    num_gated = spec.gated_layers
+    if num_gated is None:
+        num_gated = gated_layers_in(state) if state is not None else 0
+    gated_indices = insert_gated_blocks(model, num_gated) if num_gated else []
+    if state is not None:
+        load_state_dict_strict(model, state, spec.checkpoint)
+    model.eval()
+    return ClipModel(
+        model=model,
+        tokenizer=open_clip.get_tokenizer(spec.name),
+        preprocess=preprocess,
+        train_preprocess=train_preprocess,
+        spec=spec,
+        gated_indices=gated_indices,
+    )
+
+
+def react_gated_layers(name: str) -> int:
+    """REACT's K for a model name (6 for ViT-B/L, 12 for bigG, half the depth otherwise)."""
+    register_tiny_models()
+    config = open_clip.get_model_config(name)
+    if config is None:
+        _check_model_name(name)
+    return default_gated_layers(name, int(config["vision_cfg"]["layers"]))
+
+
+def export_react_checkpoint(model: nn.Module, uri: str) -> None:
+    """Write the whole model as REACT releases it: a bare fp16 state_dict (``torch.save``)."""
+    state = {k: v.detach().to("cpu", torch.float16) for k, v in model.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    storage.write_bytes_atomic(uri, buffer.getvalue())
+
+
+__all__ = [
+    "ClipModel",
+    "TINY_MODELS",
+    "available_models",
+    "build_model",
+    "export_react_checkpoint",
+    "image_resblocks",
+    "react_gated_layers",
+    "read_state_dict",
+]
