@@ -7,6 +7,7 @@ torch.Size([1, 128])
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import io
 import os
@@ -22,7 +23,7 @@ from torch import nn
 
 from react_ray import storage
 from react_ray.config import ModelConfig
-from react_ray.models.gated import default_gated_layers, image_resblocks, insert_gated_blocks
+from react_ray.models.gated import default_gated_layers, insert_gated_blocks
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
@@ -80,7 +81,7 @@ class ClipModel:
 def _check_model_name(name: str) -> None:
     names = available_models()
     if name not in names:
-        close = [n for n in names if n.lower().startswith(name.lower()[:5])][:8]
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
         hint = f" Close matches: {', '.join(close)}." if close else ""
         raise ValueError(
             f"model.name: unknown model {name!r}.{hint} Run `react-ray models` for all "
@@ -198,7 +199,6 @@ __all__ = [
     "available_models",
     "build_model",
     "export_react_checkpoint",
-    "image_resblocks",
     "react_gated_layers",
     "read_state_dict",
 ]

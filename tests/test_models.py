@@ -1,0 +1,214 @@
+"""Model layer: REACT gated blocks, tuning modes, checkpoints, errors. No Ray involved."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import open_clip
+import pytest
+import torch
+
+from react_ray.config import ModelConfig
+from react_ray.models import (
+    GatedResidualBlock,
+    apply_tuning_mode,
+    build_model,
+    export_react_checkpoint,
+    gate_values,
+    gated_blocks,
+    insert_gated_blocks,
+    read_state_dict,
+)
+from react_ray.models.factory import register_tiny_models
+from react_ray.models.gated import set_gated_grad_checkpointing
+from react_ray.models.params import parameter_report
+
+# The gated keys of REACT's released checkpoints, per block, in their order.
+REACT_GATED_SUFFIXES = [
+    "alpha_attn", "alpha_dense", "ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias",
+    "attn.out_proj.weight", "attn.out_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight",
+    "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
+]
+
+
+def _gated_pair(name: str = "react-micro", k: int = 2):
+    base = build_model(ModelConfig(name=name, gated_layers=0))
+    gated = build_model(ModelConfig(name=name, gated_layers=k))
+    gated.model.load_state_dict(base.model.state_dict(), strict=False)
+    return base, gated
+
+
+def test_model_layer_imports_no_ray():
+    code = "import sys, react_ray.models, react_ray.models.params; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_step0_gated_model_equals_base():
+    base, gated = _gated_pair()
+    torch.manual_seed(0)
+    images = torch.randn(6, 3, 32, 32)
+    texts = ["a red circle", "a blue star on a striped background", ""]
+    assert torch.allclose(base.encode_images(images), gated.encode_images(images), atol=1e-6)
+    assert torch.allclose(base.encode_texts(texts), gated.encode_texts(texts), atol=1e-6)
+    # ...and only because the gates are zero: opening them changes the image features.
+    for block in gated_blocks(gated.model):
+        block.alpha_attn.data.fill_(1.0)
+    assert not torch.allclose(base.encode_images(images), gated.encode_images(images), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "name, indices, width",
+    [("ViT-B-32", range(6, 12), 768), ("ViT-B-16", range(6, 12), 768), ("ViT-L-14", range(18, 24), 1024)],
+)
+def test_real_configs_match_react_keys_and_shapes(name, indices, width):
+    register_tiny_models()
+    with torch.device("meta"):
+        model = open_clip.create_model(name, device="meta")
+        assert insert_gated_blocks(model, 6) == list(indices)
+    gated = {k: tuple(v.shape) for k, v in model.state_dict().items() if ".gated_attn_block." in k}
+    expected = [f"visual.transformer.resblocks.{i}.gated_attn_block.{s}" for i in indices for s in REACT_GATED_SUFFIXES]
+    assert list(gated) == expected
+    i = indices[0]
+    prefix = f"visual.transformer.resblocks.{i}.gated_attn_block."
+    assert gated[prefix + "alpha_attn"] == ()
+    assert gated[prefix + "attn.in_proj_weight"] == (3 * width, width)
+    assert gated[prefix + "mlp.c_fc.weight"] == (4 * width, width)
+    assert gated[prefix + "mlp.c_proj.weight"] == (width, 4 * width)
+    per_block = sum(p.numel() for p in gated_blocks(model)[0].parameters())
+    assert per_block == 12 * width * width + 13 * width + 2  # weights, biases and norms, two gates
+
+
+def test_vit_b32_gated_parameter_count_matches_react():
+    report = parameter_report("ViT-B-32")
+    assert (report.gated_layers, report.gated_block_params) == (6, 7_087_874)
+    assert report.gated_image_trainable == 6 * 7_087_874 + 1  # + logit_scale
+
+
+def test_activation_follows_the_base_model():
+    with torch.device("meta"):
+        quick = open_clip.create_model("ViT-B-32-quickgelu", device="meta")
+        plain = open_clip.create_model("ViT-B-32", device="meta")
+        insert_gated_blocks(quick, 1)
+        insert_gated_blocks(plain, 1)
+    assert type(gated_blocks(quick)[0].mlp.gelu) is open_clip.transformer.QuickGELU
+    assert type(gated_blocks(plain)[0].mlp.gelu) is torch.nn.GELU
+
+
+def test_trainable_sets_per_mode():
+    _, gated = _gated_pair()
+    names = [n for n, _ in gated.model.named_parameters()]
+    trainable = apply_tuning_mode(gated.model, "gated-image")
+    assert set(trainable) == {n for n in names if ".gated_attn_block." in n} | {"logit_scale"}
+    base = build_model(ModelConfig(name="react-micro"))
+    trainable = apply_tuning_mode(base.model, "locked-text")
+    assert set(trainable) == {n for n, _ in base.model.named_parameters() if n.startswith("visual.")} | {"logit_scale"}
+    text_params = [n for n, _ in base.model.named_parameters() if not n.startswith("visual.") and n != "logit_scale"]
+    assert text_params and not set(text_params) & set(trainable)
+    with pytest.raises(ValueError, match="tuning mode: got 'frozen'.*gated-image, locked-text"):
+        apply_tuning_mode(base.model, "frozen")
+    with pytest.raises(ValueError, match="needs gated blocks"):
+        apply_tuning_mode(base.model, "gated-image")
+
+
+def test_gradients_reach_only_the_trainable_set():
+    _, gated = _gated_pair()
+    trainable = set(apply_tuning_mode(gated.model, "gated-image"))
+    for block in gated_blocks(gated.model):  # open the gates so gradients flow through the blocks
+        block.alpha_attn.data.fill_(0.5)
+        block.alpha_dense.data.fill_(0.5)
+    gated.model.train()
+    image_features, text_features, scale = gated.model(torch.randn(4, 3, 32, 32), gated.tokenizer(["a"] * 4))
+    (scale * image_features @ text_features.T).logsumexp(1).mean().backward()
+    with_grad = {n for n, p in gated.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad == trainable
+
+
+def test_gradient_checkpointing_gives_identical_gradients():
+    _, gated = _gated_pair()
+    apply_tuning_mode(gated.model, "gated-image")
+    for block in gated_blocks(gated.model):
+        block.alpha_dense.data.fill_(0.3)
+    gated.model.train()
+    images = torch.randn(3, 3, 32, 32)
+
+    def grads():
+        gated.model.zero_grad()
+        gated.model.encode_image(images).sum().backward()
+        return [p.grad.clone() for p in gated_blocks(gated.model)[0].parameters()]
+
+    plain = grads()
+    set_gated_grad_checkpointing(gated.model, True)
+    checkpointed = grads()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed))
+
+
+def test_react_checkpoint_round_trip_is_bit_exact(tmp_path):
+    _, gated = _gated_pair()
+    for block in gated_blocks(gated.model):
+        torch.nn.init.normal_(block.alpha_attn, std=0.5)
+    first = tmp_path / "react.pt"
+    export_react_checkpoint(gated.model, str(first))
+    saved = read_state_dict(str(first))
+    assert all(v.dtype == torch.float16 for v in saved.values())
+    # Gated layers are read off the checkpoint's keys; strict loading.
+    loaded = build_model(ModelConfig(name="react-micro", checkpoint=f"file://{first}"))
+    assert loaded.gated_indices == gated.gated_indices
+    second = tmp_path / "again.pt"
+    export_react_checkpoint(loaded.model, str(second))
+    again = read_state_dict(str(second))
+    assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+    assert gate_values(loaded.model) == pytest.approx(gate_values(gated.model), abs=1e-3)
+
+
+def test_checkpoint_with_module_prefix_loads(tmp_path):
+    _, gated = _gated_pair()
+    state = {f"module.{k}": v.half() for k, v in gated.model.state_dict().items()}
+    torch.save(state, tmp_path / "ddp.pt")
+    loaded = build_model(ModelConfig(name="react-micro", checkpoint=str(tmp_path / "ddp.pt")))
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(loaded.encode_images(images), gated.encode_images(images), atol=1e-2)
+
+
+def test_checkpoint_mismatch_is_a_precise_error(tmp_path):
+    base = build_model(ModelConfig(name="react-micro"))
+    state = base.model.state_dict()
+    del state["logit_scale"]
+    torch.save(state, tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match=r"broken.pt does not fit the model: 1 missing keys \(e.g. \['logit_scale'\]\)"):
+        build_model(ModelConfig(name="react-micro", checkpoint=str(tmp_path / "broken.pt")))
+    with pytest.raises(ValueError, match="unexpected keys"):  # a gated checkpoint forced into a plain model
+        _, gated = _gated_pair()
+        export_react_checkpoint(gated.model, str(tmp_path / "gated.pt"))
+        build_model(ModelConfig(name="react-micro", checkpoint=str(tmp_path / "gated.pt"), gated_layers=0))
+
+
+def test_unknown_model_and_pretrained_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"model.name: unknown model 'ViT-B-33'\. Close matches: .*ViT-B-32"):
+        build_model("ViT-B-33")
+    with pytest.raises(ValueError, match=r"model.pretrained: 'laion9b' is not a tag of ViT-B-32; its tags are: .*openai"):
+        build_model(ModelConfig(name="ViT-B-32", pretrained="laion9b"))
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        build_model(ModelConfig(name="react-micro", pretrained=str(tmp_path / "missing.pt")))
+    with pytest.raises(ValueError, match=r"gated_layers: got 9; the image tower has 4 blocks"):
+        build_model(ModelConfig(name="react-micro", gated_layers=9))
+
+
+def test_pretrained_weights_file_loads(tmp_path):
+    """The `pretrained=` path open_clip takes for a downloaded weights file."""
+    base = build_model("react-micro")
+    torch.save(base.model.state_dict(), tmp_path / "weights.pt")
+    again = build_model(ModelConfig(name="react-micro", pretrained=str(tmp_path / "weights.pt")))
+    assert all(torch.equal(a, b) for a, b in zip(base.model.state_dict().values(), again.model.state_dict().values()))
+
+
+@pytest.mark.s3
+def test_checkpoint_from_s3(s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("REACT_RAY_CACHE", str(tmp_path / "cache"))
+    _, gated = _gated_pair()
+    uri = f"{s3_bucket}/checkpoints/react.pt"
+    export_react_checkpoint(gated.model, uri)
+    loaded = build_model(ModelConfig(name="react-micro", checkpoint=uri))
+    assert loaded.gated_indices == [2, 3]
+    assert isinstance(gated_blocks(loaded.model)[0], GatedResidualBlock)
