@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from react_ray.config import ConfigError, DemoConfig, GenerateConfig, load_config
+from react_ray.config import ConfigError, DemoConfig, EmbedConfig, GenerateConfig, load_config
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,13 @@ def _run_generate(config: GenerateConfig) -> int:
     return 0
 
 
+def _run_embed(config: EmbedConfig) -> int:
+    from react_ray.embed.pipeline import run_embedding
+
+    print(run_embedding(config))
+    return 0
+
+
 def _run_demo(config: DemoConfig) -> int:
     from react_ray.demo import run_demo
 
@@ -37,7 +44,7 @@ def _run_demo(config: DemoConfig) -> int:
 
 STAGES: dict[str, Stage] = {
     "generate": Stage("write the synthetic LAION-style corpus and eval set", GenerateConfig, _run_generate),
-    "embed": Stage("embed image-text shards with OpenCLIP on Ray Data", pending_issue=3),
+    "embed": Stage("embed image-text shards with OpenCLIP on Ray Data", EmbedConfig, _run_embed),
     "index": Stage("build sharded FAISS indices on Ray", pending_issue=4),
     "retrieve": Stage("retrieve a task's training set from class names", pending_issue=5),
     "train": Stage("gated-image tuning with Ray Train", pending_issue=6),

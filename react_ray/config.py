@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -66,6 +66,51 @@ class DemoConfig(StrictModel):
     tuning_mode: TuningMode = "gated-image"
 
 
+class ActorPoolConfig(StrictModel):
+    """An autoscaling Ray Data actor pool; resources go to Ray as given, never guessed."""
+
+    min_actors: int = Field(default=1, ge=1)
+    max_actors: int = Field(default=1, ge=1)
+    num_gpus: float = Field(default=0, ge=0, description="GPUs per actor (0: CPU actors)")
+    num_cpus: float = Field(default=1, gt=0, description="CPUs per actor")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ActorPoolConfig":
+        if self.max_actors < self.min_actors:
+            raise ValueError(f"max_actors ({self.max_actors}) must be >= min_actors ({self.min_actors})")
+        return self
+
+
+InputFormat = Literal["webdataset", "parquet", "laion-embeddings"]
+
+
+class EmbedConfig(StrictModel):
+    """Stage 1: every image-text pair -> image + caption embeddings, per input shard."""
+
+    input: str = Field(description="directory of input shards (local or s3://)")
+    input_format: InputFormat = "webdataset"
+    output: str = Field(description="embedding directory (local or s3://)")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    precision: Precision = "fp32"
+    batch_size: int = Field(default=256, ge=1, description="images per model forward")
+    pool: ActorPoolConfig = Field(default_factory=ActorPoolConfig)
+    decode_num_cpus: float = Field(default=1, gt=0, description="CPUs per decode task")
+    read_block_rows: int = Field(default=1000, ge=1, description="records per block out of the reader")
+    max_image_pixels: int = Field(default=40_000_000, ge=1, description="larger images are skipped (bombs)")
+    source_id: int = Field(default=0, ge=0, le=2047, description="tells corpora apart inside ids")
+    max_shards: int | None = Field(default=None, ge=1, description="embed only the first N pending shards")
+    ray_address: str | None = Field(default=None, description="None: RAY_ADDRESS or a local Ray")
+
+    @model_validator(mode="after")
+    def _precision_needs_gpu(self) -> "EmbedConfig":
+        if self.precision != "fp32" and self.pool.num_gpus == 0:
+            raise ValueError(
+                f"precision: got {self.precision!r} with pool.num_gpus=0; half precision runs only on "
+                "GPU actors (on CPUs it is slower than fp32): set pool.num_gpus > 0 or precision=fp32"
+            )
+        return self
+
+
 C = TypeVar("C", bound=BaseModel)
 
 
@@ -98,7 +143,10 @@ def format_validation_error(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         field = ".".join(str(p) for p in item["loc"]) or "<root>"
-        if item["type"] == "extra_forbidden":
+        if not item["loc"] or item["type"] == "value_error":  # a cross-field rule: its message says it all
+            prefix = f"{field}: " if item["loc"] else ""
+            lines.append(prefix + item["msg"].removeprefix("Value error, "))
+        elif item["type"] == "extra_forbidden":
             lines.append(f"{field}: unknown field (check the spelling against the preset)")
         elif item["type"] == "missing":
             lines.append(f"{field}: required field is missing")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import IO
 
 import fsspec
@@ -56,23 +58,41 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
-    """Write ``data`` so that readers see either nothing or the whole file.
+    """Write ``data`` so that readers see either nothing or the whole file."""
+    with atomic_writer(uri) as f:
+        f.write(data)
 
-    Local files go to a temporary name beside the target and are renamed into place; an S3
-    PUT is already atomic (the object appears whole or not at all).
+
+@contextmanager
+def atomic_writer(uri: str) -> Iterator[IO[bytes]]:
+    """A binary file to stream into; it appears at ``uri`` whole, only if the block succeeds.
+
+    Local: a temporary sibling renamed into place. S3: a (multipart) upload, which the store
+    only makes visible when it completes.
     """
     if is_remote(uri):
         fs, path = filesystem(uri)
-        fs.pipe_file(path, data)
+        with fs.open(path, "wb") as f:
+            yield f
         return
     path = local_path(uri)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def remove(uri: str, recursive: bool = False) -> None:
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
 
 
 def write_text_atomic(uri: str, text: str) -> None:

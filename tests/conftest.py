@@ -43,3 +43,17 @@ def s3_bucket(s3_server) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_server):
+    """A real local Ray cluster for one test module (one cluster at a time on this machine).
+
+    It starts after the S3 server so that its workers inherit the S3 endpoint variables.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

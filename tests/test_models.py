@@ -80,6 +80,19 @@ def test_real_configs_match_react_keys_and_shapes(name, indices, width):
     assert per_block == 12 * width * width + 13 * width + 2  # weights, biases and norms, two gates
 
 
+def test_random_weight_models_are_identical_across_builds():
+    """Every actor of a pool must embed with the same model, even without pretrained weights."""
+    a, b = build_model("react-micro"), build_model(ModelConfig(name="react-micro", gated_layers=2))
+    shared = a.model.state_dict()
+    assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in shared.items())
+    c = build_model(ModelConfig(name="react-micro", gated_layers=2))
+    assert all(torch.equal(v, c.model.state_dict()[k]) for k, v in b.model.state_dict().items())
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    build_model("react-micro")
+    assert torch.equal(state, torch.random.get_rng_state())  # the caller's RNG is left alone
+
+
 def test_vit_b32_gated_parameter_count_matches_react():
     report = parameter_report("ViT-B-32")
     assert (report.gated_layers, report.gated_block_params) == (6, 7_087_874)

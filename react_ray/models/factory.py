@@ -27,6 +27,7 @@ from react_ray.models.gated import default_gated_layers, insert_gated_blocks
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+RANDOM_INIT_SEED = 0
 _GATED_KEY = re.compile(r"^visual\.transformer\.resblocks\.(\d+)\.gated_attn_block\.")
 
 
@@ -149,20 +150,24 @@ def build_model(spec: ModelConfig | str, device: str | torch.device = "cpu") -> 
     spec = ModelConfig(name=spec) if isinstance(spec, str) else spec
     _check_model_name(spec.name)
     pretrained = _resolve_pretrained(spec.name, spec.pretrained)
-    try:
-        model, train_preprocess, preprocess = open_clip.create_model_and_transforms(
-            spec.name, pretrained=pretrained, device=device
-        )
-    except RuntimeError as error:
-        raise RuntimeError(
-            f"could not load pretrained weights {spec.pretrained!r} for {spec.name}: {error}. "
-            "Without network access, download the weights once and pass their path or s3:// URI."
-        ) from error
     state = read_state_dict(spec.checkpoint) if spec.checkpoint else None
     num_gated = spec.gated_layers
     if num_gated is None:
         num_gated = gated_layers_in(state) if state is not None else 0
-    gated_indices = insert_gated_blocks(model, num_gated) if num_gated else []
+    # A fixed seed: every actor of a pool, every process, builds the same random-weight model
+    # (and the same fresh gated blocks), without touching the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        try:
+            model, train_preprocess, preprocess = open_clip.create_model_and_transforms(
+                spec.name, pretrained=pretrained, device=device
+            )
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"could not load pretrained weights {spec.pretrained!r} for {spec.name}: {error}. "
+                "Without network access, download the weights once and pass their path or s3:// URI."
+            ) from error
+        gated_indices = insert_gated_blocks(model, num_gated) if num_gated else []
     if state is not None:
         load_state_dict_strict(model, state, spec.checkpoint)
     model.eval()

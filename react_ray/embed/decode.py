@@ -1,0 +1,73 @@
+"""Safe image decoding on CPU workers: bytes -> square uint8 RGB, or a reason why not.
+
+Resizing follows open_clip's eval transform exactly (shortest side to S, bicubic, centre
+crop), so embeddings match ``model.preprocess``. Pixels travel as uint8 (4x smaller than
+float32 in the object store); the embedder normalises them on its own device.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image
+
+Image.MAX_IMAGE_PIXELS = None  # we apply our own limit before decoding, with a counted reason
+
+
+def _failure_reason(error: Exception) -> str:
+    text = str(error).lower()
+    return "truncated_image" if "truncat" in text or "broken data stream" in text else "corrupt_image"
+
+
+def decode_image(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray | None, str | None, str | None]:
+    """-> (HxWx3 uint8 array, None, None) or (None, reason, message).
+
+    Reasons: ``corrupt_image`` (not an image), ``truncated_image``, ``zero_size_image`` (no bytes
+    or a 0-pixel side), ``oversize_image`` (more than ``max_pixels``, e.g. a decompression
+    bomb; checked on the header, before any pixel is decoded).
+    """
+    if not data:
+        return None, "zero_size_image", "0 bytes"
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Exception as error:  # PIL raises several types for garbage
+        return None, _failure_reason(error), f"{type(error).__name__}: {error}"
+    width, height = image.size
+    if width == 0 or height == 0:
+        return None, "zero_size_image", f"{width}x{height}"
+    if width * height > max_pixels:
+        return None, "oversize_image", f"{width}x{height} > {max_pixels:,} pixels"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # palette/transparency notes: not errors
+            image.load()
+    except (OSError, SyntaxError, ValueError) as error:
+        return None, _failure_reason(error), f"{type(error).__name__}: {error}"
+    # EXIF orientation is deliberately ignored: CLIP embeddings of LAION are computed that way.
+    image = image.convert("RGB")
+    if width <= height:  # torchvision's Resize(int) arithmetic
+        resized = (size, int(size * height / width))
+    else:
+        resized = (int(size * width / height), size)
+    image = image.resize(resized, Image.Resampling.BICUBIC)
+    left, top = int(round((resized[0] - size) / 2.0)), int(round((resized[1] - size) / 2.0))
+    return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8), None, None
+
+
+def decode_batch(batch: dict, image_size: int, max_pixels: int) -> dict:
+    """Ray Data batch (dict of columns) -> same rows with ``pixels`` (N, S, S, 3) uint8 and no bytes."""
+    n = len(batch["kind"])
+    pixels = np.zeros((n, image_size, image_size, 3), np.uint8)
+    errors, messages = list(batch["error"]), list(batch["message"])
+    for i in range(n):
+        if batch["kind"][i] != "record" or errors[i]:
+            continue
+        array, reason, message = decode_image(batch["image"][i], image_size, max_pixels)
+        if array is None:
+            errors[i], messages[i] = reason, message
+        else:
+            pixels[i] = array
+    out = {k: v for k, v in batch.items() if k != "image"}
+    return out | {"pixels": pixels, "error": np.array(errors, object), "message": np.array(messages, object)}

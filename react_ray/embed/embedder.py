@@ -1,0 +1,115 @@
+"""The model step: decoded batches -> image and caption embeddings in one pass. No Ray here.
+
+``ClipEmbedder`` is a callable class (model loaded once in ``__init__``), so Ray Data runs it
+on an actor pool; called directly it is plain PyTorch. It writes each batch's embeddings
+as a part file next to the output and returns only small report rows, so embeddings never
+travel through the driver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+
+from react_ray import storage
+from react_ray.config import ModelConfig
+from react_ray.embed.outputs import batch_parts_dir, embedding_table, write_parquet
+from react_ray.models import build_model
+
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+REPORT_COLUMNS = ("shard", "records", "embedded", "end_count", "shard_error", "part", "skipped", "seconds")
+
+
+class ClipEmbedder:
+    def __init__(self, model: dict, precision: str, device: str, output: str, run_id: str):
+        self.clip = build_model(ModelConfig.model_validate(model), device=device)
+        self.precision, self.output, self.run_id = precision, output, run_id
+        self.device = torch.device(device)
+        cfg = self.clip.model.visual.preprocess_cfg
+        self.mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg["std"], device=self.device).view(1, 3, 1, 1)
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
+
+    def embed(self, pixels: np.ndarray, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (N, S, S, 3) + N captions -> (img_emb, txt_emb), float16, L2-normalised."""
+        images = torch.from_numpy(pixels).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        images = (images / 255.0 - self.mean) / self.std
+        with torch.inference_mode(), self._autocast():
+            img = self.clip.model.encode_image(images, normalize=True)
+            txt = self.clip.model.encode_text(self.clip.tokenizer(captions).to(self.device), normalize=True)
+        return img.float().cpu().numpy().astype(np.float16), txt.float().cpu().numpy().astype(np.float16)
+
+    def __call__(self, batch: dict) -> dict:
+        start = time.perf_counter()
+        kinds, errors = batch["kind"], batch["error"]
+        good = np.array([k == "record" and not e for k, e in zip(kinds, errors)], bool)
+        img_emb = txt_emb = None
+        if good.any():
+            img_emb, txt_emb = self.embed(batch["pixels"][good], [str(c) for c in batch["caption"][good]])
+        report = {c: [] for c in REPORT_COLUMNS}
+        good_index = np.cumsum(good) - 1  # row i's position among the embedded rows
+        for shard in sorted(set(int(s) for s in batch["shard"])):
+            rows = np.flatnonzero(np.asarray(batch["shard"]) == shard)
+            records = rows[kinds[rows] == "record"]
+            ok = records[good[records]]
+            part = ""
+            if len(ok):
+                name = f"part-{shard:06d}"
+                part = storage.join(batch_parts_dir(self.output, name), f"{self.run_id}-{int(batch['id'][ok[0]])}.parquet")
+                pick = good_index[ok]
+                urls = [str(u) or None for u in batch["url"][ok]]
+                write_parquet(part, embedding_table(batch["id"][ok], batch["key"][ok], urls,
+                                                    batch["caption"][ok], img_emb[pick], txt_emb[pick]))
+            bad = records[~good[records]]
+            ends = rows[kinds[rows] == "end"]
+            report["shard"].append(shard)
+            report["records"].append(len(records))
+            report["embedded"].append(len(ok))
+            report["end_count"].append(int(batch["caption"][ends[0]]) if len(ends) else -1)
+            report["shard_error"].append(str(batch["message"][ends[0]]) if len(ends) else "")
+            report["part"].append(part)
+            report["skipped"].append(json.dumps([
+                {"id": int(batch["id"][i]), "key": str(batch["key"][i]), "reason": str(errors[i]),
+                 "message": str(batch["message"][i])}
+                for i in bad
+            ]))
+            report["seconds"].append(time.perf_counter() - start)
+        return {c: np.array(v, dtype=object if c in ("shard_error", "part", "skipped") else None)
+                for c, v in report.items()}
+
+
+class ShardTally:
+    """Driver-side bookkeeping: which shards are complete, from the embedder's report rows."""
+
+    def __init__(self):
+        self.records: Counter = Counter()
+        self.embedded: Counter = Counter()
+        self.expected: dict[int, int] = {}
+        self.errors: dict[int, str | None] = {}
+        self.parts: dict[int, list[str]] = {}
+        self.skipped: dict[int, list[dict]] = {}
+        self.seconds: Counter = Counter()
+
+    def add(self, row: dict) -> int | None:
+        """Account one report row; return the shard number if that shard just became complete."""
+        shard = int(row["shard"])
+        self.records[shard] += int(row["records"])
+        self.embedded[shard] += int(row["embedded"])
+        self.seconds[shard] += float(row["seconds"])
+        if row["part"]:
+            self.parts.setdefault(shard, []).append(row["part"])
+        self.skipped.setdefault(shard, []).extend(json.loads(row["skipped"]))
+        if int(row["end_count"]) >= 0:
+            self.expected[shard] = int(row["end_count"])
+            self.errors[shard] = row["shard_error"] or None
+        done = self.expected.get(shard) == self.records[shard]
+        return shard if done else None

@@ -1,0 +1,170 @@
+"""The embedding set on disk: one parquet per input shard, committed atomically, then marked done.
+
+```
+OUTPUT/_embedding.json             model, dim, precision, input: the contract for the index stage
+OUTPUT/part-000012.parquet         id, key, url, caption, img_emb, txt_emb (float16, L2-normalised)
+OUTPUT/part-000012.stats.json      rows in / embedded / skipped by reason (+ the skipped records)
+OUTPUT/part-000012.done            written last: the shard is complete
+OUTPUT/_parts/part-000012/*.parquet  transient batch outputs, merged and removed at commit
+OUTPUT/_summary.json               all shards' stats added up
+```
+A shard without its ``.done`` marker is redone from scratch on the next run, so a run killed
+at any point and rerun yields exactly the ids of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from react_ray import storage
+
+
+def part_uri(output: str, name: str) -> str:
+    return storage.join(output, f"{name}.parquet")
+
+
+def stats_uri(output: str, name: str) -> str:
+    return storage.join(output, f"{name}.stats.json")
+
+
+def done_uri(output: str, name: str) -> str:
+    return storage.join(output, f"{name}.done")
+
+
+def batch_parts_dir(output: str, name: str) -> str:
+    return storage.join(output, "_parts", name)
+
+
+def embedding_table(ids, keys, urls, captions, img_emb: np.ndarray | None, txt_emb: np.ndarray | None) -> pa.Table:
+    """The output schema. Embeddings are fixed-size lists of float16."""
+
+    def vectors(array: np.ndarray | None, n: int) -> pa.Array:
+        if array is None:
+            return pa.nulls(n, pa.list_(pa.float16()))
+        array = np.ascontiguousarray(array, np.float16)
+        return pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1])
+
+    n = len(ids)
+    return pa.table({
+        "id": pa.array(ids, pa.int64()), "key": pa.array(keys, pa.string()), "url": pa.array(urls, pa.string()),
+        "caption": pa.array(captions, pa.string()), "img_emb": vectors(img_emb, n), "txt_emb": vectors(txt_emb, n),
+    })
+
+
+def column_matrix(table: pa.Table, column: str) -> np.ndarray:
+    """A fixed-size-list embedding column -> (N, D) float16 array (no copy per row)."""
+    chunked = table.column(column).combine_chunks()
+    return chunked.values.to_numpy(zero_copy_only=False).reshape(len(chunked), -1)
+
+
+def write_parquet(uri: str, table: pa.Table) -> None:
+    with storage.atomic_writer(uri) as f:
+        pq.write_table(table, f)
+
+
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    with storage.open_uri(uri) as f:
+        return pq.read_table(f, columns=columns)
+
+
+@dataclass
+class ShardStats:
+    """What happened to one input shard; the ``.stats.json`` file."""
+
+    input: str
+    shard: int
+    rows_in: int = 0
+    rows_embedded: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    skipped_records: list[dict] = field(default_factory=list)  # id, key, reason, message
+    shard_error: str | None = None
+    seconds: float = 0.0
+
+    def check(self) -> None:
+        if self.rows_embedded + sum(self.skipped.values()) != self.rows_in:
+            raise RuntimeError(f"{self.input}: {self.rows_in} rows in but {self.rows_embedded} embedded + "
+                               f"{sum(self.skipped.values())} skipped; refusing to commit")
+
+
+def commit_shard(output: str, name: str, part_uris: list[str], stats: ShardStats) -> ShardStats:
+    """Merge a shard's batch parts into its final file (sorted by id), then stats, then the marker."""
+    stats.check()
+    tables = [read_parquet(uri) for uri in sorted(set(part_uris))]
+    table = pa.concat_tables(tables) if tables else embedding_table([], [], [], [], None, None)
+    table = table.sort_by("id")
+    unique = len(np.unique(table["id"].to_numpy()))
+    if table.num_rows != stats.rows_embedded or unique != table.num_rows:
+        raise RuntimeError(f"{stats.input}: parts hold {table.num_rows} rows ({unique} unique ids), "
+                           f"expected {stats.rows_embedded}; refusing to commit")
+    write_parquet(part_uri(output, name), table)
+    finish_shard(output, name, stats)
+    storage.remove(batch_parts_dir(output, name), recursive=True)
+    return stats
+
+
+def finish_shard(output: str, name: str, stats: ShardStats) -> None:
+    storage.write_text_atomic(stats_uri(output, name), json.dumps(asdict(stats), indent=1))
+    storage.write_text_atomic(done_uri(output, name), json.dumps({"rows": stats.rows_embedded, "at": time.time()}))
+
+
+def is_done(output: str, name: str) -> bool:
+    return storage.exists(done_uri(output, name))
+
+
+@dataclass
+class RunSummary:
+    """All committed shards of an embedding set added up (this run's and earlier ones')."""
+
+    shards: int
+    rows_in: int
+    rows_embedded: int
+    skipped: dict[str, int]
+    shard_errors: list[str]
+    this_run_shards: int = 0
+    this_run_rows: int = 0
+    this_run_seconds: float = 0.0
+
+    def __str__(self) -> str:
+        rate = self.this_run_rows / self.this_run_seconds if self.this_run_seconds else 0.0
+        skipped = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) or "none"
+        lines = [
+            f"embedding set: {self.shards} shards, {self.rows_in:,} rows in, {self.rows_embedded:,} embedded",
+            f"skipped: {skipped}",
+            f"this run: {self.this_run_shards} shards, {self.this_run_rows:,} rows in {self.this_run_seconds:.1f}s "
+            f"({rate:,.1f} rows/s)",
+        ]
+        lines += [f"shard error: {e}" for e in self.shard_errors]
+        return "\n".join(lines)
+
+
+def summarize(output: str) -> RunSummary:
+    stats_files = storage.list_files(output, ".stats.json")
+    skipped: Counter = Counter()
+    rows_in = embedded = 0
+    errors = []
+    for uri in stats_files:
+        stats = json.loads(storage.read_bytes(uri))
+        rows_in += stats["rows_in"]
+        embedded += stats["rows_embedded"]
+        skipped.update(stats["skipped"])
+        if stats["shard_error"]:
+            errors.append(stats["shard_error"])
+    return RunSummary(len(stats_files), rows_in, embedded, dict(skipped), errors)
+
+
+def save_summary(output: str, summary: RunSummary) -> None:
+    storage.write_text_atomic(storage.join(output, "_summary.json"), json.dumps(asdict(summary), indent=1))
+
+
+def load_embeddings(output: str, column: str = "img_emb") -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of a whole (small) embedding set; for tests, benchmarks and small indices."""
+    tables = [read_parquet(uri, ["id", column]) for uri in storage.list_files(output, ".parquet")]
+    table = pa.concat_tables(tables)
+    return table["id"].to_numpy(), column_matrix(table, column)

@@ -1,0 +1,156 @@
+"""Wiring the embedding stage on Ray Data: read shards -> decode on CPU -> embed on an actor pool.
+
+```
+shards (one task each) --read--> records --decode (CPU tasks)--> uint8 pixels
+    --ClipEmbedder (ActorPoolStrategy(min, max), num_gpus from config)--> part files + report rows
+driver: tally report rows per shard -> commit complete shards (Ray task: merge, marker)
+```
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import numpy as np
+import ray
+from tqdm.auto import tqdm
+
+from react_ray import storage
+from react_ray.config import EmbedConfig
+from react_ray.embed import outputs
+from react_ray.embed.decode import decode_batch
+from react_ray.embed.embedder import ClipEmbedder, ShardTally
+from react_ray.embed.readers import InputShard, list_input_shards, read_shard
+from react_ray.models.factory import register_tiny_models
+from react_ray.ray_utils import connect
+
+
+def embedding_info(config: EmbedConfig) -> dict:
+    """What every vector of this embedding set was made with (the index stage checks it)."""
+    import open_clip
+
+    register_tiny_models()
+    return {
+        "model": config.model.name, "pretrained": config.model.pretrained, "checkpoint": config.model.checkpoint,
+        "dim": int(open_clip.get_model_config(config.model.name)["embed_dim"]), "precision": config.precision,
+        "normalized": True, "metric": "inner_product", "id_layout": "source<<52 | shard<<24 | row",
+        "source_id": config.source_id, "input": config.input, "input_format": config.input_format,
+    }
+
+
+def check_embedding_info(config: EmbedConfig) -> dict:
+    """Write ``_embedding.json`` on the first run; refuse to add vectors of another model later."""
+    info = embedding_info(config)
+    uri = storage.join(config.output, "_embedding.json")
+    if storage.exists(uri):
+        existing = json.loads(storage.read_bytes(uri))
+        for field in ("model", "pretrained", "checkpoint", "dim", "source_id"):
+            if existing.get(field) != info[field]:
+                raise ValueError(f"{config.output} holds embeddings with {field}={existing.get(field)!r}; this run "
+                                 f"has {field}={info[field]!r}. Use another output or the same {field}.")
+    else:
+        storage.write_text_atomic(uri, json.dumps(info, indent=1))
+    return info
+
+
+def _read_blocks(batch: dict, source: int, block_rows: int):
+    """Ray Data generator UDF: one input shard per call -> its record blocks."""
+    for uri, number, fmt in zip(batch["uri"], batch["number"], batch["format"]):
+        for block in read_shard(InputShard(str(uri), int(number), str(fmt)), source, block_rows):
+            yield {k: np.array([r[k] for r in block], dtype=object) for k in block[0]}
+
+
+@ray.remote(num_cpus=0.25)
+def _commit(output: str, name: str, parts: list[str], stats: outputs.ShardStats) -> outputs.ShardStats:
+    return outputs.commit_shard(output, name, parts, stats)
+
+
+def build_dataset(config: EmbedConfig, shards: list[InputShard], run_id: str, image_size: int) -> ray.data.Dataset:
+    items = [{"uri": s.uri, "number": s.number, "format": s.format} for s in shards]
+    device = "cuda" if config.pool.num_gpus > 0 else "cpu"
+    return (
+        ray.data.from_items(items, override_num_blocks=len(items))
+        .map_batches(_read_blocks, batch_size=1, fn_kwargs={"source": config.source_id,
+                                                             "block_rows": config.read_block_rows})
+        .map_batches(decode_batch, batch_size=config.batch_size, fn_kwargs={"image_size": image_size,
+                                                                             "max_pixels": config.max_image_pixels},
+                     # Given as a function so Ray Data never fuses decoding into the model actors:
+                     # decode scales on CPU tasks (CPU nodes), the pool keeps its accelerators busy.
+                     ray_remote_args_fn=lambda: {"num_cpus": config.decode_num_cpus})
+        .map_batches(
+            ClipEmbedder,
+            fn_constructor_kwargs={"model": config.model.model_dump(), "precision": config.precision,
+                                   "device": device, "output": config.output, "run_id": run_id},
+            compute=ray.data.ActorPoolStrategy(min_size=config.pool.min_actors, max_size=config.pool.max_actors),
+            num_gpus=config.pool.num_gpus, num_cpus=config.pool.num_cpus, batch_size=config.batch_size,
+        )
+    )
+
+
+def run_embedding(config: EmbedConfig, progress: bool = True) -> outputs.RunSummary:
+    """Embed every input shard that has no completion marker yet; return the set's summary."""
+    start = time.perf_counter()
+    shards = list_input_shards(config.input, config.input_format)
+    info = check_embedding_info(config)
+    pending = [s for s in shards if not outputs.is_done(config.output, s.name)][: config.max_shards]
+    print(f"embed: {len(shards)} input shards, {len(shards) - len(pending)} already done, {len(pending)} to do "
+          f"({info['model']}, dim {info['dim']}, {config.precision})")
+    if pending:
+        if config.input_format == "laion-embeddings":
+            from react_ray.embed.ingest import ingest_laion_embeddings
+
+            this_run_rows = ingest_laion_embeddings(config, pending, info["dim"], progress)
+        else:
+            this_run_rows = _embed_shards(config, pending, progress)
+    else:
+        this_run_rows = 0
+    summary = outputs.summarize(config.output)
+    summary.this_run_shards, summary.this_run_rows = len(pending), this_run_rows
+    summary.this_run_seconds = time.perf_counter() - start
+    outputs.save_summary(config.output, summary)
+    return summary
+
+
+def _embed_shards(config: EmbedConfig, pending: list[InputShard], progress: bool) -> int:
+    connect(config.ray_address)
+    import open_clip
+
+    register_tiny_models()
+    size = open_clip.get_model_config(config.model.name)["vision_cfg"]["image_size"]
+    run_id = uuid.uuid4().hex[:8]
+    by_number = {s.number: s for s in pending}
+    tally, commits = ShardTally(), []
+    bar = tqdm(total=len(pending), desc="embed shards", unit="shard", disable=not progress)
+    rows = 0
+    for batch in build_dataset(config, pending, run_id, size).iter_batches(batch_size=None, batch_format="numpy"):
+        for i in range(len(batch["shard"])):
+            row = {k: batch[k][i] for k in batch}
+            rows += int(row["records"])
+            complete = tally.add(row)
+            if complete is not None:
+                commits.append(_commit.remote(config.output, by_number[complete].name, tally.parts.get(complete, []),
+                                              _stats(tally, by_number[complete])))
+                bar.update(1)
+        bar.set_postfix(rows=rows, skipped=rows - sum(tally.embedded.values()))
+    ray.get(commits)
+    bar.close()
+    incomplete = [s.uri for s in pending if s.number not in tally.expected
+                  or tally.expected[s.number] != tally.records[s.number]]
+    if incomplete:
+        raise RuntimeError(f"embed: {len(incomplete)} shards did not complete (rerun resumes them): {incomplete[:5]}")
+    storage.remove(storage.join(config.output, "_parts"), recursive=True)  # leftovers of killed runs
+    return rows
+
+
+def _stats(tally: ShardTally, shard: InputShard) -> outputs.ShardStats:
+    skipped = tally.skipped.get(shard.number, [])
+    reasons = {}
+    for record in skipped:
+        reasons[record["reason"]] = reasons.get(record["reason"], 0) + 1
+    return outputs.ShardStats(
+        input=shard.uri, shard=shard.number, rows_in=tally.records[shard.number],
+        rows_embedded=tally.embedded[shard.number], skipped=reasons, skipped_records=skipped,
+        shard_error=tally.errors.get(shard.number), seconds=tally.seconds[shard.number],
+    )

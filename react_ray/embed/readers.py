@@ -1,0 +1,165 @@
+"""Input shards -> streams of records, each with its stable id. Pure Python, no Ray.
+
+Every record read from a shard comes out, good or bad: a bad one carries an ``error``
+reason so that the stage counts it. After its records, each shard emits one ``end`` row
+that carries how many records it had and the shard-level error (a truncated or corrupt
+file), so the driver knows when a shard is complete without holding the shard in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyarrow.parquet as pq
+
+from react_ray import ids, storage
+
+SUFFIX = {"webdataset": ".tar", "parquet": ".parquet", "laion-embeddings": ".npy"}
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_COLUMNS = ("jpg", "image", "img", "image_bytes", "bytes", "png")
+CAPTION_COLUMNS = ("caption", "TEXT", "txt", "text")
+URL_COLUMNS = ("url", "URL")
+
+
+@dataclass(frozen=True)
+class InputShard:
+    uri: str
+    number: int  # from the file name; with the source id it fixes every id of the shard
+    format: str
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.number:06d}"
+
+
+def list_input_shards(input_uri: str, input_format: str) -> list[InputShard]:
+    """All input shards, by shard number; raises if there are none or two share a number."""
+    folder = storage.join(input_uri, "img_emb") if input_format == "laion-embeddings" else input_uri
+    files = storage.list_files(folder, SUFFIX[input_format])
+    if not files:
+        raise FileNotFoundError(
+            f"input: no *{SUFFIX[input_format]} files in {folder} for input_format={input_format!r}"
+        )
+    shards = sorted((InputShard(uri, ids.shard_number(uri), input_format) for uri in files), key=lambda s: s.number)
+    for a, b in zip(shards, shards[1:]):
+        if a.number == b.number:
+            raise ValueError(f"input: {a.uri} and {b.uri} have the same shard number {a.number}; ids would collide")
+    return shards
+
+
+# Text fields are never None ("" means absent): all-null columns would lose their type in Ray Data.
+_EMPTY = dict.fromkeys(("key", "url", "caption", "error", "message"), "") | {"image": b""}
+
+
+def _record(shard: InputShard, row: int, source: int, **fields) -> dict:
+    fields = {k: ("" if v is None else v) for k, v in fields.items()}
+    return _EMPTY | {"kind": "record", "id": int(ids.encode(shard.number, row, source)), "shard": shard.number} | fields
+
+
+def end_row(shard: InputShard, count: int, error: str | None) -> dict:
+    """The shard's last row: ``caption`` holds its record count, ``message`` its shard-level error."""
+    return _EMPTY | {"kind": "end", "id": -1, "shard": shard.number, "caption": str(count), "message": error or ""}
+
+
+def _caption_error(caption: str | None) -> tuple[str, str]:
+    if caption is None or not caption.strip():
+        return "missing_caption", "empty or absent caption"
+    return "", ""
+
+
+def _webdataset_samples(fileobj) -> Iterator[dict[str, bytes]]:
+    """Group consecutive tar members by key (webdataset convention: ``KEY.ext``)."""
+    current_key, sample = None, {}
+    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = member.name.rsplit("/", 1)[-1]
+            key, _, ext = base.partition(".")
+            if key != current_key and sample:
+                yield {"__key__": current_key, **sample}
+                sample = {}
+            current_key = key
+            sample[ext.lower()] = tar.extractfile(member).read()
+    if sample:
+        yield {"__key__": current_key, **sample}
+
+
+def _read_webdataset(shard: InputShard, source: int) -> Iterator[dict]:
+    row = 0
+    try:
+        with storage.open_uri(shard.uri) as f:
+            for sample in _webdataset_samples(f):
+                meta = {}
+                if "json" in sample:
+                    try:
+                        meta = json.loads(sample["json"])
+                    except ValueError:
+                        meta = {}
+                caption = sample["txt"].decode("utf-8", "replace") if "txt" in sample else meta.get("caption")
+                image = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
+                error, message = _caption_error(caption)
+                if image is None:
+                    error, message = "missing_image", f"no {'/'.join(IMAGE_EXTENSIONS)} member"
+                yield _record(shard, row, source, key=str(meta.get("key", sample["__key__"])), url=meta.get("url"),
+                              caption=caption, image=image, error=error, message=message)
+                row += 1
+    except (tarfile.TarError, EOFError, OSError) as error:
+        yield end_row(shard, row, f"{shard.uri}: truncated or corrupt tar after {row} samples ({error})")
+        return
+    yield end_row(shard, row, None)
+
+
+def _pick(columns: list[str], candidates: tuple[str, ...]) -> str | None:
+    return next((c for c in candidates if c in columns), None)
+
+
+def _read_parquet(shard: InputShard, source: int, block_rows: int) -> Iterator[dict]:
+    row = 0
+    try:
+        with storage.open_uri(shard.uri) as f:
+            parquet = pq.ParquetFile(f)
+            names = parquet.schema_arrow.names
+            image_col, caption_col = _pick(names, IMAGE_COLUMNS), _pick(names, CAPTION_COLUMNS)
+            if image_col is None:
+                raise ValueError(f"no image column (one of {', '.join(IMAGE_COLUMNS)}); columns are {names}")
+            url_col = _pick(names, URL_COLUMNS)
+            for batch in parquet.iter_batches(batch_size=block_rows):
+                data = batch.to_pydict()
+                for i in range(batch.num_rows):
+                    image = data[image_col][i]
+                    if isinstance(image, dict):  # Hugging Face datasets store {"bytes": ..., "path": ...}
+                        image = image.get("bytes")
+                    caption = data[caption_col][i] if caption_col else None
+                    error, message = _caption_error(caption)
+                    if image is None:
+                        error, message = "missing_image", f"null {image_col!r} value"
+                    key = data["key"][i] if "key" in data else f"{shard.number:05d}{row:04d}"
+                    yield _record(shard, row, source, key=str(key), url=data[url_col][i] if url_col else None,
+                                  caption=caption, image=image, error=error, message=message)
+                    row += 1
+    except (OSError, ValueError) as error:
+        yield end_row(shard, row, f"{shard.uri}: unreadable parquet after {row} rows ({error})")
+        return
+    yield end_row(shard, row, None)
+
+
+def read_shard(shard: InputShard, source: int = 0, block_rows: int = 1000) -> Iterator[list[dict]]:
+    """Blocks of at most ``block_rows`` records of one shard, then its end row."""
+    if shard.format == "webdataset":
+        rows = _read_webdataset(shard, source)
+    elif shard.format == "parquet":
+        rows = _read_parquet(shard, source, block_rows)
+    else:
+        raise ValueError(f"read_shard: {shard.format!r} shards are ingested, not read as images")
+    block = []
+    for row in rows:
+        block.append(row)
+        if len(block) >= block_rows:
+            yield block
+            block = []
+    if block:
+        yield block

@@ -1,0 +1,64 @@
+"""Shards with every kind of bad input, for the embedding tests."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+from PIL import Image
+
+
+def jpeg(color: str = "red", size: int = 48) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def bomb_png(side: int = 12_000) -> bytes:
+    """A decompression bomb: 144M pixels in ~20 KB."""
+    buffer = io.BytesIO()
+    Image.new("1", (side, side)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def tar_bytes(samples: list[dict[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for sample in samples:
+            key = sample["__key__"]
+            for ext, data in sample.items():
+                if ext == "__key__":
+                    continue
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def sample(key: str, image: bytes | None, caption: str | None) -> dict[str, bytes]:
+    out = {"__key__": key, "json": json.dumps({"key": key, "url": f"http://x/{key}.jpg"}).encode()}
+    if image is not None:
+        out["jpg"] = image
+    if caption is not None:
+        out["txt"] = caption.encode()
+    return out
+
+
+GOOD = jpeg()
+# key -> (image bytes, caption, the reason the stage must count, or None when it embeds)
+FAULTY_SHARD = {
+    "000010000": (GOOD, "a red square", None),
+    "000010001": (b"\xff\xd8 this is not a jpeg", "corrupt", "corrupt_image"),
+    "000010002": (GOOD[: len(GOOD) // 2], "truncated", "truncated_image"),
+    "000010003": (GOOD, "", "missing_caption"),
+    "000010004": (GOOD, None, "missing_caption"),
+    "000010005": (None, "no image member", "missing_image"),
+    "000010006": (b"", "zero bytes", "zero_size_image"),
+    "000010007": (bomb_png(), "a bomb", "oversize_image"),
+    "000010008": (jpeg("blue"), "a blue square", None),
+}
+
+
+def faulty_shard() -> bytes:
+    return tar_bytes([sample(k, img, cap) for k, (img, cap, _) in FAULTY_SHARD.items()])

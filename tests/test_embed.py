@@ -1,0 +1,197 @@
+"""Embedding stage: decoding, readers, and the Ray Data pipeline end to end (real local Ray)."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from faults import FAULTY_SHARD, GOOD, faulty_shard, tar_bytes, sample
+from react_ray import ids, storage
+from react_ray.config import CorpusConfig, EmbedConfig, GenerateConfig, ModelConfig
+from react_ray.data.synthetic import generate_corpus
+from react_ray.embed.decode import decode_image
+from react_ray.embed.outputs import column_matrix, load_embeddings, read_parquet
+from react_ray.embed.pipeline import run_embedding
+from react_ray.embed.readers import InputShard, list_input_shards, read_shard
+from react_ray.models import build_model
+
+MODEL = ModelConfig(name="react-micro")
+CORPUS = CorpusConfig(num_shards=2, samples_per_shard=40, image_size=40, eval_samples_per_class=1)
+
+
+def _config(input_uri: str, output: str, **kw) -> EmbedConfig:
+    return EmbedConfig(input=input_uri, output=output, model=MODEL, batch_size=16, read_block_rows=16, **kw)
+
+
+# ---------------------------------------------------------------- no Ray
+
+
+def test_decode_matches_open_clip_preprocess():
+    clip = build_model(MODEL)
+    image = Image.new("RGB", (90, 51))
+    image.paste(Image.new("RGB", (30, 51), "red"), (10, 0))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    pixels, reason, _ = decode_image(buffer.getvalue(), 32, 10**6)
+    pixels = pixels.copy()
+    assert reason is None and pixels.shape == (32, 32, 3)
+    cfg = clip.model.visual.preprocess_cfg
+    ours = (torch.from_numpy(pixels).permute(2, 0, 1).float() / 255 - torch.tensor(cfg["mean"])[:, None, None]) / \
+        torch.tensor(cfg["std"])[:, None, None]
+    assert torch.allclose(ours, clip.preprocess(image), atol=1e-5)
+
+
+DECODE_FAULTS = [k for k, (_, _, reason) in FAULTY_SHARD.items() if reason not in ("missing_caption", "missing_image")]
+
+
+@pytest.mark.parametrize("key", DECODE_FAULTS)
+def test_every_image_fault_gets_its_reason(key):
+    image, _, reason = FAULTY_SHARD[key]
+    assert decode_image(image, 32, 40_000_000)[1] == reason
+
+
+def test_reader_counts_records_and_reports_truncated_tars(tmp_path):
+    (tmp_path / "00001.tar").write_bytes(faulty_shard())
+    rows = [r for block in read_shard(InputShard(str(tmp_path / "00001.tar"), 1, "webdataset")) for r in block]
+    *records, end = rows
+    assert [r["key"] for r in records] == list(FAULTY_SHARD)
+    assert [r["id"] for r in records] == [int(ids.encode(1, i)) for i in range(len(FAULTY_SHARD))]
+    assert {r["key"]: r["error"] for r in records if r["error"]} == {"000010003": "missing_caption",
+                                                                    "000010004": "missing_caption",
+                                                                    "000010005": "missing_image"}
+    assert (end["kind"], end["caption"], end["message"]) == ("end", str(len(FAULTY_SHARD)), "")
+
+    whole = faulty_shard()
+    (tmp_path / "00002.tar").write_bytes(whole[: len(whole) // 3])
+    rows = [r for block in read_shard(InputShard(str(tmp_path / "00002.tar"), 2, "webdataset")) for r in block]
+    *records, end = rows
+    assert 0 < len(records) < len(FAULTY_SHARD)
+    assert end["caption"] == str(len(records)) and "00002.tar: truncated or corrupt tar" in end["message"]
+
+
+def test_listing_rejects_empty_inputs_and_colliding_shard_numbers(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no \*.tar files in .* for input_format='webdataset'"):
+        list_input_shards(str(tmp_path), "webdataset")
+    (tmp_path / "a-0001.tar").write_bytes(b"")
+    (tmp_path / "b-1.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match="same shard number 1"):
+        list_input_shards(str(tmp_path), "webdataset")
+
+
+def test_config_rejects_half_precision_on_cpu_actors():
+    from react_ray.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=r"precision: got 'fp16' with pool.num_gpus=0"):
+        build_config(EmbedConfig, {"input": "x", "output": "y", "precision": "fp16"})
+    with pytest.raises(ConfigError, match=r"max_actors \(1\) must be >= min_actors \(3\)"):
+        build_config(EmbedConfig, {"input": "x", "output": "y", "pool": {"min_actors": 3}})
+
+
+# ---------------------------------------------------------------- real local Ray
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("corpus"))
+    generate_corpus(GenerateConfig(output=out, corpus=CORPUS), progress=False)
+    return out
+
+
+@pytest.mark.ray
+def test_pipeline_counts_every_fault_and_embeds_the_rest(ray_local, tmp_path, corpus):
+    inputs = tmp_path / "wds"
+    inputs.mkdir()
+    (inputs / "00000.tar").write_bytes(storage.read_bytes(f"{corpus}/webdataset/00000.tar"))
+    (inputs / "00001.tar").write_bytes(faulty_shard())
+    whole = faulty_shard()
+    (inputs / "00002.tar").write_bytes(whole[: len(whole) // 3])  # truncated mid-file
+    (inputs / "00003.tar").write_bytes(b"garbage, not a tar at all" * 40)
+    out = str(tmp_path / "emb")
+    summary = run_embedding(_config(str(inputs), out, pool={"min_actors": 1, "max_actors": 2}), progress=False)
+
+    faulty = json.loads(storage.read_bytes(f"{out}/part-000001.stats.json"))
+    expected = Counter(reason for _, _, reason in FAULTY_SHARD.values() if reason)
+    assert faulty["skipped"] == dict(expected) and faulty["rows_embedded"] == 2
+    assert {r["key"]: r["reason"] for r in faulty["skipped_records"]} == {
+        k: reason for k, (_, _, reason) in FAULTY_SHARD.items() if reason}
+    garbage = json.loads(storage.read_bytes(f"{out}/part-000003.stats.json"))
+    assert garbage["rows_in"] == 0 and "00003.tar: truncated or corrupt tar" in garbage["shard_error"]
+    assert summary.rows_in == summary.rows_embedded + sum(summary.skipped.values())
+    assert len(summary.shard_errors) == 2 and summary.shards == 4
+
+    # Embeddings equal the model called directly on the same images and captions.
+    table = read_parquet(f"{out}/part-000000.parquet")
+    assert table["id"].to_pylist() == [int(ids.encode(0, r)) for r in range(40)]
+    members = {}
+    with __import__("tarfile").open(f"{corpus}/webdataset/00000.tar") as tar:
+        for m in tar.getmembers():
+            members[m.name] = tar.extractfile(m).read()
+    clip = build_model(MODEL)
+    keys, captions = table["key"].to_pylist()[:8], table["caption"].to_pylist()[:8]
+    images = torch.stack([clip.preprocess(Image.open(io.BytesIO(members[f"{k}.jpg"]))) for k in keys])
+    np.testing.assert_allclose(column_matrix(table, "img_emb")[:8].astype(np.float32),
+                               clip.encode_images(images).numpy(), atol=3e-3)
+    np.testing.assert_allclose(column_matrix(table, "txt_emb")[:8].astype(np.float32),
+                               clip.encode_texts(captions).numpy(), atol=3e-3)
+    assert table.schema.field("img_emb").type == pa.list_(pa.float16(), 32)
+
+    again = run_embedding(_config(str(inputs), out), progress=False)  # resume: nothing left to do
+    assert again.this_run_shards == 0 and again.rows_embedded == summary.rows_embedded
+
+
+@pytest.mark.ray
+def test_parquet_input_and_model_mismatch(ray_local, tmp_path, corpus):
+    out = str(tmp_path / "emb")
+    summary = run_embedding(_config(f"{corpus}/parquet", out, input_format="parquet"), progress=False)
+    assert (summary.rows_in, summary.rows_embedded) == (80, 80)
+    ids_, vectors = load_embeddings(out)
+    assert len(np.unique(ids_)) == 80 and np.allclose(np.linalg.norm(vectors.astype(np.float32), axis=1), 1, atol=2e-3)
+    other = EmbedConfig(input=f"{corpus}/parquet", output=out, input_format="parquet", model=ModelConfig(name="react-tiny"))
+    with pytest.raises(ValueError, match="holds embeddings with model='react-micro'; this run has model='react-tiny'"):
+        run_embedding(other, progress=False)
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+def test_s3_in_and_out(ray_local, s3_bucket):
+    corpus = f"{s3_bucket}/corpus"
+    generate_corpus(GenerateConfig(output=corpus, corpus=CORPUS.model_copy(update={"formats": ["webdataset"]})),
+                    progress=False)
+    out = f"{s3_bucket}/embeddings"
+    summary = run_embedding(_config(f"{corpus}/webdataset", out), progress=False)
+    assert (summary.shards, summary.rows_embedded) == (2, 80)
+    assert storage.exists(f"{out}/part-000001.done") and storage.exists(f"{out}/_summary.json")
+    ids_, _ = load_embeddings(out)
+    assert sorted(ids_) == sorted(int(ids.encode(s, r)) for s in (0, 1) for r in range(40))
+
+
+@pytest.mark.ray
+def test_laion_embedding_ingestion_keeps_ids_aligned(ray_local, tmp_path):
+    rng = np.random.default_rng(0)
+    for number, rows in ((0, 50), (7, 30)):
+        vectors = rng.normal(size=(rows, 32)).astype(np.float16)
+        vectors[3] = 0  # an invalid vector is counted, not silently dropped
+        for folder, prefix, data in (("img_emb", "img_emb", vectors), ("text_emb", "text_emb", -vectors)):
+            (tmp_path / folder).mkdir(exist_ok=True)
+            np.save(tmp_path / folder / f"{prefix}_{number:04d}.npy", data)
+        (tmp_path / "metadata").mkdir(exist_ok=True)
+        pq.write_table(pa.table({"url": [f"http://x/{number}/{i}.jpg" for i in range(rows)],
+                                 "caption": [f"caption {number}-{i}" for i in range(rows)]}),
+                       tmp_path / "metadata" / f"metadata_{number:04d}.parquet")
+    out = str(tmp_path / "emb")
+    summary = run_embedding(_config(str(tmp_path), out, input_format="laion-embeddings"), progress=False)
+    assert (summary.rows_in, summary.rows_embedded, summary.skipped) == (80, 78, {"invalid_embedding": 2})
+    table = read_parquet(f"{out}/part-000007.parquet")
+    for id_, url, caption in zip(*(table[c].to_pylist() for c in ("id", "url", "caption"))):
+        _, shard, row = ids.decode(id_)
+        assert url == f"http://x/7/{row}.jpg" and caption == f"caption 7-{row}" and shard == 7
+    img, txt = column_matrix(table, "img_emb"), column_matrix(table, "txt_emb")
+    np.testing.assert_allclose(img.astype(np.float32), -txt.astype(np.float32), atol=1e-3)
