@@ -64,6 +64,7 @@ class DemoConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     tuning_mode: TuningMode = "gated-image"
+    ray_address: str | None = Field(default="local", description="'local' starts a private Ray for the demo")
 
 
 class ActorPoolConfig(StrictModel):
@@ -94,7 +95,7 @@ class EmbedConfig(StrictModel):
     precision: Precision = "fp32"
     batch_size: int = Field(default=256, ge=1, description="images per model forward")
     pool: ActorPoolConfig = Field(default_factory=ActorPoolConfig)
-    decode_num_cpus: float = Field(default=1, gt=0, description="CPUs per decode task")
+    decode_num_cpus: float = Field(default=1, gt=0, description="CPUs per read / decode task")
     read_block_rows: int = Field(default=1000, ge=1, description="records per block out of the reader")
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="larger images are skipped (bombs)")
     source_id: int = Field(default=0, ge=0, le=2047, description="tells corpora apart inside ids")

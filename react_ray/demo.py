@@ -1,8 +1,9 @@
 """The end-to-end demo on generated data. Runs every stage that exists today, for real.
 
-Today: generate the corpus -> build the base CLIP and its REACT gated variant -> check that
-the gated model equals the base at step 0 on real corpus images -> parameter report.
-The later stages (embed, index, retrieve, train, evaluate) join as they are built.
+Today: generate the corpus -> embed it on a local Ray (Ray Data, actor pool) -> build the
+base CLIP and its REACT gated variant -> check that the gated model equals the base at step 0
+on real corpus images -> parameter report. The later stages (index, retrieve, train,
+evaluate) join as they are built.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ import torch
 from PIL import Image
 
 from react_ray import storage
-from react_ray.config import DemoConfig, GenerateConfig
+from react_ray.config import DemoConfig, EmbedConfig, GenerateConfig
 from react_ray.data.synthetic import generate_corpus
+from react_ray.embed.pipeline import run_embedding
 from react_ray.models import apply_tuning_mode, build_model, react_gated_layers
 from react_ray.models.params import REPORT_HEADERS, parameter_report
 from react_ray.report import page, table
 
 REPORT_MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14")
-NEXT_STAGES = "embed (#3) -> index (#4) -> retrieve (#5) -> train + evaluate (#6)"
+NEXT_STAGES = "index (#4) -> retrieve (#5) -> train + evaluate (#6)"
 
 
 def _eval_images(corpus_dir: str, limit: int) -> list[Image.Image]:
@@ -40,10 +42,17 @@ def _format_table(headers: list[str], rows: list[list[str]]) -> str:
 def run_demo(config: DemoConfig) -> int:
     start = time.perf_counter()
     corpus_dir = storage.join(config.output, "corpus")
-    print(f"[1/3] generating the corpus -> {corpus_dir}")
+    print(f"[1/4] generating the corpus -> {corpus_dir}")
     print("   ", generate_corpus(GenerateConfig(output=corpus_dir, corpus=config.corpus)))
 
-    print(f"[2/3] building {config.model.name} and its REACT gated-image variant")
+    embeddings = storage.join(config.output, "embeddings")
+    print(f"[2/4] embedding it with {config.model.name} on a local Ray -> {embeddings}")
+    summary = run_embedding(EmbedConfig(
+        input=storage.join(corpus_dir, "webdataset"), output=embeddings, model=config.model, batch_size=128,
+        decode_num_cpus=0.5, pool={"num_cpus": 1.5}, ray_address=config.ray_address))
+    print("   ", str(summary).replace("\n", "\n    "))
+
+    print(f"[3/4] building {config.model.name} and its REACT gated-image variant")
     base = build_model(config.model.model_copy(update={"gated_layers": 0}))
     k = config.model.gated_layers or react_gated_layers(config.model.name)
     gated = build_model(config.model.model_copy(update={"gated_layers": k}))
@@ -58,7 +67,7 @@ def run_demo(config: DemoConfig) -> int:
     print(f"    step 0, base vs gated on {len(images)} eval images: max |image feature gap| = {image_gap:.2e}, "
           f"text = {text_gap:.2e} (zero-initialised gates)")
 
-    print("[3/3] REACT parameter report (random weights on the meta device, nothing downloaded)")
+    print("[4/4] REACT parameter report (random weights on the meta device, nothing downloaded)")
     reports = [parameter_report(name) for name in (config.model.name, *REPORT_MODELS)]
     rows = [r.row() for r in reports]
     print(_format_table(REPORT_HEADERS, rows))

@@ -13,15 +13,17 @@ from react_ray.config import ConfigError, DemoConfig, GenerateConfig, load_confi
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "jobs" / "presets").glob("*.yaml"))
-PRESET_TYPES = {"demo": DemoConfig, "generate_demo": GenerateConfig}
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_every_preset_validates_and_names_its_launch_command(preset):
-    config = load_config(PRESET_TYPES[preset.stem], str(preset))
+    """Presets are named STAGE[_variant].yaml; line 1 is the command that launches them."""
+    stage = preset.stem.split("_")[0]
+    config = load_config(STAGES[stage].config_type, str(preset))
     assert config.output
     first = preset.read_text().splitlines()[0]
-    assert first.startswith("# react-ray ") and f"--config jobs/presets/{preset.name}" in first
+    assert first.startswith(("# react-ray ", "# ray job submit")) and f"--config jobs/presets/{preset.name}" in first
+    assert f"jobs/{stage}.py" in preset.read_text() or first.startswith(f"# react-ray {stage} ")
 
 
 def test_overrides_apply_with_yaml_types(tmp_path):

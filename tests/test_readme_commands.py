@@ -27,5 +27,7 @@ def test_demo_runs_and_reports(tmp_path):
     assert gap < 1e-5
     assert re.search(r"ViT-B-32\s+151,277,313\s+6\s+7,087,874\s+42,527,245", out.stdout)
     assert "corpus: 50 pairs" in out.stdout
+    assert "embedding set: 1 shards, 50 rows in, 50 embedded" in out.stdout
+    assert (tmp_path / "embeddings" / "part-000000.done").exists()
     assert "<table>" in (tmp_path / "report.html").read_text()
     assert (tmp_path / "corpus" / "preview.html").stat().st_size > 10_000

@@ -26,7 +26,9 @@ REPORT_COLUMNS = ("shard", "records", "embedded", "end_count", "shard_error", "p
 
 
 class ClipEmbedder:
-    def __init__(self, model: dict, precision: str, device: str, output: str, run_id: str):
+    def __init__(self, model: dict, precision: str, device: str, output: str, run_id: str, threads: int | None = None):
+        if threads:  # Ray pins OMP threads to int(num_cpus); CPU actors with 1.5 CPUs should use 2
+            torch.set_num_threads(threads)
         self.clip = build_model(ModelConfig.model_validate(model), device=device)
         self.precision, self.output, self.run_id = precision, output, run_id
         self.device = torch.device(device)

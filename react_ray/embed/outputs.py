@@ -130,6 +130,8 @@ class RunSummary:
     this_run_shards: int = 0
     this_run_rows: int = 0
     this_run_seconds: float = 0.0
+    this_run_startup_seconds: float = 0.0  # until the first embedded batch came back
+    this_run_steady_rows_per_s: float = 0.0  # after that first batch
 
     def __str__(self) -> str:
         rate = self.this_run_rows / self.this_run_seconds if self.this_run_seconds else 0.0
@@ -138,7 +140,8 @@ class RunSummary:
             f"embedding set: {self.shards} shards, {self.rows_in:,} rows in, {self.rows_embedded:,} embedded",
             f"skipped: {skipped}",
             f"this run: {self.this_run_shards} shards, {self.this_run_rows:,} rows in {self.this_run_seconds:.1f}s "
-            f"({rate:,.1f} rows/s)",
+            f"({rate:,.1f} rows/s; first batch after {self.this_run_startup_seconds:.1f}s, "
+            f"{self.this_run_steady_rows_per_s:,.1f} rows/s from then on)",
         ]
         lines += [f"shard error: {e}" for e in self.shard_errors]
         return "\n".join(lines)

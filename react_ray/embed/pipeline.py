@@ -10,6 +10,7 @@ driver: tally report rows per shard -> commit complete shards (Ray task: merge, 
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 
@@ -70,19 +71,21 @@ def _commit(output: str, name: str, parts: list[str], stats: outputs.ShardStats)
 def build_dataset(config: EmbedConfig, shards: list[InputShard], run_id: str, image_size: int) -> ray.data.Dataset:
     items = [{"uri": s.uri, "number": s.number, "format": s.format} for s in shards]
     device = "cuda" if config.pool.num_gpus > 0 else "cpu"
+    # Resources as functions so Ray Data never fuses reading and decoding into the model actors:
+    # they scale as CPU tasks (on CPU nodes) while the pool keeps its accelerators busy.
+    cpu_task = {"ray_remote_args_fn": lambda: {"num_cpus": config.decode_num_cpus}}
     return (
         ray.data.from_items(items, override_num_blocks=len(items))
         .map_batches(_read_blocks, batch_size=1, fn_kwargs={"source": config.source_id,
-                                                             "block_rows": config.read_block_rows})
+                                                             "block_rows": config.read_block_rows}, **cpu_task)
         .map_batches(decode_batch, batch_size=config.batch_size, fn_kwargs={"image_size": image_size,
                                                                              "max_pixels": config.max_image_pixels},
-                     # Given as a function so Ray Data never fuses decoding into the model actors:
-                     # decode scales on CPU tasks (CPU nodes), the pool keeps its accelerators busy.
-                     ray_remote_args_fn=lambda: {"num_cpus": config.decode_num_cpus})
+                     **cpu_task)
         .map_batches(
             ClipEmbedder,
             fn_constructor_kwargs={"model": config.model.model_dump(), "precision": config.precision,
-                                   "device": device, "output": config.output, "run_id": run_id},
+                                   "device": device, "output": config.output, "run_id": run_id,
+                                   "threads": None if config.pool.num_gpus else math.ceil(config.pool.num_cpus)},
             compute=ray.data.ActorPoolStrategy(min_size=config.pool.min_actors, max_size=config.pool.max_actors),
             num_gpus=config.pool.num_gpus, num_cpus=config.pool.num_cpus, batch_size=config.batch_size,
         )
@@ -97,23 +100,37 @@ def run_embedding(config: EmbedConfig, progress: bool = True) -> outputs.RunSumm
     pending = [s for s in shards if not outputs.is_done(config.output, s.name)][: config.max_shards]
     print(f"embed: {len(shards)} input shards, {len(shards) - len(pending)} already done, {len(pending)} to do "
           f"({info['model']}, dim {info['dim']}, {config.precision})")
-    if pending:
-        if config.input_format == "laion-embeddings":
-            from react_ray.embed.ingest import ingest_laion_embeddings
+    timing = RunTiming(start)
+    if pending and config.input_format == "laion-embeddings":
+        from react_ray.embed.ingest import ingest_laion_embeddings
 
-            this_run_rows = ingest_laion_embeddings(config, pending, info["dim"], progress)
-        else:
-            this_run_rows = _embed_shards(config, pending, progress)
-    else:
-        this_run_rows = 0
+        timing.rows = ingest_laion_embeddings(config, pending, info["dim"], progress)
+    elif pending:
+        _embed_shards(config, pending, timing, progress)
     summary = outputs.summarize(config.output)
-    summary.this_run_shards, summary.this_run_rows = len(pending), this_run_rows
+    summary.this_run_shards, summary.this_run_rows = len(pending), timing.rows
     summary.this_run_seconds = time.perf_counter() - start
+    if timing.first_at is not None:
+        summary.this_run_startup_seconds = timing.first_at - start
+        steady = time.perf_counter() - timing.first_at
+        summary.this_run_steady_rows_per_s = (timing.rows - timing.first_rows) / steady if steady > 0 else 0.0
     outputs.save_summary(config.output, summary)
     return summary
 
 
-def _embed_shards(config: EmbedConfig, pending: list[InputShard], progress: bool) -> int:
+class RunTiming:
+    """Rows seen and when the first batch came back (start-up: Ray workers, model load)."""
+
+    def __init__(self, start: float):
+        self.start, self.rows, self.first_at, self.first_rows = start, 0, None, 0
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+        if self.first_at is None:
+            self.first_at, self.first_rows = time.perf_counter(), self.rows
+
+
+def _embed_shards(config: EmbedConfig, pending: list[InputShard], timing: RunTiming, progress: bool) -> None:
     connect(config.ray_address)
     import open_clip
 
@@ -123,17 +140,16 @@ def _embed_shards(config: EmbedConfig, pending: list[InputShard], progress: bool
     by_number = {s.number: s for s in pending}
     tally, commits = ShardTally(), []
     bar = tqdm(total=len(pending), desc="embed shards", unit="shard", disable=not progress)
-    rows = 0
     for batch in build_dataset(config, pending, run_id, size).iter_batches(batch_size=None, batch_format="numpy"):
         for i in range(len(batch["shard"])):
             row = {k: batch[k][i] for k in batch}
-            rows += int(row["records"])
+            timing.add(int(row["records"]))
             complete = tally.add(row)
             if complete is not None:
                 commits.append(_commit.remote(config.output, by_number[complete].name, tally.parts.get(complete, []),
                                               _stats(tally, by_number[complete])))
                 bar.update(1)
-        bar.set_postfix(rows=rows, skipped=rows - sum(tally.embedded.values()))
+        bar.set_postfix(rows=timing.rows, skipped=timing.rows - sum(tally.embedded.values()))
     ray.get(commits)
     bar.close()
     incomplete = [s.uri for s in pending if s.number not in tally.expected
@@ -141,7 +157,6 @@ def _embed_shards(config: EmbedConfig, pending: list[InputShard], progress: bool
     if incomplete:
         raise RuntimeError(f"embed: {len(incomplete)} shards did not complete (rerun resumes them): {incomplete[:5]}")
     storage.remove(storage.join(config.output, "_parts"), recursive=True)  # leftovers of killed runs
-    return rows
 
 
 def _stats(tally: ShardTally, shard: InputShard) -> outputs.ShardStats:

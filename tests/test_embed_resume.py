@@ -1,0 +1,60 @@
+"""Exactly-once under a killed run: kill the embedding job mid-run, rerun, and get every id once.
+
+The job runs as a subprocess with its own local Ray (this module starts no other cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from react_ray import ids
+from react_ray.config import CorpusConfig, GenerateConfig
+from react_ray.data.synthetic import generate_corpus
+from react_ray.embed.outputs import load_embeddings
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARDS, ROWS = 6, 48
+
+
+def _job(corpus: Path, out: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "jobs" / "embed.py"), f"input={corpus}/webdataset", f"output={out}",
+            "model.name=react-micro", "batch_size=8", "read_block_rows=8", "ray_address=local",
+            "pool.max_actors=1"]
+
+
+@pytest.mark.ray
+def test_killed_run_then_rerun_gives_every_id_exactly_once(tmp_path):
+    corpus, out = tmp_path / "corpus", tmp_path / "emb"
+    generate_corpus(GenerateConfig(output=str(corpus), corpus=CorpusConfig(
+        num_shards=SHARDS, samples_per_shard=ROWS, image_size=40, eval_samples_per_class=1,
+        formats=["webdataset"])), progress=False)
+    env = os.environ | {"RAY_AUTH_MODE": "disabled"}
+    job = subprocess.Popen(_job(corpus, out), cwd=ROOT, env=env, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not list(out.glob("*.done")) and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    job.wait(timeout=60)
+    done_at_kill = len(list(out.glob("*.done")))
+    assert 1 <= done_at_kill < SHARDS, f"the kill must land mid-run ({done_at_kill} of {SHARDS} shards done)"
+
+    rerun = subprocess.run(_job(corpus, out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"{done_at_kill} already done, {SHARDS - done_at_kill} to do" in rerun.stdout
+    found, _ = load_embeddings(str(out))
+    expected = {int(ids.encode(s, r)) for s in range(SHARDS) for r in range(ROWS)}
+    assert len(found) == len(expected) and set(found.tolist()) == expected  # none lost, none doubled
+    assert not (out / "_parts").exists()
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["rows_embedded"] == SHARDS * ROWS and summary["this_run_shards"] == SHARDS - done_at_kill
+    assert np.unique(found).size == found.size
