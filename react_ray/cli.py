@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from react_ray.config import ConfigError, DemoConfig, EmbedConfig, GenerateConfig, load_config
+from react_ray.config import ConfigError, DemoConfig, EmbedConfig, GenerateConfig, IndexConfig, load_config
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,13 @@ def _run_embed(config: EmbedConfig) -> int:
     return 0
 
 
+def _run_index(config: IndexConfig) -> int:
+    from react_ray.index.build import build_index
+
+    build_index(config)
+    return 0
+
+
 def _run_demo(config: DemoConfig) -> int:
     from react_ray.demo import run_demo
 
@@ -45,7 +52,7 @@ def _run_demo(config: DemoConfig) -> int:
 STAGES: dict[str, Stage] = {
     "generate": Stage("write the synthetic LAION-style corpus and eval set", GenerateConfig, _run_generate),
     "embed": Stage("embed image-text shards with OpenCLIP on Ray Data", EmbedConfig, _run_embed),
-    "index": Stage("build sharded FAISS indices on Ray", pending_issue=4),
+    "index": Stage("build sharded FAISS indices on Ray", IndexConfig, _run_index),
     "retrieve": Stage("retrieve a task's training set from class names", pending_issue=5),
     "train": Stage("gated-image tuning with Ray Train", pending_issue=6),
     "evaluate": Stage("zero-shot evaluation, base vs customized", pending_issue=6),

@@ -112,6 +112,27 @@ class EmbedConfig(StrictModel):
         return self
 
 
+class IndexConfig(StrictModel):
+    """Stage 2: an embedding set -> a sharded FAISS index with a manifest."""
+
+    embeddings: str = Field(description="embedding set written by `react-ray embed` (local or s3://)")
+    output: str = Field(description="index directory (local or s3://)")
+    keys: Literal["image", "text"] = Field(
+        default="image", description="index image embeddings (text-to-image) or caption embeddings (text-to-text)")
+    factory: str | None = Field(default=None, description="FAISS index_factory string; empty: planned from N, dim, budget")
+    memory_budget_gb: float = Field(default=16.0, gt=0)
+    num_shards: int = Field(default=1, ge=1)
+    files_per_task: int = Field(default=8, ge=1, description="embedding files added by one build task")
+    train_samples: int = Field(default=100_000, ge=1, description="uniform random training sample size")
+    seed: int = 0
+    use_gpu: bool = Field(default=False, description="train and add on GPUs (needs a GPU faiss build)")
+    target_recall: float = Field(default=0.95, gt=0, le=1, description="recall@k of text queries to tune for")
+    recall_k: int = Field(default=10, ge=1)
+    tune_queries: int = Field(default=500, ge=1)
+    task_num_cpus: float = Field(default=1, gt=0)
+    ray_address: str | None = None
+
+
 C = TypeVar("C", bound=BaseModel)
 
 

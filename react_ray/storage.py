@@ -8,9 +8,11 @@ S3-compatible server (MinIO, moto) needs no code change, only the environment.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import uuid
+from pathlib import Path
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO
@@ -109,3 +111,18 @@ def list_files(uri: str, suffix: str) -> list[str]:
         scheme = uri.split("://", 1)[0]
         return [f"{scheme}://{p}" for p in names]
     return names
+
+
+def cache_dir() -> Path:
+    """Where remote files are cached locally: ``$REACT_RAY_CACHE`` or ``~/.cache/react-ray``."""
+    return Path(os.environ.get("REACT_RAY_CACHE", Path.home() / ".cache" / "react-ray"))
+
+
+def local_copy(uri: str) -> str:
+    """A local path for ``uri``: itself when local, else a cached download keyed by the URI."""
+    if not is_remote(uri):
+        return local_path(uri)
+    target = cache_dir() / "files" / hashlib.sha256(uri.encode()).hexdigest()[:16] / os.path.basename(uri)
+    if not target.exists():
+        write_bytes_atomic(str(target), read_bytes(uri))
+    return str(target)

@@ -71,9 +71,9 @@ def _commit(output: str, name: str, parts: list[str], stats: outputs.ShardStats)
 def build_dataset(config: EmbedConfig, shards: list[InputShard], run_id: str, image_size: int) -> ray.data.Dataset:
     items = [{"uri": s.uri, "number": s.number, "format": s.format} for s in shards]
     device = "cuda" if config.pool.num_gpus > 0 else "cpu"
-    # Resources as functions so Ray Data never fuses reading and decoding into the model actors:
-    # they scale as CPU tasks (on CPU nodes) while the pool keeps its accelerators busy.
-    cpu_task = {"ray_remote_args_fn": lambda: {"num_cpus": config.decode_num_cpus}}
+    # Reading and decoding spread over all nodes as CPU tasks; the model actors pack by default.
+    # The differing strategies also keep Ray Data from fusing decode into the model actors.
+    cpu_task = {"num_cpus": config.decode_num_cpus, "scheduling_strategy": "SPREAD"}
     return (
         ray.data.from_items(items, override_num_blocks=len(items))
         .map_batches(_read_blocks, batch_size=1, fn_kwargs={"source": config.source_id,
@@ -88,6 +88,7 @@ def build_dataset(config: EmbedConfig, shards: list[InputShard], run_id: str, im
                                    "threads": None if config.pool.num_gpus else math.ceil(config.pool.num_cpus)},
             compute=ray.data.ActorPoolStrategy(min_size=config.pool.min_actors, max_size=config.pool.max_actors),
             num_gpus=config.pool.num_gpus, num_cpus=config.pool.num_cpus, batch_size=config.batch_size,
+            scheduling_strategy="DEFAULT",
         )
     )
 

@@ -8,9 +8,7 @@ torch.Size([1, 128])
 from __future__ import annotations
 
 import difflib
-import hashlib
 import io
-import os
 import re
 from dataclasses import dataclass, field
 from functools import cache
@@ -92,17 +90,9 @@ def _check_model_name(name: str) -> None:
 
 def _local_weights(uri: str) -> str:
     """A local path for a weights file given as a local path, ``file://`` or ``s3://`` URI."""
-    if not storage.is_remote(uri):
-        path = storage.local_path(uri)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"weights file not found: {uri}")
-        return path
-    cache_dir = Path(os.environ.get("REACT_RAY_CACHE", Path.home() / ".cache" / "react-ray"))
-    target = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:16] / os.path.basename(uri)
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        storage.write_bytes_atomic(str(target), storage.read_bytes(uri))
-    return str(target)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"weights file not found: {uri}")
+    return storage.local_copy(uri)
 
 
 def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:

@@ -1,0 +1,76 @@
+"""Choosing a FAISS index from N, dim and a memory budget, the way autofaiss's rules do.
+
+Exact ``Flat`` while it is small and fits; ``HNSW32`` while its graph fits; ``IVF,Flat`` while
+raw vectors fit; then ``IVF,PQ`` with the largest code that fits, and for very large N the
+``OPQ+IVF_HNSW+PQ`` layout (HNSW coarse quantizer over many lists). Sizes count the 8-byte
+id kept per vector and the coarse quantizer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+ID_BYTES = 8
+FLAT_MAX_VECTORS = 200_000  # exact search stays fast enough below this
+HNSW_MAX_VECTORS = 10_000_000
+OPQ_MIN_VECTORS = 50_000_000
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    factory: str
+    estimated_bytes: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.factory} (~{format_bytes(self.estimated_bytes)}; {self.reason})"
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:,.1f} {unit}"
+        n /= 1024
+
+
+def ivf_lists(n: int) -> int:
+    """A power of two near 4 * sqrt(N), with at least 39 training points per list."""
+    target = 2 ** round(math.log2(max(4 * math.sqrt(n), 1)))
+    return int(max(1, min(target, n // 39 or 1, 2**20)))
+
+
+def pq_codes(dim: int) -> list[int]:
+    """PQ code sizes (bytes per vector) below ``dim`` that divide it, largest first."""
+    return [m for m in (256, 192, 128, 96, 64, 48, 32, 24, 16, 8) if m < dim and dim % m == 0]
+
+
+def plan_index(n: int, dim: int, memory_budget_bytes: float) -> IndexPlan:
+    """The most accurate index for ``n`` x ``dim`` vectors that fits ``memory_budget_bytes``."""
+    if n <= 0:
+        raise ValueError(f"index plan: got {n} vectors; nothing to index")
+    flat = n * (dim * 4 + ID_BYTES)
+    if n <= FLAT_MAX_VECTORS and flat <= memory_budget_bytes:
+        return IndexPlan("IDMap,Flat", flat, "exact search: small enough to scan")
+    hnsw = n * (dim * 4 + 32 * 2 * 4 + ID_BYTES)
+    if n <= HNSW_MAX_VECTORS and hnsw <= memory_budget_bytes:
+        return IndexPlan("IDMap,HNSW32", hnsw, "graph search over raw vectors fits the budget")
+    if n < OPQ_MIN_VECTORS:
+        nlist = ivf_lists(n)
+        quantizer = nlist * dim * 4
+        candidates = [(f"IVF{nlist},Flat", flat, "raw vectors fit; inverted lists prune the scan"),
+                      (f"IVF{nlist},SQ8", n * (dim + ID_BYTES), "8-bit scalar codes fit")]
+        candidates += [(f"IVF{nlist},PQ{m}x8", n * (m + ID_BYTES), f"{m}-byte PQ codes are the largest that fit")
+                       for m in pq_codes(dim)]
+    else:  # billions: OPQ rotation, ~3k vectors per list, an HNSW graph over the list centroids
+        nlist = min(2 ** round(math.log2(n / 3000)), 2**18)
+        quantizer = nlist * (dim * 4 + 32 * 2 * 4)
+        candidates = [(f"OPQ{m}_{min(4 * m, dim)},IVF{nlist}_HNSW32,PQ{m}x8", n * (m + ID_BYTES),
+                       f"{m}-byte PQ codes fit; OPQ and an HNSW coarse quantizer for {n:,} vectors")
+                      for m in pq_codes(dim)]
+    for factory, size, reason in candidates:
+        if size + quantizer <= memory_budget_bytes:
+            return IndexPlan(factory, size + quantizer, reason)
+    smallest = n * (8 + ID_BYTES) + quantizer
+    raise ValueError(f"index plan: {n:,} x {dim} vectors need at least {format_bytes(smallest)} even with 8-byte "
+                     f"PQ codes; the memory budget is {format_bytes(memory_budget_bytes)}: raise it or add shards")

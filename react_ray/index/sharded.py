@@ -1,0 +1,176 @@
+"""Searching a sharded index: load a manifest, search every shard in parallel, merge the exact
+global top-k, and look ids up in O(1) without loading all metadata.
+
+The manifest (``manifest.json``, written last by the build) names the model, dim, metric,
+factory string, search parameters and, per shard, its file, vector count and sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+from react_ray import ids, storage
+
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(index_uri: str) -> dict:
+    uri = index_uri if index_uri.endswith(".json") else storage.join(index_uri, MANIFEST)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"no index manifest at {uri} (was `react-ray index` run to completion?)")
+    return json.loads(storage.read_bytes(uri))
+
+
+def index_root(index_uri: str) -> str:
+    return index_uri.rsplit("/", 1)[0] if index_uri.endswith(".json") else index_uri
+
+
+def load_shard(uri: str, expected: dict | None = None, verify: bool = True) -> faiss.Index:
+    """Read one shard, memory-mapped where the index type allows; errors name the file."""
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"index shard missing: {uri}")
+    path = storage.local_copy(uri)
+    if expected and verify:
+        size = os.path.getsize(path)
+        if size != expected["bytes"] or sha256_file(path) != expected["sha256"]:
+            raise ValueError(f"index shard {uri} is corrupt: {size} bytes, checksum differs from the manifest "
+                             f"({expected['bytes']} bytes, sha256 {expected['sha256'][:12]}...)")
+    try:
+        return faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError:
+        pass  # this index type cannot be memory-mapped: read it whole
+    try:
+        return faiss.read_index(path)
+    except RuntimeError as error:
+        raise ValueError(f"index shard {uri} cannot be read by faiss: {str(error).splitlines()[0]}") from None
+
+
+def merge_topk(scores: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-shard top-k lists side by side (n, S*k) -> the exact global top-k (n, k), best first."""
+    scores = np.where(labels < 0, -np.inf, scores)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(labels, order, 1)
+
+
+def set_search_params(index: faiss.Index, params: dict) -> None:
+    if params:
+        faiss.ParameterSpace().set_index_parameters(index, ",".join(f"{k}={v}" for k, v in params.items()))
+
+
+class MetadataStore:
+    """id -> {key, url, caption} in O(1): one memory-mapped Arrow file per embedding file, dense by row."""
+
+    def __init__(self, metadata_uri: str, max_open: int = 256):
+        self.root, self.max_open = metadata_uri, max_open
+        self._open: OrderedDict[int, pa.Table | None] = OrderedDict()
+
+    @staticmethod
+    def file_name(shard: int) -> str:
+        return f"part-{shard:06d}.arrow"
+
+    def _table(self, shard: int) -> pa.Table | None:
+        if shard in self._open:
+            self._open.move_to_end(shard)
+            return self._open[shard]
+        uri = storage.join(self.root, self.file_name(shard))
+        table = None
+        if storage.exists(uri):
+            table = pa.ipc.open_file(pa.memory_map(storage.local_copy(uri))).read_all()
+        self._open[shard] = table
+        if len(self._open) > self.max_open:
+            self._open.popitem(last=False)
+        return table
+
+    def lookup(self, id_list) -> list[dict | None]:
+        """Metadata for each id (None for an id this index does not hold)."""
+        out = []
+        _, shards, rows = ids.decode(np.asarray(id_list, np.int64).reshape(-1))
+        for id_, shard, row in zip(np.asarray(id_list).reshape(-1), shards, rows):
+            table = self._table(int(shard))
+            if table is None or row >= table.num_rows or table["id"][int(row)].as_py() != int(id_):
+                out.append(None)
+                continue
+            out.append({c: table[c][int(row)].as_py() for c in ("id", "key", "url", "caption")})
+        return out
+
+
+def write_metadata_file(uri: str, table: pa.Table) -> None:
+    """Embedding rows (id, key, url, caption) -> an Arrow file where row r sits at position r."""
+    _, _, rows = ids.decode(table["id"].to_numpy())
+    size = int(rows.max()) + 1 if len(rows) else 0
+    dense = {}
+    for column, kind in (("id", pa.int64()), ("key", pa.string()), ("url", pa.string()), ("caption", pa.string())):
+        values = [None] * size
+        for row, value in zip(rows, table[column].to_pylist()):
+            values[row] = value
+        dense[column] = pa.array(values, kind)
+    buffer = io.BytesIO()
+    dense_table = pa.table(dense)
+    with pa.ipc.new_file(buffer, dense_table.schema) as writer:
+        writer.write_table(dense_table)
+    storage.write_bytes_atomic(uri, buffer.getvalue())
+
+
+class ShardedIndex:
+    """All shards of an index behind one ``search``; refuses a model or dim other than expected."""
+
+    def __init__(self, index_uri: str, expect_model: str | None = None, expect_dim: int | None = None,
+                 verify: bool = True, manifest: dict | None = None):
+        self.root = index_root(index_uri)
+        self.manifest = manifest or read_manifest(index_uri)
+        if expect_model is not None and self.manifest["model"] != expect_model:
+            raise ValueError(f"index {self.root} was built with model {self.manifest['model']!r}, "
+                             f"not {expect_model!r}: its vectors are not comparable to this model's")
+        if expect_dim is not None and self.manifest["dim"] != expect_dim:
+            raise ValueError(f"index {self.root} holds {self.manifest['dim']}-d vectors; the queries are {expect_dim}-d")
+        self.shards = [load_shard(storage.join(self.root, s["file"]), s, verify) for s in self.manifest["shards"]]
+        self.params = dict(self.manifest.get("search_params") or {})
+        for shard in self.shards:
+            set_search_params(shard, self.params)
+        self.metadata = MetadataStore(storage.join(self.root, "metadata"))
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.shards)))
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def ntotal(self) -> int:
+        return sum(s.ntotal for s in self.shards)
+
+    def set_params(self, params: dict) -> None:
+        self.params = dict(params)
+        for shard in self.shards:
+            set_search_params(shard, self.params)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(n, dim) queries -> (scores, ids), each (n, k), best first; id -1 where fewer than k exist."""
+        queries = np.ascontiguousarray(np.atleast_2d(queries), np.float32)
+        if queries.shape[1] != self.dim:
+            raise ValueError(f"queries are {queries.shape[1]}-d; index {self.root} holds {self.dim}-d vectors")
+        if k <= 0:
+            raise ValueError(f"k: got {k}; must be >= 1")
+        results = list(self._pool.map(lambda shard: shard.search(queries, k), self.shards))
+        scores = np.concatenate([r[0] for r in results], axis=1)
+        labels = np.concatenate([r[1] for r in results], axis=1)
+        return merge_topk(scores, labels, k)
+
+    def lookup(self, id_list) -> list[dict | None]:
+        return self.metadata.lookup(id_list)

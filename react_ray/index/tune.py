@@ -1,0 +1,73 @@
+"""Tuning search parameters for a target recall@k on TEXT queries, against exact search.
+
+autofaiss tunes with image queries; retrieval for REACT sends text prompts, whose
+neighbourhoods in image-key space look different. We measure recall with caption embeddings
+against the index's keys and pick the cheapest nprobe / efSearch that reaches the target.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+KNOBS = {"ivf": ("nprobe", [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]),
+         "hnsw": ("efSearch", [16, 32, 64, 128, 256, 512, 1024])}
+
+
+def exact_ground_truth(queries: np.ndarray, files, column: str, k: int) -> np.ndarray:
+    """Exact top-k ids by inner product, streaming over the embedding files (never all in memory)."""
+    from react_ray.index.build import read_vectors
+
+    best_scores = np.full((len(queries), k), -np.inf, np.float32)
+    best_ids = np.full((len(queries), k), -1, np.int64)
+    for f in files:
+        ids, vectors = read_vectors(f.uri, column)
+        scores = queries @ vectors.T
+        all_scores = np.concatenate([best_scores, scores], axis=1)
+        all_ids = np.concatenate([best_ids, np.broadcast_to(ids, scores.shape)], axis=1)
+        order = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
+        best_scores, best_ids = np.take_along_axis(all_scores, order, 1), np.take_along_axis(all_ids, order, 1)
+    return best_ids
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    k = truth.shape[1]
+    return float(np.mean([len(set(f[f >= 0]) & set(t[t >= 0])) / k for f, t in zip(found, truth)]))
+
+
+def knob_for(factory: str) -> tuple[str, list[int]] | None:
+    last = factory.split(",")
+    if any(part.startswith("IVF") for part in last):
+        return KNOBS["ivf"]
+    if "HNSW" in factory:
+        return KNOBS["hnsw"]
+    return None
+
+
+def tune_search_params(index, factory: str, queries: np.ndarray, truth: np.ndarray, k: int, target: float) -> dict:
+    """Try the knob's values from cheap to costly; keep the first whose recall@k >= target."""
+    knob = knob_for(factory)
+    curve = []
+    if knob is None:  # exact index: nothing to tune
+        found = index.search(queries, k)[1]
+        return {"params": {}, "recall": recall_at_k(found, truth), "target": target, "curve": []}
+    name, values = knob
+    if name == "nprobe":
+        nlist = int(next(p for p in factory.split(",") if p.startswith("IVF"))[3:].split("_")[0])
+        values = [v for v in values if v <= nlist] or [nlist]
+    chosen = None
+    for value in values:
+        index.set_params({name: value})
+        start = time.perf_counter()
+        found = index.search(queries, k)[1]
+        ms = 1000 * (time.perf_counter() - start) / len(queries)
+        recall = recall_at_k(found, truth)
+        curve.append({name: value, "recall": round(recall, 4), "ms_per_query": round(ms, 4)})
+        if recall >= target:
+            chosen = curve[-1]
+            break
+    chosen = chosen or curve[-1]  # the target was out of reach: the best we measured, stated as such
+    index.set_params({name: chosen[name]})
+    return {"params": {name: chosen[name]}, "recall": chosen["recall"], "target": target,
+            "reached": chosen["recall"] >= target, "curve": curve}

@@ -1,0 +1,173 @@
+"""Sharded FAISS indices: planning, parallel build on Ray, exact merge, tuning, lookups, errors, s3."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from react_ray import ids, storage
+from react_ray.config import IndexConfig
+from react_ray.data.synthetic_embeddings import write_clustered_embedding_set
+from react_ray.embed.outputs import load_embeddings
+from react_ray.index.build import build_index
+from react_ray.index.plan import plan_index
+from react_ray.index.sharded import ShardedIndex, merge_topk
+from react_ray.index.tune import recall_at_k
+
+GB = 2**30
+
+
+@pytest.mark.parametrize(
+    "n, dim, budget_gb, expected",
+    [
+        (50_000, 512, 16, "IDMap,Flat"),
+        (1_000_000, 512, 16, "IDMap,HNSW32"),
+        (20_000_000, 512, 64, "IVF16384,Flat"),
+        (20_000_000, 512, 16, "IVF16384,SQ8"),
+        (20_000_000, 512, 4, "IVF16384,PQ128x8"),
+        (1_000_000_000, 512, 64, "OPQ32_128,IVF262144_HNSW32,PQ32x8"),
+    ],
+)
+def test_planner_picks_the_most_accurate_index_that_fits(n, dim, budget_gb, expected):
+    plan = plan_index(n, dim, budget_gb * GB)
+    assert plan.factory == expected and plan.estimated_bytes <= budget_gb * GB
+
+
+def test_planner_refuses_an_impossible_budget():
+    with pytest.raises(ValueError, match=r"5,000,000,000 x 768 vectors need at least .* the memory budget is 16.0 GB"):
+        plan_index(5_000_000_000, 768, 16 * GB)
+
+
+def test_merge_topk_is_exact_and_drops_missing():
+    scores = np.array([[0.9, 0.1, 0.8, -3e38]], np.float32)
+    labels = np.array([[1, 2, 3, -1]])
+    top_scores, top_ids = merge_topk(scores, labels, 3)
+    assert top_ids.tolist() == [[1, 3, 2]] and np.allclose(top_scores, [[0.9, 0.8, 0.1]])
+
+
+@pytest.fixture(scope="module")
+def embeddings(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("emb"))
+    write_clustered_embedding_set(out, num_files=6, rows_per_file=1500, dim=64, skip_every=7)
+    return out
+
+
+def _config(embeddings: str, output: str, **kw) -> IndexConfig:
+    return IndexConfig(embeddings=embeddings, output=output, train_samples=5000, tune_queries=100, **kw)
+
+
+def _exact(embeddings: str, queries: np.ndarray, k: int, column: str = "img_emb"):
+    all_ids, vectors = load_embeddings(embeddings, column)
+    scores = queries @ vectors.astype(np.float32).T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), all_ids[order]
+
+
+@pytest.mark.ray
+def test_sharded_flat_equals_single_exact_search(ray_local, embeddings, tmp_path):
+    manifest = build_index(_config(embeddings, str(tmp_path / "idx"), factory="IDMap,Flat", num_shards=3,
+                                   files_per_task=1), progress=False)
+    assert [s["count"] for s in manifest["shards"]] == [2 * (1500 - len(range(6, 1500, 7)))] * 3
+    index = ShardedIndex(str(tmp_path / "idx"), expect_model="synthetic", expect_dim=64)
+    queries = load_embeddings(embeddings, "txt_emb")[1][::97].astype(np.float32)
+    scores, found = index.search(queries, 10)
+    exact_scores, exact_ids = _exact(embeddings, queries, 10)
+    assert np.array_equal(found, exact_ids)
+    np.testing.assert_allclose(scores, exact_scores, atol=1e-5)
+    # Each hit maps back to its own metadata in O(1) (captions carry the id).
+    for meta, id_ in zip(index.lookup(found[0]), found[0]):
+        assert meta["caption"] == f"caption of {id_}" and meta["url"] == f"http://img/{id_}.jpg"
+    assert index.lookup([int(ids.encode(0, 6))]) == [None]  # a skipped row is not there
+
+
+@pytest.mark.ray
+def test_ivf_pq_recall_on_clustered_text_queries_and_tuning(ray_local, embeddings, tmp_path):
+    manifest = build_index(_config(embeddings, str(tmp_path / "idx"), factory="IVF64,PQ32", num_shards=2,
+                                   target_recall=0.8), progress=False)
+    tuning = manifest["tuning"]
+    assert tuning["reached"] and manifest["search_params"]["nprobe"] == tuning["curve"][-1]["nprobe"]
+    assert tuning["queries"].startswith("100 caption embeddings (txt_emb) against img_emb")
+    nprobes = [point["nprobe"] for point in tuning["curve"]]
+    assert nprobes == sorted(nprobes) and all(p["recall"] < 0.8 for p in tuning["curve"][:-1])
+    # Independent check on other text queries with the stored parameters.
+    index = ShardedIndex(str(tmp_path / "idx"))
+    queries = load_embeddings(embeddings, "txt_emb")[1][5::50].astype(np.float32)
+    recall = recall_at_k(index.search(queries, 10)[1], _exact(embeddings, queries, 10)[1])
+    assert recall >= 0.75, recall
+
+
+@pytest.mark.ray
+def test_rebuild_in_another_shard_order_maps_ids_to_the_same_metadata(ray_local, embeddings, tmp_path):
+    a = build_index(_config(embeddings, str(tmp_path / "a"), factory="IDMap,Flat", num_shards=2), progress=False)
+    b = build_index(_config(embeddings, str(tmp_path / "b"), factory="IDMap,Flat", num_shards=4, files_per_task=1),
+                    progress=False)
+    assert a["shards"][0]["embedding_files"] != b["shards"][0]["embedding_files"]
+    queries = load_embeddings(embeddings, "txt_emb")[1][::301].astype(np.float32)
+    ia, ib = ShardedIndex(str(tmp_path / "a")), ShardedIndex(str(tmp_path / "b"))
+    found_a, found_b = ia.search(queries, 5)[1], ib.search(queries, 5)[1]
+    assert np.array_equal(found_a, found_b)
+    assert ia.lookup(found_a.ravel()) == ib.lookup(found_b.ravel())
+    assert all(m["caption"] == f"caption of {i}" for m, i in zip(ib.lookup(found_b.ravel()), found_b.ravel()))
+
+
+@pytest.mark.ray
+def test_rerun_skips_finished_work_and_refuses_another_build(ray_local, embeddings, tmp_path):
+    out = tmp_path / "idx"
+    build_index(_config(embeddings, str(out), factory="IDMap,Flat", num_shards=2), progress=False)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.index")}
+    build_index(_config(embeddings, str(out), factory="IDMap,Flat", num_shards=2), progress=False)
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in out.glob("*.index")}
+    with pytest.raises(ValueError, match="holds another build \\(differs in factory\\)"):
+        build_index(_config(embeddings, str(out), factory="IVF16,Flat", num_shards=2), progress=False)
+
+
+@pytest.mark.ray
+def test_text_to_text_keys(ray_local, embeddings, tmp_path):
+    manifest = build_index(_config(embeddings, str(tmp_path / "idx"), keys="text", factory="IDMap,HNSW32",
+                                   num_shards=2), progress=False)
+    assert manifest["key_column"] == "txt_emb" and "efSearch" in manifest["search_params"]
+    queries = load_embeddings(embeddings, "txt_emb")[1][:20].astype(np.float32)
+    found = ShardedIndex(str(tmp_path / "idx")).search(queries, 1)[1][:, 0]
+    assert np.array_equal(found, load_embeddings(embeddings, "txt_emb")[0][:20])  # a caption finds itself
+
+
+def test_broken_indices_give_errors_naming_the_file(embeddings, tmp_path, ray_local):
+    out = tmp_path / "idx"
+    build_index(_config(embeddings, str(out), factory="IDMap,Flat", num_shards=2), progress=False)
+    with pytest.raises(ValueError, match="was built with model 'synthetic', not 'ViT-B-32'"):
+        ShardedIndex(str(out), expect_model="ViT-B-32")
+    with pytest.raises(ValueError, match="holds 64-d vectors; the queries are 512-d"):
+        ShardedIndex(str(out), expect_dim=512)
+    with pytest.raises(ValueError, match="queries are 32-d"):
+        ShardedIndex(str(out)).search(np.zeros((1, 32), np.float32), 5)
+    shard = out / "shard-00001.index"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"index shard .*shard-00001.index is corrupt"):
+        ShardedIndex(str(out))
+    shard.write_bytes(bytes(data[:100]))
+    with pytest.raises(ValueError, match=r"index shard .*shard-00001.index cannot be read by faiss"):
+        ShardedIndex(str(out), verify=False)
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=r"index shard missing: .*shard-00001.index"):
+        ShardedIndex(str(out))
+    with pytest.raises(ValueError, match="use_gpu: this faiss build sees no GPU"):
+        build_index(_config(embeddings, str(tmp_path / "gpu"), use_gpu=True), progress=False)
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+def test_build_to_and_load_from_s3(ray_local, s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("REACT_RAY_CACHE", str(tmp_path / "cache"))
+    emb = f"{s3_bucket}/emb"
+    write_clustered_embedding_set(emb, num_files=3, rows_per_file=400, dim=32)
+    manifest = build_index(IndexConfig(embeddings=emb, output=f"{s3_bucket}/idx", factory="IDMap,Flat",
+                                       num_shards=2, train_samples=500, tune_queries=50), progress=False)
+    assert json.loads(storage.read_bytes(f"{s3_bucket}/idx/manifest.json"))["ntotal"] == manifest["ntotal"] == 1200
+    index = ShardedIndex(f"{s3_bucket}/idx", expect_dim=32)
+    queries = load_embeddings(emb, "txt_emb")[1][:5].astype(np.float32)
+    scores, found = index.search(queries, 3)
+    assert found.shape == (5, 3) and all(m is not None for m in index.lookup(found.ravel()))
