@@ -84,7 +84,7 @@ def test_sharded_flat_equals_single_exact_search(ray_local, embeddings, tmp_path
 
 @pytest.mark.ray
 def test_ivf_pq_recall_on_clustered_text_queries_and_tuning(ray_local, embeddings, tmp_path):
-    manifest = build_index(_config(embeddings, str(tmp_path / "idx"), factory="IVF64,PQ32", num_shards=2,
+    manifest = build_index(_config(embeddings, str(tmp_path / "idx"), factory="IVF64,PQ64x4fs", num_shards=2,
                                    target_recall=0.8), progress=False)
     tuning = manifest["tuning"]
     assert tuning["reached"] and manifest["search_params"]["nprobe"] == tuning["curve"][-1]["nprobe"]
