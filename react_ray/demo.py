@@ -1,9 +1,9 @@
 """The end-to-end demo on generated data. Runs every stage that exists today, for real.
 
-Today: generate the corpus -> embed it on a local Ray (Ray Data, actor pool) -> build the
-base CLIP and its REACT gated variant -> check that the gated model equals the base at step 0
-on real corpus images -> parameter report. The later stages (index, retrieve, train,
-evaluate) join as they are built.
+Today: generate the corpus -> embed it on a local Ray (Ray Data, actor pool) -> build a
+sharded index and query it with a text prompt -> build the base CLIP and its REACT gated
+variant -> check that the gated model equals the base at step 0 on real corpus images ->
+parameter report. The later stages (retrieve, train, evaluate) join as they are built.
 """
 
 from __future__ import annotations
@@ -16,15 +16,17 @@ import torch
 from PIL import Image
 
 from react_ray import storage
-from react_ray.config import DemoConfig, EmbedConfig, GenerateConfig
+from react_ray.config import DemoConfig, EmbedConfig, GenerateConfig, IndexConfig
 from react_ray.data.synthetic import generate_corpus
 from react_ray.embed.pipeline import run_embedding
+from react_ray.index.build import build_index
+from react_ray.index.sharded import ShardedIndex
 from react_ray.models import apply_tuning_mode, build_model, react_gated_layers
 from react_ray.models.params import REPORT_HEADERS, parameter_report
 from react_ray.report import page, table
 
 REPORT_MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14")
-NEXT_STAGES = "index (#4) -> retrieve (#5) -> train + evaluate (#6)"
+NEXT_STAGES = "retrieve (#5) -> train + evaluate (#6)"
 
 
 def _eval_images(corpus_dir: str, limit: int) -> list[Image.Image]:
@@ -42,17 +44,29 @@ def _format_table(headers: list[str], rows: list[list[str]]) -> str:
 def run_demo(config: DemoConfig) -> int:
     start = time.perf_counter()
     corpus_dir = storage.join(config.output, "corpus")
-    print(f"[1/4] generating the corpus -> {corpus_dir}")
+    print(f"[1/5] generating the corpus -> {corpus_dir}")
     print("   ", generate_corpus(GenerateConfig(output=corpus_dir, corpus=config.corpus)))
 
     embeddings = storage.join(config.output, "embeddings")
-    print(f"[2/4] embedding it with {config.model.name} on a local Ray -> {embeddings}")
+    print(f"[2/5] embedding it with {config.model.name} on a local Ray -> {embeddings}")
     summary = run_embedding(EmbedConfig(
         input=storage.join(corpus_dir, "webdataset"), output=embeddings, model=config.model, batch_size=128,
         decode_num_cpus=0.5, pool={"num_cpus": 1.5}, ray_address=config.ray_address))
     print("   ", str(summary).replace("\n", "\n    "))
 
-    print(f"[3/4] building {config.model.name} and its REACT gated-image variant")
+    index_dir = storage.join(config.output, "index")
+    print(f"[3/5] building a sharded index of the image embeddings -> {index_dir}")
+    build_index(IndexConfig(embeddings=embeddings, output=index_dir, num_shards=2, memory_budget_gb=1,
+                            tune_queries=200, ray_address=config.ray_address))
+    index = ShardedIndex(index_dir, expect_model=config.model.name)
+    prompt = "a photo of a red star"
+    query = build_model(config.model).encode_texts([prompt]).numpy()
+    scores, found = index.search(query, 5)
+    print(f"    top 5 for {prompt!r} (the demo's CLIP is random until trained, so these are not yet meaningful):")
+    for score, meta in zip(scores[0], index.lookup(found[0])):
+        print(f"      {score:.3f}  {meta['key']}  {meta['caption']}")
+
+    print(f"[4/5] building {config.model.name} and its REACT gated-image variant")
     base = build_model(config.model.model_copy(update={"gated_layers": 0}))
     k = config.model.gated_layers or react_gated_layers(config.model.name)
     gated = build_model(config.model.model_copy(update={"gated_layers": k}))
@@ -67,7 +81,7 @@ def run_demo(config: DemoConfig) -> int:
     print(f"    step 0, base vs gated on {len(images)} eval images: max |image feature gap| = {image_gap:.2e}, "
           f"text = {text_gap:.2e} (zero-initialised gates)")
 
-    print("[4/4] REACT parameter report (random weights on the meta device, nothing downloaded)")
+    print("[5/5] REACT parameter report (random weights on the meta device, nothing downloaded)")
     reports = [parameter_report(name) for name in (config.model.name, *REPORT_MODELS)]
     rows = [r.row() for r in reports]
     print(_format_table(REPORT_HEADERS, rows))

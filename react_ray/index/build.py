@@ -169,7 +169,7 @@ def build_index(config: IndexConfig, progress: bool = True) -> dict:
         plan = plan_index(total, info["dim"], config.memory_budget_gb * 2**30)
         factory, reason = plan.factory, f"planned: {plan}"
     print(f"index: {total:,} x {info['dim']} {column} vectors in {len(files)} files -> {factory} "
-          f"({reason}), {config.num_shards} shards")
+          f"({reason}), {min(config.num_shards, len(files))} shards")
     if config.use_gpu and faiss.get_num_gpus() == 0:
         raise ValueError("use_gpu: this faiss build sees no GPU (faiss-cpu, or no device); "
                          "install react-ray[gpu] on a GPU node or set use_gpu=false")
@@ -189,7 +189,10 @@ def build_index(config: IndexConfig, progress: bool = True) -> dict:
     mergeable = "HNSW" not in factory.split(",")[-1]  # an HNSW graph cannot merge: one task per shard
 
     metadata_dir = storage.join(config.output, "metadata")
-    shard_files = [files[k:: config.num_shards] for k in range(config.num_shards)]
+    num_shards = min(config.num_shards, len(files))  # a shard holds whole embedding files
+    if num_shards < config.num_shards:
+        print(f"index: {len(files)} embedding files fill only {num_shards} of the {config.num_shards} shards asked for")
+    shard_files = [files[k::num_shards] for k in range(num_shards)]
     merges, shard_names = [], []
     for k, assigned in enumerate(shard_files):
         shard_name = f"shard-{k:05d}.index"

@@ -1,0 +1,137 @@
+"""Index benchmark: our sharded Ray build against autofaiss, same embeddings, same memory budget.
+
+python jobs/bench_index.py [--vectors 1000000 --dim 128 --budget-mb 160 --autofaiss-python PATH]
+
+autofaiss pins numpy<2 and needs pyarrow<17, so it runs in its own virtual environment:
+    python3 -m venv /tmp/afenv && /tmp/afenv/bin/pip install autofaiss 'pyarrow<17' faiss-cpu==1.15.1
+Prints, measured in one run: build wall time ours (1 and 2 Ray workers) / autofaiss, the index
+each chose, recall@10 of TEXT queries (caption embeddings against image keys) at equal search
+latency, and queries/s. Vectors are clustered (see react_ray.data.synthetic_embeddings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+import faiss
+import numpy as np
+import ray
+
+from react_ray.config import IndexConfig
+from react_ray.data.synthetic_embeddings import write_clustered_embedding_set
+from react_ray.embed.outputs import read_parquet, column_matrix
+from react_ray.index.build import build_index, embedding_set
+from react_ray.index.sharded import ShardedIndex, set_search_params
+from react_ray.index.tune import exact_ground_truth, knob_for, recall_at_k
+
+AUTOFAISS_SCRIPT = """
+import json, sys, time
+from autofaiss import build_index
+start = time.perf_counter()
+_, infos = build_index(embeddings=sys.argv[1], index_path=sys.argv[2], index_infos_path=sys.argv[3],
+                       max_index_memory_usage=sys.argv[4], current_memory_available="8G", metric_type="ip",
+                       save_on_disk=True, verbose=30)
+print(json.dumps({"seconds": time.perf_counter() - start}))
+"""
+
+
+def curve(search, queries: np.ndarray, truth: np.ndarray, knob: str | None, values: list[int], set_value) -> list:
+    """(value, recall@10, ms/query, QPS) for each knob value."""
+    points = []
+    for value in values if knob else [None]:
+        if knob:
+            set_value(value)
+        search(queries[:20])  # warm up
+        start = time.perf_counter()
+        found = search(queries)
+        seconds = time.perf_counter() - start
+        points.append((value, recall_at_k(found, truth), 1000 * seconds / len(queries), len(queries) / seconds))
+    return points
+
+
+def recall_at_latency(points: list, ms: float) -> float:
+    """Best recall among settings no slower than ``ms`` (0 when every setting is slower)."""
+    return max((p[1] for p in points if p[2] <= ms * 1.05), default=0.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--vectors", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--files", type=int, default=100)
+    parser.add_argument("--budget-mb", type=int, default=160)
+    parser.add_argument("--queries", type=int, default=500)
+    parser.add_argument("--autofaiss-python", default="/tmp/afenv/bin/python")
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="bench-index-")
+    emb = os.path.join(work, "emb")
+    t = time.perf_counter()
+    write_clustered_embedding_set(emb, args.files, args.vectors // args.files, dim=args.dim, num_clusters=1000)
+    print(f"wrote {args.vectors:,} x {args.dim} clustered embeddings in {time.perf_counter() - t:.0f}s")
+    _, files = embedding_set(emb)
+    npy = os.path.join(work, "npy")
+    os.makedirs(npy)
+    for i, f in enumerate(files):  # autofaiss reads .npy files; the same vectors, in the same order
+        np.save(os.path.join(npy, f"emb_{i:04d}.npy"), column_matrix(read_parquet(f.uri, ["img_emb"]), "img_emb")
+                .astype(np.float32))
+    all_ids = np.concatenate([read_parquet(f.uri, ["id"])["id"].to_numpy() for f in files])
+
+    queries = np.concatenate([column_matrix(read_parquet(f.uri, ["txt_emb"]), "txt_emb")[:5] for f in files])
+    queries = np.ascontiguousarray(queries[: args.queries], np.float32)
+    truth = exact_ground_truth(queries, files, "img_emb", 10)
+
+    results = {}
+    for workers in (1, 2):
+        ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        out = os.path.join(work, f"ours-{workers}")
+        start = time.perf_counter()
+        manifest = build_index(IndexConfig(embeddings=emb, output=out, memory_budget_gb=args.budget_mb / 1024,
+                                           num_shards=2, files_per_task=10, train_samples=100_000,
+                                           tune_queries=200, target_recall=0.9), progress=False)
+        results[workers] = (time.perf_counter() - start, manifest)
+        ray.shutdown()
+    ours_seconds, manifest = results[2]
+    index = ShardedIndex(os.path.join(work, "ours-2"))
+    knob = knob_for(manifest["factory"])
+    ours = curve(lambda q: index.search(q, 10)[1], queries, truth, knob and knob[0], knob[1] if knob else [],
+                 lambda v: index.set_params({knob[0]: v}))
+
+    af_index, af_infos = os.path.join(work, "af.index"), os.path.join(work, "af.json")
+    run = subprocess.run([args.autofaiss_python, "-c", AUTOFAISS_SCRIPT, npy, af_index, af_infos,
+                          f"{args.budget_mb}MB"], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(f"autofaiss failed:\n{run.stderr[-3000:]}")
+    af_seconds = json.loads(run.stdout.strip().splitlines()[-1])["seconds"]
+    infos = json.load(open(af_infos))
+    af = faiss.read_index(af_index)
+    af_factory = infos.get("index_key", "?")
+    af_knob = knob_for(af_factory)
+    theirs = curve(lambda q: all_ids[np.maximum(af.search(q, 10)[1], 0)], queries, truth,
+                   af_knob and af_knob[0], af_knob[1] if af_knob else [],
+                   lambda v: set_search_params(af, {af_knob[0]: v}))
+    af_default = infos.get("index_param", "")
+    shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\nindex benchmark: {args.vectors:,} x {args.dim} clustered vectors, budget {args.budget_mb} MB, "
+          f"{args.queries} text queries (caption embeddings -> image keys), recall@10 vs exact")
+    print(f"  ours:      {manifest['factory']} in 2 shards; build {ours_seconds:.1f}s with 2 Ray workers, "
+          f"{results[1][0]:.1f}s with 1 ({results[1][0] / ours_seconds:.2f}x from 1 to 2 workers); "
+          f"tuned {manifest['search_params']} -> recall {manifest['tuning']['recall']:.3f}")
+    print(f"  autofaiss: {af_factory}; build {af_seconds:.1f}s; its own search params: {af_default}")
+    print(f"  build time ours / autofaiss: {ours_seconds / af_seconds:.2f}")
+    print("  latency-recall curves (ms/query, recall@10, QPS):")
+    for name, points in (("ours", ours), ("autofaiss", theirs)):
+        print(f"    {name:9s} " + "  ".join(f"[{v}] {ms:.3f}ms {r:.3f} {qps:,.0f}qps" for v, r, ms, qps in points))
+    for ms in sorted({round(p[2], 3) for p in theirs}):
+        print(f"  at <= {ms:.3f} ms/query: recall ours {recall_at_latency(ours, ms):.3f} "
+              f"vs autofaiss {recall_at_latency(theirs, ms):.3f}")
+
+
+if __name__ == "__main__":
+    main()
