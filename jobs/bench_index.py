@@ -2,8 +2,9 @@
 
 python jobs/bench_index.py [--vectors 1000000 --dim 128 --budget-mb 160 --autofaiss-python PATH]
 
-autofaiss pins numpy<2 and needs pyarrow<17, so it runs in its own virtual environment:
-    python3 -m venv /tmp/afenv && /tmp/afenv/bin/pip install autofaiss 'pyarrow<17' faiss-cpu==1.15.1
+autofaiss pins numpy<2 and needs pyarrow<17, and its OPQ code calls faiss with keyword arguments
+that faiss 1.15 rejects, so it runs in its own virtual environment with faiss 1.7.4:
+    python3 -m venv /tmp/afenv && /tmp/afenv/bin/pip install autofaiss "pyarrow<17" "faiss-cpu==1.7.4"
 Prints, measured in one run: build wall time ours (1 and 2 Ray workers) / autofaiss, the index
 each chose, recall@10 of TEXT queries (caption embeddings against image keys) at equal search
 latency, and queries/s. Vectors are clustered (see react_ray.data.synthetic_embeddings).

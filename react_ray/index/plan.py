@@ -57,17 +57,15 @@ def plan_index(n: int, dim: int, memory_budget_bytes: float) -> IndexPlan:
         return IndexPlan("IDMap,HNSW32", hnsw, "graph search over raw vectors fits the budget")
     if n < OPQ_MIN_VECTORS:
         nlist = ivf_lists(n)
-        quantizer = nlist * dim * 4
-        candidates = [(f"IVF{nlist},Flat", flat, "raw vectors fit; inverted lists prune the scan"),
-                      (f"IVF{nlist},SQ8", n * (dim + ID_BYTES), "8-bit scalar codes fit")]
-        candidates += [(f"IVF{nlist},PQ{m}x8", n * (m + ID_BYTES), f"{m}-byte PQ codes are the largest that fit")
-                       for m in pq_codes(dim)]
-    else:  # billions: OPQ rotation, ~3k vectors per list, an HNSW graph over the list centroids
+        coarse, quantizer, opq = f"IVF{nlist}", nlist * dim * 4, ""
+    else:  # billions: ~3k vectors per list, an HNSW graph over the list centroids, OPQ before PQ
         nlist = min(2 ** round(math.log2(n / 3000)), 2**18)
-        quantizer = nlist * (dim * 4 + 32 * 2 * 4)
-        candidates = [(f"OPQ{m}_{min(4 * m, dim)},IVF{nlist}_HNSW32,PQ{m}x8", n * (m + ID_BYTES),
-                       f"{m}-byte PQ codes fit; OPQ and an HNSW coarse quantizer for {n:,} vectors")
-                      for m in pq_codes(dim)]
+        coarse, quantizer, opq = f"IVF{nlist}_HNSW32", nlist * (dim * 4 + 32 * 2 * 4), "OPQ{m}_{d},"
+    candidates = [(f"{coarse},Flat", flat, "raw vectors fit; inverted lists prune the scan"),
+                  (f"{coarse},SQ8", n * (dim + ID_BYTES), "8-bit scalar codes fit")]
+    candidates += [(opq.format(m=m, d=min(4 * m, dim)) + f"{coarse},PQ{m}x8", n * (m + ID_BYTES),
+                    f"{m}-byte PQ codes are the largest that fit" + (" (OPQ-rotated)" if opq else ""))
+                   for m in pq_codes(dim)]
     for factory, size, reason in candidates:
         if size + quantizer <= memory_budget_bytes:
             return IndexPlan(factory, size + quantizer, reason)
