@@ -35,9 +35,10 @@ AUTOFAISS_SCRIPT = """
 import json, sys, time
 from autofaiss import build_index
 start = time.perf_counter()
+key = sys.argv[5] or None  # None: autofaiss chooses, as its users get by default
 _, infos = build_index(embeddings=sys.argv[1], index_path=sys.argv[2], index_infos_path=sys.argv[3],
                        max_index_memory_usage=sys.argv[4], current_memory_available="8G", metric_type="ip",
-                       save_on_disk=True, verbose=30)
+                       index_key=key, save_on_disk=True, verbose=30)
 print(json.dumps({"seconds": time.perf_counter() - start}))
 """
 
@@ -69,6 +70,8 @@ def main() -> None:
     parser.add_argument("--budget-mb", type=int, default=160)
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--autofaiss-python", default="/tmp/afenv/bin/python")
+    parser.add_argument("--autofaiss-timeout", type=int, default=900, help="seconds before giving up on autofaiss")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray worker CPUs to build with")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="bench-index-")
     emb = os.path.join(work, "emb")
@@ -88,7 +91,7 @@ def main() -> None:
     truth = exact_ground_truth(queries, files, "img_emb", 10)
 
     results = {}
-    for workers in (1, 2):
+    for workers in args.workers:
         ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
         out = os.path.join(work, f"ours-{workers}")
         start = time.perf_counter()
@@ -97,41 +100,50 @@ def main() -> None:
                                            tune_queries=200, target_recall=0.9), progress=False)
         results[workers] = (time.perf_counter() - start, manifest)
         ray.shutdown()
-    ours_seconds, manifest = results[2]
-    index = ShardedIndex(os.path.join(work, "ours-2"))
+    workers = max(args.workers)
+    ours_seconds, manifest = results[workers]
+    index = ShardedIndex(os.path.join(work, f"ours-{workers}"))
     knob = knob_for(manifest["factory"])
     ours = curve(lambda q: index.search(q, 10)[1], queries, truth, knob and knob[0], knob[1] if knob else [],
                  lambda v: index.set_params({knob[0]: v}))
+    print(f"\nours: {manifest['factory']} in 2 shards; build " + ", ".join(
+        f"{s:.1f}s with {w} Ray worker(s) ({manifest_['seconds']})" for w, (s, manifest_) in results.items()))
+    print_curve("ours", ours)
 
-    af_index, af_infos = os.path.join(work, "af.index"), os.path.join(work, "af.json")
-    run = subprocess.run([args.autofaiss_python, "-c", AUTOFAISS_SCRIPT, npy, af_index, af_infos,
-                          f"{args.budget_mb}MB"], capture_output=True, text=True)
-    if run.returncode != 0:
-        raise SystemExit(f"autofaiss failed:\n{run.stderr[-3000:]}")
-    af_seconds = json.loads(run.stdout.strip().splitlines()[-1])["seconds"]
-    infos = json.load(open(af_infos))
-    af = faiss.read_index(af_index)
-    af_factory = infos.get("index_key", "?")
-    af_knob = knob_for(af_factory)
-    theirs = curve(lambda q: all_ids[np.maximum(af.search(q, 10)[1], 0)], queries, truth,
-                   af_knob and af_knob[0], af_knob[1] if af_knob else [],
-                   lambda v: set_search_params(af, {af_knob[0]: v}))
-    af_default = infos.get("index_param", "")
+    for label, key in (("autofaiss, same index type", manifest["factory"]), ("autofaiss, its own choice", "")):
+        af_index, af_infos = os.path.join(work, "af.index"), os.path.join(work, "af.json")
+        try:
+            run = subprocess.run([args.autofaiss_python, "-c", AUTOFAISS_SCRIPT, npy, af_index, af_infos,
+                                  f"{args.budget_mb}MB", key], capture_output=True, text=True,
+                                 timeout=args.autofaiss_timeout)
+        except subprocess.TimeoutExpired:
+            print(f"{label}: did not finish within {args.autofaiss_timeout}s "
+                  f"(ours: {ours_seconds:.1f}s, so ours / autofaiss < {ours_seconds / args.autofaiss_timeout:.2f})")
+            continue
+        if run.returncode != 0:
+            print(f"{label}: failed: {run.stderr.strip().splitlines()[-1]}")
+            continue
+        af_seconds = json.loads(run.stdout.strip().splitlines()[-1])["seconds"]
+        infos = json.load(open(af_infos))
+        af = faiss.read_index(af_index)
+        af_factory = infos.get("index_key", key)
+        af_knob = knob_for(af_factory)
+        theirs = curve(lambda q: all_ids[np.maximum(af.search(q, 10)[1], 0)], queries, truth,
+                       af_knob and af_knob[0], af_knob[1] if af_knob else [],
+                       lambda v: set_search_params(af, {af_knob[0]: v}))
+        print(f"\n{label}: {af_factory}; build {af_seconds:.1f}s; its search params {infos.get('index_param', '')}")
+        print(f"  build time ours / autofaiss: {ours_seconds / af_seconds:.2f}")
+        print_curve("autofaiss", theirs)
+        for ms in sorted({round(p[2], 3) for p in theirs}):
+            print(f"  at <= {ms:.3f} ms/query: recall@10 ours {recall_at_latency(ours, ms):.3f} "
+                  f"vs autofaiss {recall_at_latency(theirs, ms):.3f}")
     shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\nindex benchmark: {args.vectors:,} x {args.dim} clustered vectors, budget {args.budget_mb} MB, "
-          f"{args.queries} text queries (caption embeddings -> image keys), recall@10 vs exact")
-    print(f"  ours:      {manifest['factory']} in 2 shards; build {ours_seconds:.1f}s with 2 Ray workers, "
-          f"{results[1][0]:.1f}s with 1 ({results[1][0] / ours_seconds:.2f}x from 1 to 2 workers); "
-          f"tuned {manifest['search_params']} -> recall {manifest['tuning']['recall']:.3f}")
-    print(f"  autofaiss: {af_factory}; build {af_seconds:.1f}s; its own search params: {af_default}")
-    print(f"  build time ours / autofaiss: {ours_seconds / af_seconds:.2f}")
-    print("  latency-recall curves (ms/query, recall@10, QPS):")
-    for name, points in (("ours", ours), ("autofaiss", theirs)):
-        print(f"    {name:9s} " + "  ".join(f"[{v}] {ms:.3f}ms {r:.3f} {qps:,.0f}qps" for v, r, ms, qps in points))
-    for ms in sorted({round(p[2], 3) for p in theirs}):
-        print(f"  at <= {ms:.3f} ms/query: recall ours {recall_at_latency(ours, ms):.3f} "
-              f"vs autofaiss {recall_at_latency(theirs, ms):.3f}")
+
+def print_curve(name: str, points: list) -> None:
+    print(f"  {name} latency-recall curve ([knob] ms/query, recall@10, QPS):")
+    for value, recall, ms, qps in points:
+        print(f"    [{value}] {ms:.3f} ms  {recall:.3f}  {qps:,.0f} qps")
 
 
 if __name__ == "__main__":

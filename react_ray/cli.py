@@ -11,7 +11,16 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from react_ray.config import ConfigError, DemoConfig, EmbedConfig, GenerateConfig, IndexConfig, load_config
+from react_ray.config import (
+    ConfigError,
+    DemoConfig,
+    EmbedConfig,
+    GenerateConfig,
+    IndexConfig,
+    MaterializeConfig,
+    RetrieveConfig,
+    load_config,
+)
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,20 @@ def _run_index(config: IndexConfig) -> int:
     return 0
 
 
+def _run_retrieve(config: RetrieveConfig) -> int:
+    from react_ray.retrieve.retrieval import run_retrieval
+
+    run_retrieval(config)
+    return 0
+
+
+def _run_materialize(config: MaterializeConfig) -> int:
+    from react_ray.retrieve.materialize import run_materialize
+
+    run_materialize(config)
+    return 0
+
+
 def _run_demo(config: DemoConfig) -> int:
     from react_ray.demo import run_demo
 
@@ -53,7 +76,9 @@ STAGES: dict[str, Stage] = {
     "generate": Stage("write the synthetic LAION-style corpus and eval set", GenerateConfig, _run_generate),
     "embed": Stage("embed image-text shards with OpenCLIP on Ray Data", EmbedConfig, _run_embed),
     "index": Stage("build sharded FAISS indices on Ray", IndexConfig, _run_index),
-    "retrieve": Stage("retrieve a task's training set from class names", pending_issue=5),
+    "retrieve": Stage("retrieve a task's training set from class names", RetrieveConfig, _run_retrieve),
+    "materialize": Stage("write the retrieved pairs as labeled training shards", MaterializeConfig,
+                         _run_materialize),
     "train": Stage("gated-image tuning with Ray Train", pending_issue=6),
     "evaluate": Stage("zero-shot evaluation, base vs customized", pending_issue=6),
     "serve": Stage("run the retrieval and zero-shot Serve apps", pending_issue=7),

@@ -133,6 +133,45 @@ class IndexConfig(StrictModel):
     ray_address: str | None = None
 
 
+class RetrieveConfig(StrictModel):
+    """Stage 3: a task spec + index(es) -> the task's retrieved, deduplicated training pairs."""
+
+    task: str = Field(description="task spec YAML (local or s3://), see react_ray/retrieve/task.py")
+    image_index: str | None = Field(default=None, description="index over image embeddings (text-to-image)")
+    text_index: str | None = Field(default=None, description="index over caption embeddings (text-to-text)")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    output: str = Field(description="directory for retrieved.parquet, summary.csv, gallery.html")
+    gallery_per_class: int = Field(default=8, ge=0)
+
+
+class MaterializeConfig(StrictModel):
+    """Stage 3b: a retrieved set -> labeled webdataset training shards (corpus bytes or URL downloads)."""
+
+    retrieved: str = Field(description="retrieved.parquet, or the directory holding it")
+    output: str
+    source: Literal["corpus", "download"] = "corpus"
+    embeddings: str | None = Field(default=None, description="embedding set (source=corpus finds images via it)")
+    samples_per_shard: int = Field(default=1000, ge=1, le=10_000)
+    resize_mode: Literal["no", "keep_ratio", "center_crop"] = "keep_ratio"
+    image_size: int = Field(default=384, ge=8)
+    resize_only_if_bigger: bool = True
+    threads: int = Field(default=16, ge=1, description="concurrent downloads per task")
+    timeout: float = Field(default=10.0, gt=0)
+    retries: int = Field(default=2, ge=0)
+    backoff: float = Field(default=0.5, ge=0)
+    max_bytes: int = Field(default=20 * 2**20, ge=1)
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    retry_failed: bool = Field(default=False, description="fetch again only what an earlier run failed")
+    task_num_cpus: float = Field(default=1, gt=0)
+    ray_address: str | None = None
+
+    @model_validator(mode="after")
+    def _corpus_needs_embeddings(self) -> "MaterializeConfig":
+        if self.source == "corpus" and not self.embeddings:
+            raise ValueError("source=corpus needs embeddings: the embedding set whose stats name the corpus shards")
+        return self
+
+
 C = TypeVar("C", bound=BaseModel)
 
 

@@ -30,6 +30,9 @@ def test_demo_runs_and_reports(tmp_path):
     assert "embedding set: 1 shards, 50 rows in, 50 embedded" in out.stdout
     assert (tmp_path / "embeddings" / "part-000000.done").exists()
     assert "index: 50 vectors in 1 shards" in out.stdout and (tmp_path / "index" / "manifest.json").exists()
+    assert "retrieve shapes: 10 classes x 5 templates" in out.stdout
+    assert "shapes" in (tmp_path / "retrieved" / "gallery.html").read_text()
+    assert re.search(r"materialize: \d+ of \d+ pairs in 1 shards; failed none", out.stdout)
     assert len(re.findall(r"^\s+-?\d\.\d{3}  \d{9}  ", out.stdout, re.M)) == 5  # five hits with metadata
     assert "<table>" in (tmp_path / "report.html").read_text()
     assert (tmp_path / "corpus" / "preview.html").stat().st_size > 10_000

@@ -149,12 +149,61 @@ def _check_fingerprint(output: str, fingerprint: dict) -> None:
         storage.write_text_atomic(uri, json.dumps(fingerprint, indent=1))
 
 
-def _text_queries(files: list[EmbeddingFile], count: int, seed: int, keys: str) -> tuple[np.ndarray, str]:
+def _text_queries(files: list[EmbeddingFile], count: int, seed: int) -> tuple[np.ndarray, str]:
     """Caption embeddings of random pairs: the text queries retrieval really sends."""
     try:
         return training_sample(files, "txt_emb", count, seed + 1), "caption embeddings (txt_emb)"
     except ValueError:
         return training_sample(files, "img_emb", count, seed + 1), "image embeddings (no captions were embedded)"
+
+
+def _trained_index(config: IndexConfig, files: list[EmbeddingFile], column: str, factory: str) -> bytes:
+    """The empty trained index, from the output when a previous run already trained it."""
+    trained_uri = storage.join(config.output, "_trained.index")
+    if storage.exists(trained_uri):
+        return storage.read_bytes(trained_uri)
+    sample = training_sample(files, column, config.train_samples, config.seed)
+    trained = faiss.serialize_index(train(factory, sample, config.use_gpu)).tobytes()
+    storage.write_bytes_atomic(trained_uri, trained)
+    return trained
+
+
+def _build_shards(config: IndexConfig, shard_files: list[list[EmbeddingFile]], column: str, factory: str,
+                  trained: bytes, progress: bool) -> list[str]:
+    """Partial indices (groups of files) on Ray tasks, then one merge task per shard; skips what exists."""
+    trained_ref = ray.put(trained)
+    mergeable = "HNSW" not in factory.split(",")[-1]  # an HNSW graph cannot merge: one task per shard
+    metadata_dir = storage.join(config.output, "metadata")
+    merges, shard_names = [], []
+    for k, assigned in enumerate(shard_files):
+        shard_names.append(f"shard-{k:05d}.index")
+        shard_uri = storage.join(config.output, shard_names[-1])
+        if storage.exists(shard_uri):
+            continue
+        group = config.files_per_task if mergeable else max(1, len(assigned))
+        tasks, uris = [], []
+        for g in range(0, len(assigned), group):
+            uris.append(storage.join(config.output, "_partials", f"shard-{k:05d}-{g // group:05d}.index"))
+            if not storage.exists(uris[-1]):
+                tasks.append(_build_partial.options(num_cpus=config.task_num_cpus).remote(
+                    trained_ref, [f.uri for f in assigned[g:g + group]], column, uris[-1], metadata_dir))
+        merges.append((tasks, uris, shard_uri))
+    with tqdm(total=len(merges), desc="build shards", unit="shard", disable=not progress) as bar:
+        pending = []
+        for tasks, uris, shard_uri in merges:  # every partial task is already running
+            ray.get(tasks)
+            pending.append(_merge_shard.remote(uris, shard_uri))
+        while pending:
+            done, pending = ray.wait(pending)
+            ray.get(done)
+            bar.update(len(done))
+    return shard_names
+
+
+def _describe_shard(output: str, name: str, files: list[EmbeddingFile]) -> dict:
+    path = storage.local_copy(storage.join(output, name))
+    return {"file": name, "count": int(faiss.read_index(path).ntotal), "bytes": os.path.getsize(path),
+            "sha256": sha256_file(path), "embedding_files": [f.uri for f in files]}
 
 
 def build_index(config: IndexConfig, progress: bool = True) -> dict:
@@ -168,67 +217,25 @@ def build_index(config: IndexConfig, progress: bool = True) -> dict:
     else:
         plan = plan_index(total, info["dim"], config.memory_budget_gb * 2**30)
         factory, reason = plan.factory, f"planned: {plan}"
-    print(f"index: {total:,} x {info['dim']} {column} vectors in {len(files)} files -> {factory} "
-          f"({reason}), {min(config.num_shards, len(files))} shards")
+    num_shards = min(config.num_shards, len(files))  # a shard holds whole embedding files
+    print(f"index: {total:,} x {info['dim']} {column} vectors in {len(files)} files -> {factory} ({reason}), "
+          f"{num_shards} shards" + (f" ({config.num_shards} asked; fewer files)" if num_shards < config.num_shards else ""))
     if config.use_gpu and faiss.get_num_gpus() == 0:
         raise ValueError("use_gpu: this faiss build sees no GPU (faiss-cpu, or no device); "
                          "install react-ray[gpu] on a GPU node or set use_gpu=false")
     _check_fingerprint(config.output, _fingerprint(config, factory, files))
     connect(config.ray_address)
+    timings = {}
 
-    trained_uri = storage.join(config.output, "_trained.index")
-    if storage.exists(trained_uri):
-        trained = storage.read_bytes(trained_uri)
-    else:
-        t = time.perf_counter()
-        sample = training_sample(files, column, config.train_samples, config.seed)
-        trained = faiss.serialize_index(train(factory, sample, config.use_gpu)).tobytes()
-        storage.write_bytes_atomic(trained_uri, trained)
-        print(f"index: trained on a uniform sample of {len(sample):,} vectors in {time.perf_counter() - t:.1f}s")
-    trained_ref = ray.put(trained)
-    mergeable = "HNSW" not in factory.split(",")[-1]  # an HNSW graph cannot merge: one task per shard
-
-    metadata_dir = storage.join(config.output, "metadata")
-    num_shards = min(config.num_shards, len(files))  # a shard holds whole embedding files
-    if num_shards < config.num_shards:
-        print(f"index: {len(files)} embedding files fill only {num_shards} of the {config.num_shards} shards asked for")
+    t = time.perf_counter()
+    trained = _trained_index(config, files, column, factory)
+    timings["train"] = time.perf_counter() - t
+    t = time.perf_counter()
     shard_files = [files[k::num_shards] for k in range(num_shards)]
-    merges, shard_names = [], []
-    for k, assigned in enumerate(shard_files):
-        shard_name = f"shard-{k:05d}.index"
-        shard_names.append(shard_name)
-        shard_uri = storage.join(config.output, shard_name)
-        if storage.exists(shard_uri):
-            continue
-        group = config.files_per_task if mergeable else max(1, len(assigned))
-        partial_refs = []
-        for g in range(0, len(assigned), group):
-            part_uri = storage.join(config.output, "_partials", f"shard-{k:05d}-{g // group:05d}.index")
-            if not storage.exists(part_uri):
-                partial_refs.append(_build_partial.options(num_cpus=config.task_num_cpus).remote(
-                    trained_ref, [f.uri for f in assigned[g:g + group]], column, part_uri, metadata_dir))
-            partial_refs.append(part_uri)
-        merges.append((k, partial_refs, shard_uri))
+    names = _build_shards(config, shard_files, column, factory, trained, progress)
+    shards = [_describe_shard(config.output, name, assigned) for name, assigned in zip(names, shard_files)]
+    timings["add_and_merge"] = time.perf_counter() - t
 
-    with tqdm(total=len(merges), desc="build shards", unit="shard", disable=not progress) as bar:
-        pending = {}
-        for k, refs, shard_uri in merges:
-            ray.get([r for r in refs if isinstance(r, ray.ObjectRef)])
-            uris = [r for r in refs if isinstance(r, str)]
-            pending[_merge_shard.remote(uris, shard_uri)] = k
-        while pending:
-            done, _ = ray.wait(list(pending))
-            ray.get(done)
-            for ref in done:
-                pending.pop(ref)
-            bar.update(len(done))
-
-    shards = []
-    for k, name in enumerate(shard_names):
-        path = storage.local_copy(storage.join(config.output, name))
-        index = faiss.read_index(path)
-        shards.append({"file": name, "count": int(index.ntotal), "bytes": os.path.getsize(path),
-                       "sha256": sha256_file(path), "embedding_files": [f.uri for f in shard_files[k]]})
     manifest = {
         "format": "react-ray-index/1", "model": info["model"], "pretrained": info.get("pretrained"),
         "checkpoint": info.get("checkpoint"), "dim": info["dim"], "metric": "inner_product", "keys": config.keys,
@@ -237,19 +244,23 @@ def build_index(config: IndexConfig, progress: bool = True) -> dict:
         "metadata": "metadata/", "embeddings": config.embeddings, "train_samples": min(config.train_samples, total),
         "search_params": {},
     }
+    t = time.perf_counter()
     index = ShardedIndex(config.output, manifest=manifest, verify=False)
-    queries, query_kind = _text_queries(files, config.tune_queries, config.seed, config.keys)
+    queries, query_kind = _text_queries(files, config.tune_queries, config.seed)
     truth = exact_ground_truth(queries, files, column, config.recall_k)
     tuning = tune_search_params(index, factory, queries, truth, config.recall_k, config.target_recall)
     tuning["queries"] = f"{len(queries)} {query_kind} against {column} keys"
+    timings["tune"] = time.perf_counter() - t
     manifest["search_params"], manifest["tuning"] = tuning["params"], tuning
     manifest["build_seconds"] = round(time.perf_counter() - start, 2)
+    manifest["seconds"] = {k: round(v, 2) for k, v in timings.items()}
     storage.write_text_atomic(storage.join(config.output, MANIFEST), json.dumps(manifest, indent=1))
     storage.remove(storage.join(config.output, "_partials"), recursive=True)
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
     print(f"index: {manifest['ntotal']:,} vectors in {len(shards)} shards "
           f"({format_bytes(sum(s['bytes'] for s in shards))}); search params {tuning['params'] or 'none (exact)'} "
           f"give recall@{config.recall_k} {tuning['recall']:.3f} on {tuning['queries']}; "
-          f"built in {manifest['build_seconds']:.1f}s")
+          f"built in {manifest['build_seconds']:.1f}s ({phases})")
     return manifest
 
 

@@ -1,0 +1,1 @@
+"""Stage 3: a task given by class names -> retrieved training pairs (see ``retrieval.run_retrieval``)."""

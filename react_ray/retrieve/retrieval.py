@@ -1,0 +1,233 @@
+"""REACT stage 1 for one task: class names x templates -> a deduplicated, labeled set of pairs.
+
+Steps, each reported with counts before/after:
+1. encode every prompt with the index's own model (a different model is an error);
+2. search each prompt separately for ``k_per_prompt`` hits (image keys, caption keys or both);
+3. score threshold, id blocklist, metadata filters;
+4. within a class, one row per pair (best score and query kept, every matching query listed);
+5. across classes, a pair claimed by several goes to the best-scoring class, or is dropped;
+6. near-duplicates (image embeddings closer than the threshold) removed, best score first;
+7. per-class cap or balance.
+All sorting is total (score, then id), so the same task gives the same output every time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from react_ray import ids, storage
+from react_ray.embed.outputs import column_matrix, read_parquet
+from react_ray.index.sharded import ShardedIndex
+from react_ray.retrieve.task import TaskSpec
+
+SOURCES = {"text-to-image": ("image",), "text-to-text": ("text",), "both": ("image", "text")}
+
+
+@dataclass
+class StepLog:
+    """Counts per class after each step, for the report."""
+
+    classes: list[str]
+    steps: list[tuple[str, int, list[int]]] = field(default_factory=list)
+
+    def record(self, step: str, frame: pd.DataFrame) -> None:
+        counts = np.bincount(frame["label"].to_numpy(int), minlength=len(self.classes)) if len(frame) else \
+            np.zeros(len(self.classes), int)
+        self.steps.append((step, len(frame), counts.tolist()))
+
+    def __str__(self) -> str:
+        return "\n".join(f"  {step:<34s} {total:>9,} pairs" for step, total, _ in self.steps)
+
+
+def search_prompts(index: ShardedIndex, prompt_vectors: np.ndarray, prompts: list[tuple[int, str]], k: int,
+                   source: str, batch: int = 1024) -> pd.DataFrame:
+    """One row per (prompt, hit): label, query, id, score, source."""
+    frames = []
+    for start in range(0, len(prompts), batch):
+        scores, found = index.search(prompt_vectors[start:start + batch], k)
+        chunk = prompts[start:start + batch]
+        valid = found >= 0
+        rows = np.repeat(np.arange(len(chunk)), valid.sum(1))
+        frames.append(pd.DataFrame({
+            "label": [chunk[r][0] for r in rows], "query": [chunk[r][1] for r in rows],
+            "id": found[valid], "score": scores[valid].astype(np.float32), "source": source,
+        }))
+    return pd.concat(frames, ignore_index=True)
+
+
+def merge_within_class(hits: pd.DataFrame) -> pd.DataFrame:
+    """One row per (class, pair): its best score and query; all queries that found it."""
+    hits = hits.sort_values(["label", "id", "score", "query"], ascending=[True, True, False, True])
+    grouped = hits.groupby(["label", "id"], sort=False)
+    best = grouped.head(1).set_index(["label", "id"])
+    queries = grouped["query"].agg(lambda q: sorted(set(q)))
+    sources = grouped["source"].agg(lambda s: "+".join(sorted(set(s))))
+    return pd.DataFrame({"score": best["score"], "best_query": best["query"], "queries": queries,
+                         "source": sources}).reset_index()
+
+
+def resolve_across_classes(pairs: pd.DataFrame, rule: str) -> pd.DataFrame:
+    """A pair claimed by several classes: kept for its best-scoring class (``best``) or dropped."""
+    claims = pairs.groupby("id")["label"].transform("size")
+    if rule == "drop":
+        return pairs[claims == 1].reset_index(drop=True)
+    ordered = pairs.sort_values(["id", "score", "label"], ascending=[True, False, True])
+    return ordered.drop_duplicates("id", keep="first").reset_index(drop=True)
+
+
+def fetch_vectors(embeddings: str, id_list: np.ndarray, column: str = "img_emb") -> np.ndarray:
+    """Embeddings of the given ids, read file by file (rows are sorted by id in each file)."""
+    id_list = np.asarray(id_list, np.int64)
+    out = np.zeros((len(id_list), 0), np.float32)
+    _, shards, _ = ids.decode(id_list)
+    for shard in np.unique(shards):
+        table = read_parquet(storage.join(embeddings, f"part-{int(shard):06d}.parquet"), ["id", column])
+        file_ids = table["id"].to_numpy()
+        vectors = column_matrix(table, column)
+        where = np.flatnonzero(shards == shard)
+        pos = np.searchsorted(file_ids, id_list[where])
+        if out.shape[1] == 0:
+            out = np.zeros((len(id_list), vectors.shape[1]), np.float32)
+        out[where] = vectors[pos]
+    return out
+
+
+def remove_near_duplicates(pairs: pd.DataFrame, vectors: np.ndarray, threshold: float) -> pd.DataFrame:
+    """Best score first, drop a pair whose vector has cosine >= threshold with an already kept one.
+
+    The close pairs come from one faiss range search, so this is not a Python double loop."""
+    import faiss
+
+    vectors = np.ascontiguousarray(vectors, np.float32)
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(vectors)
+    limits, _, neighbours = flat.range_search(vectors, threshold)
+    order = np.lexsort((pairs["id"].to_numpy(), -pairs["score"].to_numpy()))
+    kept = np.zeros(len(pairs), bool)
+    for i in order:
+        close = neighbours[limits[i]:limits[i + 1]]
+        kept[i] = not kept[close[close != i]].any()
+    return pairs[kept].reset_index(drop=True)
+
+
+def cap_per_class(pairs: pd.DataFrame, cap: int | None, balance: bool) -> pd.DataFrame:
+    if balance and len(pairs):
+        counts = pairs["label"].value_counts()
+        cap = min(cap or counts.min(), counts.min())
+    if cap is None:
+        return pairs
+    ordered = pairs.sort_values(["label", "score", "id"], ascending=[True, False, True])
+    return ordered.groupby("label", sort=False).head(cap).reset_index(drop=True)
+
+
+def apply_filters(pairs: pd.DataFrame, metadata: list[dict], spec: TaskSpec) -> pd.DataFrame:
+    if not spec.filters:
+        return pairs
+    keep = np.ones(len(pairs), bool)
+    for column, bounds in spec.filters.items():
+        if metadata and column not in metadata[0]:
+            raise ValueError(f"filters: unknown metadata column {column!r}; this index has {sorted(metadata[0])}")
+        values = [m[column] for m in metadata]
+        for i, value in enumerate(values):
+            if value is None:
+                keep[i] = False
+            elif bounds.min is not None and value < bounds.min or bounds.max is not None and value > bounds.max:
+                keep[i] = False
+            elif bounds.equals is not None and value != bounds.equals:
+                keep[i] = False
+            elif bounds.not_contains is not None and bounds.not_contains.lower() in str(value).lower():
+                keep[i] = False
+    return pairs[keep].reset_index(drop=True)
+
+
+def read_blocklist(uri: str | None) -> set[int]:
+    if not uri:
+        return set()
+    return {int(line) for line in storage.read_bytes(uri).decode().split() if line.strip()}
+
+
+def retrieve(spec: TaskSpec, indices: dict[str, ShardedIndex], encode_texts) -> tuple[pd.DataFrame, StepLog]:
+    """Run the steps above. ``indices`` maps "image"/"text" to a loaded index; ``encode_texts``
+    turns prompts into L2-normalised vectors with the indices' model."""
+    missing = [s for s in SOURCES[spec.mode] if s not in indices]
+    if missing:
+        raise ValueError(f"mode {spec.mode!r} needs a {' and a '.join(missing)} index")
+    log = StepLog(spec.classes)
+    prompts = spec.prompts()
+    vectors = np.concatenate([np.asarray(encode_texts([p for _, p in prompts[i:i + 512]]), np.float32)
+                              for i in range(0, len(prompts), 512)])
+    hits = pd.concat([search_prompts(indices[s], vectors, prompts, spec.k_per_prompt, s) for s in SOURCES[spec.mode]],
+                     ignore_index=True)
+    log.record("hits (all prompts, all indices)", hits)
+    if spec.score_threshold is not None:
+        hits = hits[hits["score"] >= spec.score_threshold].reset_index(drop=True)
+        log.record(f"score >= {spec.score_threshold}", hits)
+    pairs = merge_within_class(hits)
+    log.record("deduplicated within class", pairs)
+    blocked = read_blocklist(spec.blocklist)
+    if blocked:
+        pairs = pairs[~pairs["id"].isin(blocked)].reset_index(drop=True)
+        log.record(f"blocklist ({len(blocked):,} ids)", pairs)
+    index = next(iter(indices.values()))
+    metadata = index.lookup(pairs["id"].to_numpy())
+    if spec.filters:
+        pairs = apply_filters(pairs, metadata, spec)
+        log.record("metadata filters", pairs)
+    pairs = resolve_across_classes(pairs, spec.cross_class)
+    log.record(f"across classes ({spec.cross_class})", pairs)
+    if spec.near_duplicate_threshold is not None and len(pairs):
+        vectors = fetch_vectors(index.manifest["embeddings"], pairs["id"].to_numpy())
+        pairs = remove_near_duplicates(pairs, vectors, spec.near_duplicate_threshold)
+        log.record(f"near-duplicates (cos >= {spec.near_duplicate_threshold})", pairs)
+    if spec.per_class_cap or spec.balance:
+        pairs = cap_per_class(pairs, spec.per_class_cap, spec.balance)
+        log.record("per-class cap / balance", pairs)
+    pairs = pairs.sort_values(["label", "score", "id"], ascending=[True, False, True]).reset_index(drop=True)
+    meta = {m["id"]: m for m in index.lookup(pairs["id"].to_numpy()) if m}
+    pairs.insert(2, "class", [spec.classes[i] for i in pairs["label"]])
+    for column in ("key", "url", "caption"):
+        pairs[column] = [meta.get(i, {}).get(column) for i in pairs["id"]]
+    return pairs, log
+
+
+def summary_table(log: StepLog) -> pd.DataFrame:
+    """Classes x steps: how many pairs each class had after each step."""
+    return pd.DataFrame({step: counts for step, _, counts in log.steps}, index=log.classes)
+
+
+def write_outputs(output: str, spec: TaskSpec, pairs: pd.DataFrame, log: StepLog) -> None:
+    import pyarrow as pa
+
+    from react_ray.embed.outputs import write_parquet
+
+    write_parquet(storage.join(output, "retrieved.parquet"), pa.Table.from_pandas(pairs, preserve_index=False))
+    table = summary_table(log)
+    storage.write_text_atomic(storage.join(output, "summary.csv"), table.to_csv(index_label="class"))
+    storage.write_text_atomic(storage.join(output, "retrieval.json"), json.dumps({
+        "task": spec.model_dump(mode="json"), "steps": [{"step": s, "pairs": n} for s, n, _ in log.steps],
+        "pairs": len(pairs)}, indent=1))
+
+
+def run_retrieval(config) -> tuple[pd.DataFrame, StepLog]:
+    """The stage as a job: load task, model and indices, retrieve, write parquet, summary, gallery."""
+    from react_ray.models import build_model
+    from react_ray.retrieve.gallery import gallery_html
+    from react_ray.retrieve.task import load_task
+
+    spec = load_task(config.task)
+    clip = build_model(config.model)
+    indices = {source: ShardedIndex(uri, expect_model=config.model.name, expect_dim=clip.embed_dim)
+               for source, uri in (("image", config.image_index), ("text", config.text_index)) if uri}
+    pairs, log = retrieve(spec, indices, lambda texts: clip.encode_texts(texts).numpy())
+    write_outputs(config.output, spec, pairs, log)
+    if config.gallery_per_class:
+        embeddings = next(iter(indices.values())).manifest["embeddings"]
+        storage.write_text_atomic(storage.join(config.output, "gallery.html"), gallery_html(
+            spec.name, pairs, summary_table(log), embeddings, config.gallery_per_class))
+    print(f"retrieve {spec.name}: {len(spec.classes)} classes x {len(spec.template_list)} templates, "
+          f"k={spec.k_per_prompt}, {spec.mode}\n{log}\n-> {config.output}")
+    return pairs, log

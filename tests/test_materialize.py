@@ -1,0 +1,145 @@
+"""Materialization: URL downloads against a real HTTP server on 127.0.0.1, and corpus bytes by id."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from faults import bomb_png
+from react_ray import ids, storage
+from react_ray.config import CorpusConfig, EmbedConfig, GenerateConfig, MaterializeConfig, ModelConfig
+from react_ray.data.synthetic import generate_corpus
+from react_ray.embed.outputs import read_parquet, write_parquet
+from react_ray.embed.pipeline import run_embedding
+from react_ray.retrieve.materialize import run_materialize
+
+
+def _jpeg(size=(600, 400)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, "green").save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+GOOD = _jpeg()
+STATE = {"broken_fixed": False, "flaky_calls": 0}
+
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+    def _send(self, code: int, body: bytes = b"", kind: str = "image/jpeg"):
+        self.send_response(code)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        path = self.path
+        if path.startswith("/good"):
+            self._send(200, GOOD)
+        elif path == "/missing":
+            self._send(404, b"not found", "text/plain")
+        elif path == "/slow":
+            time.sleep(2.5)
+            self._send(200, GOOD)
+        elif path == "/truncated":
+            self._send(200, GOOD[: len(GOOD) // 2])
+        elif path == "/text":
+            self._send(200, b"<html>not an image</html>", "text/html")
+        elif path == "/bomb":
+            self._send(200, bomb_png())
+        elif path == "/flaky":  # fails twice, then works: retries with backoff must get it
+            STATE["flaky_calls"] += 1
+            self._send(503) if STATE["flaky_calls"] <= 2 else self._send(200, GOOD)
+        elif path == "/broken":  # fails until the test fixes it
+            self._send(200, GOOD) if STATE["broken_fixed"] else self._send(503)
+        else:
+            self._send(404)
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+EXPECTED = {"/good/1": None, "/good/2": None, "/missing": "http_error", "/slow": "timeout",
+            "/truncated": "truncated_image", "/text": "corrupt_image", "/bomb": "oversize_image", "/flaky": None,
+            "/broken": "http_error"}
+
+
+def _retrieved(tmp_path, base: str) -> str:
+    rows = [{"id": int(ids.encode(0, i)), "key": f"k{i}", "url": base + path, "caption": f"caption {i}",
+             "class": "cat" if i % 2 else "dog", "label": i % 2, "score": 1.0 - i / 100}
+            for i, path in enumerate(EXPECTED)]
+    uri = str(tmp_path / "retrieved.parquet")
+    write_parquet(uri, pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False))
+    return uri
+
+
+@pytest.mark.ray
+def test_download_counts_every_failure_and_retries_only_failed(ray_local, server, tmp_path):
+    config = MaterializeConfig(retrieved=_retrieved(tmp_path, server), output=str(tmp_path / "train"),
+                               source="download", samples_per_shard=5, resize_mode="keep_ratio", image_size=64,
+                               timeout=1.0, retries=2, backoff=0.05, threads=4)
+    summary = run_materialize(config, progress=False)
+    expected_failed = pd.Series([r for r in EXPECTED.values() if r]).value_counts().to_dict()
+    assert summary["failed"] == expected_failed and summary["success"] == 3  # good x2 + flaky (after retries)
+    status = pd.concat([read_parquet(str(tmp_path / "train" / f"0000{k}.status.parquet")).to_pandas()
+                        for k in (0, 1)])
+    assert len(status) == len(EXPECTED) and (status["message"][status["status"] == "failed"] != "").all()
+    with tarfile.open(tmp_path / "train" / "00000.tar") as tar:
+        names = sorted(tar.getnames())
+        assert "000000000.jpg" in names and "000000000.cls" in names
+        image = Image.open(io.BytesIO(tar.extractfile("000000000.jpg").read()))
+        assert image.size == (64, 43)  # keep_ratio: longest side to 64
+        meta = json.loads(tar.extractfile("000000000.json").read())
+        assert meta["class"] == "dog" and meta["label"] == 0 and meta["url"].endswith("/good/1")
+
+    STATE["broken_fixed"] = True
+    again = run_materialize(config.model_copy(update={"retry_failed": True}), progress=False)
+    assert again["this_run_fetched"] == sum(1 for r in EXPECTED.values() if r)  # only the failures
+    assert again["success"] == 4 and "http_error" in again["failed"] and again["failed"]["http_error"] == 1
+    rerun = run_materialize(config, progress=False)  # plain rerun: every shard is done
+    assert rerun["this_run_shards"] == 0 and rerun["success"] == 4
+
+
+@pytest.mark.ray
+def test_corpus_source_materializes_by_id(ray_local, tmp_path):
+    corpus = str(tmp_path / "corpus")
+    generate_corpus(GenerateConfig(output=corpus, corpus=CorpusConfig(
+        num_shards=2, samples_per_shard=20, image_size=40, eval_samples_per_class=1, formats=["webdataset"])),
+        progress=False)
+    emb = str(tmp_path / "emb")
+    run_embedding(EmbedConfig(input=f"{corpus}/webdataset", output=emb, model=ModelConfig(name="react-micro"),
+                              batch_size=16), progress=False)
+    table = read_parquet(f"{emb}/part-000001.parquet").to_pandas().iloc[[3, 7]]
+    retrieved = table.assign(**{"class": ["a", "b"], "label": [0, 1], "score": [0.9, 0.8]})
+    write_parquet(str(tmp_path / "retrieved.parquet"), pa.Table.from_pandas(
+        retrieved.drop(columns=["img_emb", "txt_emb"]), preserve_index=False))
+    summary = run_materialize(MaterializeConfig(retrieved=str(tmp_path), output=str(tmp_path / "train"),
+                                                embeddings=emb, resize_mode="no"), progress=False)
+    assert summary["success"] == 2 and summary["failed"] == {}
+    with tarfile.open(tmp_path / "train" / "00000.tar") as tar:
+        meta = json.loads(tar.extractfile("000000001.json").read())
+        assert meta["source_key"] == retrieved["key"].iloc[1] and tar.extractfile("000000001.cls").read() == b"1"
+        with tarfile.open(f"{corpus}/webdataset/00001.tar") as source:
+            original = Image.open(io.BytesIO(source.extractfile(f"{meta['source_key']}.jpg").read()))
+        copy = Image.open(io.BytesIO(tar.extractfile("000000001.jpg").read()))
+        assert copy.size == original.size == (40, 40)
+    with pytest.raises(Exception, match="source=corpus needs embeddings"):
+        MaterializeConfig(retrieved="x", output="y")
