@@ -23,7 +23,7 @@ import pyarrow as pa
 import ray
 
 from react_ray import ids
-from react_ray.config import CorpusConfig, GenerateConfig, MaterializeConfig
+from react_ray.config import CorpusConfig, MaterializeConfig
 from react_ray.data.synthetic import shard_samples
 from react_ray.embed.outputs import write_parquet
 from react_ray.retrieve.materialize import run_materialize

@@ -19,8 +19,6 @@ import time
 
 import numpy as np
 import ray
-import psutil  # noqa: E402  (Ray ships psutil; import it after ray)
-import torch
 
 from react_ray.config import CorpusConfig, EmbedConfig, GenerateConfig, ModelConfig
 from react_ray.data.synthetic import generate_corpus
@@ -38,6 +36,8 @@ class PeakMemory:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
+        import psutil  # vendored by Ray: importable once ray is
+
         root = psutil.Process()
         while not self._stop.is_set():
             total = 0

@@ -26,7 +26,7 @@ import ray
 
 from react_ray.config import IndexConfig
 from react_ray.data.synthetic_embeddings import write_clustered_embedding_set
-from react_ray.embed.outputs import read_parquet, column_matrix
+from react_ray.embed.outputs import column_matrix, read_parquet
 from react_ray.index.build import build_index, embedding_set
 from react_ray.index.sharded import ShardedIndex, set_search_params
 from react_ray.index.tune import exact_ground_truth, knob_for, recall_at_k

@@ -31,11 +31,11 @@ from react_ray.data.synthetic import generate_corpus
 from react_ray.embed.pipeline import run_embedding
 from react_ray.index.build import build_index
 from react_ray.index.sharded import ShardedIndex
-from react_ray.retrieve.materialize import run_materialize
-from react_ray.retrieve.retrieval import run_retrieval
 from react_ray.models import apply_tuning_mode, build_model, react_gated_layers
 from react_ray.models.params import REPORT_HEADERS, parameter_report
 from react_ray.report import page, table
+from react_ray.retrieve.materialize import run_materialize
+from react_ray.retrieve.retrieval import run_retrieval
 
 REPORT_MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14")
 NEXT_STAGES = "train + evaluate (#6)"

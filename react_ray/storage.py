@@ -12,9 +12,9 @@ import hashlib
 import os
 import posixpath
 import uuid
-from pathlib import Path
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import IO
 
 import fsspec

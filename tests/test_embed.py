@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from faults import FAULTY_SHARD, faulty_shard
 from PIL import Image
 
-from faults import FAULTY_SHARD, GOOD, faulty_shard, tar_bytes, sample
 from react_ray import ids, storage
 from react_ray.config import CorpusConfig, EmbedConfig, GenerateConfig, ModelConfig
 from react_ray.data.synthetic import generate_corpus

@@ -12,11 +12,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pandas as pd
 import pyarrow as pa
 import pytest
+from faults import bomb_png
 from PIL import Image
 
-from faults import bomb_png
-from react_ray import ids, storage
-from react_ray.config import CorpusConfig, EmbedConfig, GenerateConfig, MaterializeConfig, ModelConfig
+from react_ray import ids
+from react_ray.config import (
+    CorpusConfig,
+    EmbedConfig,
+    GenerateConfig,
+    MaterializeConfig,
+    ModelConfig,
+)
 from react_ray.data.synthetic import generate_corpus
 from react_ray.embed.outputs import read_parquet, write_parquet
 from react_ray.embed.pipeline import run_embedding

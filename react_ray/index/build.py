@@ -29,7 +29,13 @@ from react_ray import storage
 from react_ray.config import IndexConfig
 from react_ray.embed.outputs import column_matrix, is_done, read_parquet
 from react_ray.index.plan import format_bytes, plan_index
-from react_ray.index.sharded import MANIFEST, MetadataStore, ShardedIndex, sha256_file, write_metadata_file
+from react_ray.index.sharded import (
+    MANIFEST,
+    MetadataStore,
+    ShardedIndex,
+    sha256_file,
+    write_metadata_file,
+)
 from react_ray.index.tune import exact_ground_truth, tune_search_params
 from react_ray.ray_utils import connect
 

@@ -10,7 +10,12 @@ from react_ray.models.factory import (
     read_state_dict,
 )
 from react_ray.models.freezing import TUNING_MODES, apply_tuning_mode, is_trainable, no_weight_decay
-from react_ray.models.gated import GatedResidualBlock, gate_values, gated_blocks, insert_gated_blocks
+from react_ray.models.gated import (
+    GatedResidualBlock,
+    gate_values,
+    gated_blocks,
+    insert_gated_blocks,
+)
 
 __all__ = [
     "TINY_MODELS",
