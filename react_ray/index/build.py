@@ -3,7 +3,8 @@
 ```
 embedding files --(uniform random sample across ALL files)--> train the quantizer once
    --(Ray tasks: add groups of files with their stable ids)--> partial indices
-   --(one merge task per shard)--> shard-00000.index ...  --> tune search params on text queries
+   --(one merge task per shard)--> shard-00000.index (+ .json: count, size, sha256; written last)
+   --> tune search params on text queries
    --> manifest.json (written last)
 index/metadata/part-NNNNNN.arrow   id -> key/url/caption in O(1) (dense by row, memory-mapped)
 ```
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 
@@ -33,7 +33,6 @@ from react_ray.index.sharded import (
     MANIFEST,
     MetadataStore,
     ShardedIndex,
-    sha256_file,
     write_metadata_file,
 )
 from react_ray.index.tune import exact_ground_truth, tune_search_params
@@ -135,7 +134,9 @@ def _merge_shard(partial_uris: list[str], shard_uri: str) -> dict:
             merged.merge_from(index, 0)  # 0: keep the stable ids as they are
     data = faiss.serialize_index(merged).tobytes()
     storage.write_bytes_atomic(shard_uri, data)
-    return {"count": int(merged.ntotal), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    described = {"count": int(merged.ntotal), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    storage.write_text_atomic(f"{shard_uri}.json", json.dumps(described))  # written last: the shard is done
+    return described
 
 
 def _fingerprint(config: IndexConfig, factory: str, files: list[EmbeddingFile]) -> dict:
@@ -184,7 +185,7 @@ def _build_shards(config: IndexConfig, shard_files: list[list[EmbeddingFile]], c
     for k, assigned in enumerate(shard_files):
         shard_names.append(f"shard-{k:05d}.index")
         shard_uri = storage.join(config.output, shard_names[-1])
-        if storage.exists(shard_uri):
+        if storage.exists(f"{shard_uri}.json"):
             continue
         group = config.files_per_task if mergeable else max(1, len(assigned))
         tasks, uris = [], []
@@ -207,9 +208,9 @@ def _build_shards(config: IndexConfig, shard_files: list[list[EmbeddingFile]], c
 
 
 def _describe_shard(output: str, name: str, files: list[EmbeddingFile]) -> dict:
-    path = storage.local_copy(storage.join(output, name))
-    return {"file": name, "count": int(faiss.read_index(path).ntotal), "bytes": os.path.getsize(path),
-            "sha256": sha256_file(path), "embedding_files": [f.uri for f in files]}
+    """The manifest entry, from what the merge task recorded (no second read of the shard)."""
+    described = json.loads(storage.read_bytes(storage.join(output, f"{name}.json")))
+    return {"file": name, **described, "embedding_files": [f.uri for f in files]}
 
 
 def build_index(config: IndexConfig, progress: bool = True) -> dict:
