@@ -15,10 +15,13 @@ from react_ray.config import (
     ConfigError,
     DemoConfig,
     EmbedConfig,
+    EvaluateConfig,
     GenerateConfig,
     IndexConfig,
     MaterializeConfig,
     RetrieveConfig,
+    ServeConfig,
+    TrainConfig,
     load_config,
 )
 
@@ -26,9 +29,8 @@ from react_ray.config import (
 @dataclass(frozen=True)
 class Stage:
     help: str
-    config_type: type | None = None
-    run: Callable | None = None  # run(config) -> exit code
-    pending_issue: int | None = None  # not built yet: which issue tracks it
+    config_type: type
+    run: Callable  # run(config) -> exit code
 
 
 def _run_generate(config: GenerateConfig) -> int:
@@ -66,6 +68,26 @@ def _run_materialize(config: MaterializeConfig) -> int:
     return 0
 
 
+def _run_train(config: TrainConfig) -> int:
+    from react_ray.train.trainer import run_training
+
+    print(run_training(config))
+    return 0
+
+
+def _run_evaluate(config: EvaluateConfig) -> int:
+    from react_ray.evaluate.zeroshot import run_evaluation
+
+    print(run_evaluation(config))
+    return 0
+
+
+def _run_serve(config: ServeConfig) -> int:
+    from serve_apps.run import run_serve
+
+    return run_serve(config)
+
+
 def _run_demo(config: DemoConfig) -> int:
     from react_ray.demo import run_demo
 
@@ -79,9 +101,9 @@ STAGES: dict[str, Stage] = {
     "retrieve": Stage("retrieve a task's training set from class names", RetrieveConfig, _run_retrieve),
     "materialize": Stage("write the retrieved pairs as labeled training shards", MaterializeConfig,
                          _run_materialize),
-    "train": Stage("gated-image tuning with Ray Train", pending_issue=6),
-    "evaluate": Stage("zero-shot evaluation, base vs customized", pending_issue=6),
-    "serve": Stage("run the retrieval and zero-shot Serve apps", pending_issue=7),
+    "train": Stage("REACT gated-image / locked-text tuning (or pre-training) on Ray Train", TrainConfig, _run_train),
+    "evaluate": Stage("zero-shot evaluation of several models in one table", EvaluateConfig, _run_evaluate),
+    "serve": Stage("run the retrieval and zero-shot Serve apps locally", ServeConfig, _run_serve),
     "demo": Stage("run the end-to-end demo on generated data", DemoConfig, _run_demo),
 }
 
@@ -111,10 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "models":
         return _list_models()
     stage = STAGES[args.stage]
-    if stage.run is None:
-        print(f"react-ray {args.stage}: not built yet (tracked in issue #{stage.pending_issue}); "
-              "nothing was run.", file=sys.stderr)
-        return 2
     try:
         config = load_config(stage.config_type, args.config, args.overrides)
     except ConfigError as error:

@@ -22,7 +22,8 @@ class StrictModel(BaseModel):
 
 
 Precision = Literal["fp32", "fp16", "bf16"]
-TuningMode = Literal["gated-image", "locked-text"]
+# "full" trains everything: pre-training a base, or plain fine-tuning (not a REACT mode)
+TuningMode = Literal["gated-image", "locked-text", "full"]
 
 
 class ModelConfig(StrictModel):
@@ -59,10 +60,21 @@ class GenerateConfig(StrictModel):
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
 
 
+class DemoTrainingConfig(StrictModel):
+    steps: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    batch_size: int = Field(default=128, ge=2)
+    warmup_steps: int = Field(default=50, ge=0)
+
+
 class DemoConfig(StrictModel):
+    """The end-to-end demo: pre-train a small base CLIP, then REACT it for the shapes task."""
+
     output: str = "runs/demo"
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(name="react-mini"))
+    corpus: CorpusConfig = Field(default_factory=lambda: CorpusConfig(num_shards=20, eval_samples_per_class=100))
+    pretrain: DemoTrainingConfig = Field(default_factory=lambda: DemoTrainingConfig(steps=450, lr=2e-3))
+    tune: DemoTrainingConfig = Field(default_factory=lambda: DemoTrainingConfig(steps=300, lr=5e-3))
     tuning_mode: TuningMode = "gated-image"
     ray_address: str | None = Field(default="local", description="'local' starts a private Ray for the demo")
 
@@ -76,7 +88,7 @@ class ActorPoolConfig(StrictModel):
     num_cpus: float = Field(default=1, gt=0, description="CPUs per actor")
 
     @model_validator(mode="after")
-    def _bounds(self) -> "ActorPoolConfig":
+    def _bounds(self) -> ActorPoolConfig:
         if self.max_actors < self.min_actors:
             raise ValueError(f"max_actors ({self.max_actors}) must be >= min_actors ({self.min_actors})")
         return self
@@ -103,7 +115,7 @@ class EmbedConfig(StrictModel):
     ray_address: str | None = Field(default=None, description="None: RAY_ADDRESS or a local Ray")
 
     @model_validator(mode="after")
-    def _precision_needs_gpu(self) -> "EmbedConfig":
+    def _precision_needs_gpu(self) -> EmbedConfig:
         if self.precision != "fp32" and self.pool.num_gpus == 0:
             raise ValueError(
                 f"precision: got {self.precision!r} with pool.num_gpus=0; half precision runs only on "
@@ -166,9 +178,135 @@ class MaterializeConfig(StrictModel):
     ray_address: str | None = None
 
     @model_validator(mode="after")
-    def _corpus_needs_embeddings(self) -> "MaterializeConfig":
+    def _corpus_needs_embeddings(self) -> MaterializeConfig:
         if self.source == "corpus" and not self.embeddings:
             raise ValueError("source=corpus needs embeddings: the embedding set whose stats name the corpus shards")
+        return self
+
+
+class AugmentConfig(StrictModel):
+    """Training augmentations (open_clip's train transform; REACT: RandAugment + random erasing)."""
+
+    enabled: bool = Field(default=True, description="false: the eval transform (deterministic)")
+    scale: tuple[float, float] = Field(default=(0.9, 1.0), description="RandomResizedCrop area range")
+    auto_augment: str | None = Field(default="rand-m9-mstd0.5-inc1", description="timm policy; null: none")
+    re_prob: float = Field(default=0.25, ge=0, le=1, description="random erasing probability")
+
+
+class OptimConfig(StrictModel):
+    """AdamW with REACT's betas/eps and weight-decay exclusions, linear warmup then cosine."""
+
+    lr: float | None = Field(default=None, gt=0, description="None: REACT's 5e-4 (gated-image, full), 5e-5 (locked-text)")
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(default=1e-6, gt=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    warmup_steps: int = Field(default=500, ge=0)
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="cosine floor as a fraction of lr")
+
+    def peak_lr(self, mode: str) -> float:
+        return self.lr if self.lr is not None else (5e-5 if mode == "locked-text" else 5e-4)
+
+
+class TrainConfig(StrictModel):
+    """Stage 4: REACT customization (or pre-training, mode=full) on Ray Train from webdataset shards."""
+
+    data: str = Field(description="directory of webdataset training shards (materialized set or a corpus)")
+    output: str = Field(description="run directory: checkpoints, model.pt, metrics.jsonl, training.png")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    mode: TuningMode = "gated-image"
+    steps: int = Field(default=1000, ge=1, description="optimizer steps")
+    batch_size: int = Field(default=256, ge=2, description="global batch (split evenly over workers)")
+    workers: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1, gt=0)
+    threads: int | None = Field(default=None, ge=1, description="torch threads per CPU worker; None: cpus_per_worker")
+    precision: Precision = Field(default="fp32", description="fp16/bf16: autocast on GPU (AMP)")
+    grad_checkpointing: bool = False
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    checkpoint_every: int = Field(default=500, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    max_failures: int = Field(default=3, ge=-1, description="worker-group restarts from the last checkpoint; -1: no limit")
+    log_every: int = Field(default=10, ge=1)
+    data_sharding: Literal["stream", "slice"] = Field(
+        default="stream", description="stream: Ray Data splits the stream over workers; slice: every worker reads "
+        "the whole ordered stream and keeps its slice of each global batch (reproducible, costs N x reading)")
+    cache_decoded: bool = Field(default=False, description="decode once and keep pixels in the object store")
+    shuffle_buffer: int = Field(default=2000, ge=0, description="local shuffle buffer per worker (0: off)")
+    decode_num_cpus: float = Field(default=1, gt=0)
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    ray_address: str | None = None
+
+    @model_validator(mode="after")
+    def _checks(self) -> TrainConfig:
+        if self.batch_size % self.workers:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of workers ({self.workers})")
+        if self.precision != "fp32" and not self.use_gpu:
+            raise ValueError(f"precision: {self.precision!r} (AMP) needs use_gpu=true; on CPU use fp32")
+        return self
+
+
+class EvaluateConfig(StrictModel):
+    """Zero-shot classification of a labeled set by any number of models, in one table."""
+
+    eval_set: str = Field(description="webdataset dir/tar (KEY.jpg + KEY.cls) or image folder (CLASS/*.jpg), local or s3://")
+    task: str = Field(description="task spec YAML: class names (in label order) and prompt templates")
+    models: dict[str, ModelConfig] = Field(min_length=1, description="label -> model, e.g. base, react")
+    output: str
+    batch_size: int = Field(default=256, ge=1)
+    distributed: Literal["local", "ray"] = Field(
+        default="local", description="ray: score on a Ray Data actor pool (large sets); local: in this process")
+    ray_address: str | None = None
+
+
+class IndexPair(StrictModel):
+    image: str | None = Field(default=None, description="index over image embeddings (text-to-image)")
+    text: str | None = Field(default=None, description="index over caption embeddings (text-to-text)")
+
+
+class RetrievalAppConfig(StrictModel):
+    indices: dict[str, IndexPair] = Field(min_length=1, description="name -> its image and/or text index")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    shard_groups: int = Field(default=1, ge=1, description="index replica groups, each holding every G-th shard")
+    batching: bool = True
+    max_batch_size: int = Field(default=64, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
+    max_k: int = Field(default=1000, ge=1)
+    max_queries: int = Field(default=64, ge=1, description="queries per request")
+    max_request_bytes: int = Field(default=16 * 2**20, ge=1)
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    image_url_timeout_s: float = Field(default=3.0, gt=0)
+    image_url_max_bytes: int = Field(default=10 * 2**20, ge=1)
+    request_timeout_s: float = Field(default=10.0, gt=0)
+    replica_num_cpus: float = Field(default=1, gt=0, description="CPUs per replica (serve_config.yaml overrides)")
+
+
+class ZeroShotAppConfig(StrictModel):
+    models: dict[str, ModelConfig] = Field(min_length=1, description="model id -> model (base, react-..., ...)")
+    default_model: str | None = None
+    tasks: dict[str, str] = Field(default_factory=dict, description="task name -> task spec YAML")
+    max_cached_classifiers: int = Field(default=64, ge=1)
+    max_images: int = Field(default=64, ge=1)
+    max_classes: int = Field(default=2000, ge=1)
+    max_request_bytes: int = Field(default=32 * 2**20, ge=1)
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    request_timeout_s: float = Field(default=20.0, gt=0)
+    replica_num_cpus: float = Field(default=1, gt=0, description="CPUs per replica (serve_config.yaml overrides)")
+
+
+class ServeConfig(StrictModel):
+    """``react-ray serve``: either or both apps on one local Serve instance."""
+
+    retrieval: RetrievalAppConfig | None = None
+    zeroshot: ZeroShotAppConfig | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    ray_address: str | None = None
+
+    @model_validator(mode="after")
+    def _one_app(self) -> ServeConfig:
+        if self.retrieval is None and self.zeroshot is None:
+            raise ValueError("configure at least one app: retrieval and/or zeroshot")
         return self
 
 

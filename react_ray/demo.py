@@ -1,116 +1,161 @@
-"""The end-to-end demo on generated data. Runs every stage that exists today, for real.
+"""The end-to-end demo on generated data: every stage, for real, on a private local Ray.
 
-Today: generate the corpus -> embed it on a local Ray (Ray Data, actor pool) -> build a
-sharded index and query it with a text prompt -> retrieve the shapes task (parquet, summary,
-gallery) -> materialize the pairs as labeled training shards from the corpus bytes -> build the base CLIP and its REACT gated variant and check that they are equal
-at step 0 on real corpus images -> parameter report. The base CLIP has random weights until
-the training stage exists, so retrieval results are plumbing, not yet meaningful. Training
-and evaluation join when they are built.
+generate a LAION-style corpus -> pre-train a small base CLIP on it (Ray Train, all weights)
+-> embed the corpus with that base (Ray Data) -> build sharded image and caption indices ->
+retrieve the shapes task from its class names -> materialize the retrieved pairs as training
+shards -> REACT gated-image tuning of the base on them (Ray Train) -> zero-shot evaluation of
+base vs REACT on the held-out labeled set -> report.html (accuracy table, per-class chart,
+training curves, retrieved examples, parameter counts).
 """
 
 from __future__ import annotations
 
-import io
-import tarfile
 import time
 from pathlib import Path
-
-import torch
-from PIL import Image
 
 from react_ray import storage
 from react_ray.config import (
     DemoConfig,
+    DemoTrainingConfig,
     EmbedConfig,
+    EvaluateConfig,
     GenerateConfig,
     IndexConfig,
     MaterializeConfig,
     RetrieveConfig,
+    TrainConfig,
 )
 from react_ray.data.synthetic import generate_corpus
 from react_ray.embed.pipeline import run_embedding
+from react_ray.evaluate.zeroshot import EvalReport, run_evaluation
 from react_ray.index.build import build_index
 from react_ray.index.sharded import ShardedIndex
-from react_ray.models import apply_tuning_mode, build_model, react_gated_layers
+from react_ray.models import build_model
 from react_ray.models.params import REPORT_HEADERS, parameter_report
-from react_ray.report import page, table
+from react_ray.report import data_uri, page, png_bytes, pyplot, table
 from react_ray.retrieve.materialize import run_materialize
 from react_ray.retrieve.retrieval import run_retrieval
+from react_ray.train.trainer import TrainSummary, run_training
 
 REPORT_MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14")
-NEXT_STAGES = "train + evaluate (#6)"
 TASK = str(Path(__file__).resolve().parents[1] / "jobs" / "tasks" / "shapes.yaml")
+STEPS = 9
 
 
-def _eval_images(corpus_dir: str, limit: int) -> list[Image.Image]:
-    with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(storage.join(corpus_dir, "eval", "eval-00000.tar")))) as tar:
-        jpgs = [m for m in tar.getmembers() if m.name.endswith(".jpg")][:limit]
-        return [Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB") for m in jpgs]
+def _say(step: int, text: str) -> None:
+    print(f"[{step}/{STEPS}] {text}", flush=True)
 
 
 def _format_table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows)]
-    line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _train_config(config: DemoConfig, data: str, output: str, mode: str, recipe: DemoTrainingConfig,
+                  model) -> TrainConfig:
+    # Two CPUs: one Ray CPU for the worker (torch uses both), the data tasks share the rest.
+    return TrainConfig(
+        data=data, output=output, model=model, mode=mode, steps=recipe.steps, batch_size=recipe.batch_size,
+        threads=2, cpus_per_worker=1, decode_num_cpus=0.5, cache_decoded=True, log_every=25,
+        checkpoint_every=max(50, recipe.steps // 3), ray_address=config.ray_address,
+        augment={"scale": (0.8, 1.0), "auto_augment": None, "re_prob": 0.0},
+        optim={"lr": recipe.lr, "warmup_steps": min(recipe.warmup_steps, recipe.steps // 2)},
+    )
+
+
+def _accuracy_png(report: EvalReport) -> bytes:
+    import numpy as np
+
+    plt = pyplot()
+    labels = list(report.results)
+    x = np.arange(len(report.classnames))
+    figure, axis = plt.subplots(figsize=(10, 3.2))
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        result = report.results[label]
+        axis.bar(x + i * width, [100 * v for v in result["per_class"]], width,
+                 label=f"{label} (top-1 {100 * result['top1']:.1f}%)")
+    axis.set_xticks(x + width * (len(labels) - 1) / 2, report.classnames)
+    axis.set_ylabel("top-1 %")
+    axis.set_title(f"zero-shot per class on the held-out {report.task} set")
+    axis.legend()
+    return png_bytes(figure)
 
 
 def run_demo(config: DemoConfig) -> int:
     start = time.perf_counter()
-    corpus_dir = storage.join(config.output, "corpus")
-    print(f"[1/7] generating the corpus -> {corpus_dir}")
+    out = lambda *parts: storage.join(config.output, *parts)
+    corpus_dir = out("corpus")
+    _say(1, f"generating the corpus -> {corpus_dir}")
     print("   ", generate_corpus(GenerateConfig(output=corpus_dir, corpus=config.corpus)))
 
-    embeddings = storage.join(config.output, "embeddings")
-    print(f"[2/7] embedding it with {config.model.name} on a local Ray -> {embeddings}")
+    _say(2, f"pre-training the base CLIP ({config.model.name}, all weights) on the corpus -> {out('base')}")
+    base_run = run_training(_train_config(config, storage.join(corpus_dir, "webdataset"), out("base"), "full",
+                                          config.pretrain, config.model))
+    print("   ", base_run)
+    base = config.model.model_copy(update={"checkpoint": storage.join(out("base"), "model.pt")})
+
+    _say(3, f"embedding the corpus with the base on a local Ray -> {out('embeddings')}")
     summary = run_embedding(EmbedConfig(
-        input=storage.join(corpus_dir, "webdataset"), output=embeddings, model=config.model, batch_size=128,
+        input=storage.join(corpus_dir, "webdataset"), output=out("embeddings"), model=base, batch_size=256,
         decode_num_cpus=0.5, pool={"num_cpus": 1.5}, ray_address=config.ray_address))
     print("   ", str(summary).replace("\n", "\n    "))
 
-    index_dir = storage.join(config.output, "index")
-    print(f"[3/7] building a sharded index of the image embeddings -> {index_dir}")
-    build_index(IndexConfig(embeddings=embeddings, output=index_dir, num_shards=2, memory_budget_gb=1,
-                            tune_queries=200, ray_address=config.ray_address))
-    index = ShardedIndex(index_dir, expect_model=config.model.name)
+    _say(4, f"building sharded indices of the image and caption embeddings -> {out('index')}, {out('index-text')}")
+    for keys, name in (("image", "index"), ("text", "index-text")):
+        build_index(IndexConfig(embeddings=out("embeddings"), output=out(name), keys=keys, num_shards=2,
+                                memory_budget_gb=1, tune_queries=200, ray_address=config.ray_address))
+    index = ShardedIndex(out("index"), expect_model=config.model.name)
     prompt = "a photo of a red star"
-    query = build_model(config.model).encode_texts([prompt]).numpy()
-    scores, found = index.search(query, 5)
-    print(f"    top 5 for {prompt!r} (the demo's CLIP is random until trained, so these are not yet meaningful):")
+    scores, found = index.search(build_model(base).encode_texts([prompt]).numpy(), 5)
+    print(f"    top 5 for {prompt!r}:")
     for score, meta in zip(scores[0], index.lookup(found[0])):
         print(f"      {score:.3f}  {meta['key']}  {meta['caption']}")
 
-    retrieved = storage.join(config.output, "retrieved")
-    print(f"[4/7] retrieving the shapes task ({TASK}) -> {retrieved}")
-    run_retrieval(RetrieveConfig(task=TASK, image_index=index_dir, model=config.model, output=retrieved))
-    shards = storage.join(config.output, "train-shards")
-    print(f"[5/7] materializing the retrieved pairs from the corpus bytes -> {shards}")
-    run_materialize(MaterializeConfig(retrieved=retrieved, output=shards, source="corpus", embeddings=embeddings,
-                                      resize_mode="no", ray_address=config.ray_address))
+    _say(5, f"retrieving the shapes task ({TASK}) -> {out('retrieved')}")
+    run_retrieval(RetrieveConfig(task=TASK, image_index=out("index"), text_index=out("index-text"), model=base,
+                                 output=out("retrieved")))
+    _say(6, f"materializing the retrieved pairs from the corpus bytes -> {out('train-shards')}")
+    run_materialize(MaterializeConfig(retrieved=out("retrieved"), output=out("train-shards"), source="corpus",
+                                      embeddings=out("embeddings"), resize_mode="no", ray_address=config.ray_address))
 
-    print(f"[6/7] building {config.model.name} and its REACT gated-image variant")
-    base = build_model(config.model.model_copy(update={"gated_layers": 0}))
-    k = config.model.gated_layers or react_gated_layers(config.model.name)
-    gated = build_model(config.model.model_copy(update={"gated_layers": k}))
-    gated.model.load_state_dict(base.model.state_dict(), strict=False)  # same base weights
-    trainable = apply_tuning_mode(gated.model, config.tuning_mode)
-    images = torch.stack([base.preprocess(im) for im in _eval_images(corpus_dir, 32)])
-    prompts = ["a photo of a red circle", "a blue star on a striped background"]
-    image_gap = (base.encode_images(images) - gated.encode_images(images)).abs().max().item()
-    text_gap = (base.encode_texts(prompts) - gated.encode_texts(prompts)).abs().max().item()
-    print(f"    gated blocks before image blocks {gated.gated_indices}; {len(trainable)} trainable tensors "
-          f"in {config.tuning_mode} mode")
-    print(f"    step 0, base vs gated on {len(images)} eval images: max |image feature gap| = {image_gap:.2e}, "
-          f"text = {text_gap:.2e} (zero-initialised gates)")
+    _say(7, f"REACT {config.tuning_mode} tuning of the base on the retrieved pairs -> {out('react')}")
+    react_run = run_training(_train_config(config, out("train-shards"), out("react"), config.tuning_mode,
+                                           config.tune, base))
+    print("   ", react_run)
+    react = config.model.model_copy(update={"checkpoint": storage.join(out("react"), "model.pt")})
 
-    print("[7/7] REACT parameter report (random weights on the meta device, nothing downloaded)")
-    reports = [parameter_report(name) for name in (config.model.name, *REPORT_MODELS)]
-    rows = [r.row() for r in reports]
+    _say(8, "zero-shot evaluation of base vs REACT on the held-out labeled set")
+    report = run_evaluation(EvaluateConfig(eval_set=storage.join(corpus_dir, "eval"), task=TASK,
+                                           models={"base": base, "react": react}, output=out("evaluation")))
+    print("   ", str(report).replace("\n", "\n    "))
+    base_top1, react_top1 = (100 * report.results[k]["top1"] for k in ("base", "react"))
+    verdict = (f"REACT {config.tuning_mode} {'beats' if react_top1 > base_top1 else 'does NOT beat'} its base "
+               f"by {react_top1 - base_top1:+.2f} points top-1 ({base_top1:.2f}% -> {react_top1:.2f}%, "
+               f"{report.results['base']['n']} held-out images)")
+    print("   ", verdict)
+
+    _say(9, "report")
+    rows = [r.row() for r in (parameter_report(name) for name in (config.model.name, *REPORT_MODELS))]
     print(_format_table(REPORT_HEADERS, rows))
-    report_uri = storage.join(config.output, "report.html")
-    body = (f"<p>Corpus: <a href='corpus/preview.html'>preview</a>. Step-0 feature gap base vs gated: "
-            f"image {image_gap:.2e}, text {text_gap:.2e}.</p>" + table(REPORT_HEADERS, rows)
-            + f"<p>Next stages, not built yet: {NEXT_STAGES}.</p>")
-    storage.write_text_atomic(report_uri, page("react-ray demo", body))
-    print(f"done in {time.perf_counter() - start:.1f}s; report: {report_uri}")
-    print(f"next, not built yet: {NEXT_STAGES}")
-    return 0 if image_gap < 1e-5 and text_gap < 1e-6 else 1
+    _write_report(config, report, verdict, base_run, react_run, rows)
+    print(f"done in {time.perf_counter() - start:.0f}s; report: {out('report.html')}")
+    return 0
+
+
+def _write_report(config: DemoConfig, report: EvalReport, verdict: str, base_run: TrainSummary,
+                  react_run: TrainSummary, parameter_rows: list[list[str]]) -> None:
+    out = lambda *parts: storage.join(config.output, *parts)
+    accuracy_png = _accuracy_png(report)
+    storage.write_bytes_atomic(out("accuracy.png"), accuracy_png)
+    curves = "".join(f"<h3>{title}</h3><img src='{data_uri(storage.read_bytes(storage.join(run, 'training.png')), 'image/png')}'>"
+                     for title, run in (("pre-training the base", out("base")), ("REACT tuning", out("react"))))
+    body = (f"<p><b>{verdict}</b></p>" + table(report.headers, report.rows())
+            + f"<p><img src='{data_uri(accuracy_png, 'image/png')}'></p>"
+            + f"<h2>Training</h2><p>Base: {base_run}.<br>REACT: {react_run}.</p>{curves}"
+            + "<h2>Data</h2><p><a href='corpus/preview.html'>corpus preview</a> · "
+            + "<a href='retrieved/gallery.html'>retrieved pairs per class</a> · "
+            + "<a href='evaluation/evaluation.html'>per-class accuracy</a></p>"
+            + "<h2>REACT parameter counts</h2>" + table(REPORT_HEADERS, parameter_rows))
+    storage.write_text_atomic(out("report.html"), page("react-ray demo: REACT vs its base CLIP", body))

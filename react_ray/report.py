@@ -7,7 +7,7 @@ import html
 from collections.abc import Iterable, Sequence
 
 _STYLE = """
-body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; } img { max-width: 100%; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: .8rem; }
 figure { margin: 0; } figure img { width: 100%; image-rendering: pixelated; border-radius: 4px; }
 figcaption { font-size: .8rem; line-height: 1.2; } figcaption span { display: block; color: #666; }
@@ -42,3 +42,24 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
 
 def image_grid_html(title: str, items: Iterable[tuple[bytes, Sequence[str]]]) -> str:
     return page(title, grid(items))
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display on workers or CI)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def png_bytes(figure) -> bytes:
+    """Lay out, render and close a matplotlib figure -> PNG bytes."""
+    import io
+
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    pyplot().close(figure)
+    return buffer.getvalue()

@@ -14,7 +14,6 @@ import math
 import time
 import uuid
 
-import numpy as np
 import ray
 from tqdm.auto import tqdm
 
@@ -23,7 +22,7 @@ from react_ray.config import EmbedConfig
 from react_ray.embed import outputs
 from react_ray.embed.decode import decode_batch
 from react_ray.embed.embedder import ClipEmbedder, ShardTally
-from react_ray.embed.readers import InputShard, list_input_shards, read_shard
+from react_ray.embed.readers import InputShard, list_input_shards, read_blocks, shard_items
 from react_ray.models.factory import register_tiny_models
 from react_ray.ray_utils import connect
 
@@ -56,27 +55,20 @@ def check_embedding_info(config: EmbedConfig) -> dict:
     return info
 
 
-def _read_blocks(batch: dict, source: int, block_rows: int):
-    """Ray Data generator UDF: one input shard per call -> its record blocks."""
-    for uri, number, fmt in zip(batch["uri"], batch["number"], batch["format"]):
-        for block in read_shard(InputShard(str(uri), int(number), str(fmt)), source, block_rows):
-            yield {k: np.array([r[k] for r in block], dtype=object) for k in block[0]}
-
-
 @ray.remote(num_cpus=0.25)
 def _commit(output: str, name: str, parts: list[str], stats: outputs.ShardStats) -> outputs.ShardStats:
     return outputs.commit_shard(output, name, parts, stats)
 
 
 def build_dataset(config: EmbedConfig, shards: list[InputShard], run_id: str, image_size: int) -> ray.data.Dataset:
-    items = [{"uri": s.uri, "number": s.number, "format": s.format} for s in shards]
+    items = shard_items(shards)
     device = "cuda" if config.pool.num_gpus > 0 else "cpu"
     # Reading and decoding spread over all nodes as CPU tasks; the model actors pack by default.
     # The differing strategies also keep Ray Data from fusing decode into the model actors.
     cpu_task = {"num_cpus": config.decode_num_cpus, "scheduling_strategy": "SPREAD"}
     return (
         ray.data.from_items(items, override_num_blocks=len(items))
-        .map_batches(_read_blocks, batch_size=1, fn_kwargs={"source": config.source_id,
+        .map_batches(read_blocks, batch_size=1, fn_kwargs={"source": config.source_id,
                                                              "block_rows": config.read_block_rows}, **cpu_task)
         .map_batches(decode_batch, batch_size=config.batch_size, fn_kwargs={"image_size": image_size,
                                                                              "max_pixels": config.max_image_pixels},

@@ -13,6 +13,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from react_ray import ids, storage
@@ -70,7 +71,7 @@ def _caption_error(caption: str | None) -> tuple[str, str]:
     return "", ""
 
 
-def _webdataset_samples(fileobj) -> Iterator[dict[str, bytes]]:
+def webdataset_samples(fileobj) -> Iterator[dict[str, bytes]]:
     """Group consecutive tar members by key (webdataset convention: ``KEY.ext``)."""
     current_key, sample = None, {}
     with tarfile.open(fileobj=fileobj, mode="r|") as tar:
@@ -92,7 +93,7 @@ def _read_webdataset(shard: InputShard, source: int) -> Iterator[dict]:
     row = 0
     try:
         with storage.open_uri(shard.uri) as f:
-            for sample in _webdataset_samples(f):
+            for sample in webdataset_samples(f):
                 meta = {}
                 if "json" in sample:
                     try:
@@ -163,3 +164,15 @@ def read_shard(shard: InputShard, source: int = 0, block_rows: int = 1000) -> It
             block = []
     if block:
         yield block
+
+
+def read_blocks(batch: dict, source: int, block_rows: int):
+    """Ray Data generator UDF: a batch of shard descriptions (uri, number, format) -> record blocks."""
+    for uri, number, fmt in zip(batch["uri"], batch["number"], batch["format"]):
+        for block in read_shard(InputShard(str(uri), int(number), str(fmt)), source, block_rows):
+            yield {k: np.array([r[k] for r in block], dtype=object) for k in block[0]}
+
+
+def shard_items(shards: list[InputShard]) -> list[dict]:
+    """The Ray Data items that :func:`read_blocks` reads, one per shard."""
+    return [{"uri": s.uri, "number": s.number, "format": s.format} for s in shards]

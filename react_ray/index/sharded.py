@@ -132,7 +132,7 @@ class ShardedIndex:
     """All shards of an index behind one ``search``; refuses a model or dim other than expected."""
 
     def __init__(self, index_uri: str, expect_model: str | None = None, expect_dim: int | None = None,
-                 verify: bool = True, manifest: dict | None = None):
+                 verify: bool = True, manifest: dict | None = None, shard_ids: list[int] | None = None):
         self.root = index_root(index_uri)
         self.manifest = manifest or read_manifest(index_uri)
         if expect_model is not None and self.manifest["model"] != expect_model:
@@ -140,7 +140,9 @@ class ShardedIndex:
                              f"not {expect_model!r}: its vectors are not comparable to this model's")
         if expect_dim is not None and self.manifest["dim"] != expect_dim:
             raise ValueError(f"index {self.root} holds {self.manifest['dim']}-d vectors; the queries are {expect_dim}-d")
-        self.shards = [load_shard(storage.join(self.root, s["file"]), s, verify) for s in self.manifest["shards"]]
+        # shard_ids: a subset, for one replica group of an index too large for one node
+        self.shards = [load_shard(storage.join(self.root, s["file"]), s, verify)
+                       for i, s in enumerate(self.manifest["shards"]) if shard_ids is None or i in shard_ids]
         self.params = dict(self.manifest.get("search_params") or {})
         for shard in self.shards:
             set_search_params(shard, self.params)

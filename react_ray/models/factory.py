@@ -10,10 +10,10 @@ from __future__ import annotations
 import difflib
 import io
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Callable
 
 import open_clip
 import torch
@@ -135,7 +135,8 @@ def build_model(spec: ModelConfig | str, device: str | torch.device = "cpu") -> 
     """Create the model ``spec`` names; insert gated blocks when asked or when the checkpoint has them.
 
     ``spec.gated_layers``: None means "REACT's K if the checkpoint is gated, else none";
-    0 means none; K>0 inserts K blocks. A checkpoint is loaded with strict key checking.
+    0 means none; K>0 inserts K blocks. A checkpoint is loaded with strict key checking: a gated
+    checkpoint into the gated model, a base checkpoint into the base before fresh blocks go in.
     """
     spec = ModelConfig(name=spec) if isinstance(spec, str) else spec
     _check_model_name(spec.name)
@@ -157,6 +158,10 @@ def build_model(spec: ModelConfig | str, device: str | torch.device = "cpu") -> 
                 f"could not load pretrained weights {spec.pretrained!r} for {spec.name}: {error}. "
                 "Without network access, download the weights once and pass their path or s3:// URI."
             ) from error
+        if state is not None and num_gated and not gated_layers_in(state):
+            # A base checkpoint under fresh gated blocks: REACT's starting point.
+            load_state_dict_strict(model, state, spec.checkpoint)
+            state = None
         gated_indices = insert_gated_blocks(model, num_gated) if num_gated else []
     if state is not None:
         load_state_dict_strict(model, state, spec.checkpoint)
@@ -189,8 +194,8 @@ def export_react_checkpoint(model: nn.Module, uri: str) -> None:
 
 
 __all__ = [
-    "ClipModel",
     "TINY_MODELS",
+    "ClipModel",
     "available_models",
     "build_model",
     "export_react_checkpoint",

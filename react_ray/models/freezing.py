@@ -1,16 +1,17 @@
-"""Which parameters train in each REACT tuning mode. The text tower is always frozen."""
+"""Which parameters train in each tuning mode. REACT's two modes freeze the text tower; ``full``
+(pre-training a base, plain fine-tuning) trains everything."""
 
 from __future__ import annotations
 
 from torch import nn
 
-TUNING_MODES = ("gated-image", "locked-text")
+TUNING_MODES = ("gated-image", "locked-text", "full")
 
 
 def is_trainable(name: str, mode: str) -> bool:
     if mode not in TUNING_MODES:
         raise ValueError(f"tuning mode: got {mode!r}; choose one of {', '.join(TUNING_MODES)}")
-    if name == "logit_scale":
+    if name == "logit_scale" or mode == "full":
         return True
     if mode == "gated-image":
         return ".gated_attn_block." in name

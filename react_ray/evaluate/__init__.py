@@ -1,0 +1,1 @@
+"""Zero-shot evaluation: prompt-ensemble classifiers, accuracy tables, base vs customized."""

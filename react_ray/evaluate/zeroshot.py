@@ -1,0 +1,227 @@
+"""Zero-shot classification with prompt ensembles, for any number of models in one table.
+
+A class's weight is the mean of its L2-normalised template embeddings, renormalised (CLIP's
+prompt ensemble). Metrics: top-1, top-5 and mean per-class accuracy. Small sets run in this
+process; large ones (``distributed: ray``) run on a Ray Data actor pool, each actor holding
+every model, so the images are decoded once for all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from react_ray import storage
+from react_ray.config import EvaluateConfig, ModelConfig
+from react_ray.embed.decode import decode_image
+from react_ray.embed.readers import IMAGE_EXTENSIONS, webdataset_samples
+from react_ray.models import ClipModel, build_model
+from react_ray.report import page, table
+from react_ray.retrieve.task import TaskSpec, load_task
+
+log = logging.getLogger(__name__)
+MAX_PIXELS = 40_000_000
+
+
+@torch.no_grad()
+def zero_shot_classifier(clip: ClipModel, classnames: list[str], templates: list[str]) -> torch.Tensor:
+    """(C, D) class weights: the renormalised mean of each class's normalised prompt embeddings."""
+    weights = []
+    for name in classnames:
+        prompts = clip.encode_texts([t.format(name) for t in templates])
+        weights.append(torch.nn.functional.normalize(prompts.mean(0), dim=0))
+    return torch.stack(weights)
+
+
+# ---------------------------------------------------------------- labeled sets
+def _label_files(uri: str) -> tuple[str, list[str]]:
+    """("webdataset", tar files) or ("folder", image files) for a labeled set at ``uri``."""
+    if uri.endswith(".tar"):
+        return "webdataset", [uri]
+    tars = storage.list_files(uri, ".tar")
+    if tars:
+        return "webdataset", tars
+    images = [f for ext in IMAGE_EXTENSIONS for f in storage.list_files(uri, "." + ext)]
+    if not images:
+        raise FileNotFoundError(f"eval_set: {uri} has no .tar shards and no CLASS/*.jpg images")
+    return "folder", sorted(images)
+
+
+def labeled_samples(uri: str, classnames: list[str]) -> Iterator[tuple[str, bytes | None, int]]:
+    """(key, image bytes, label index) for every sample; labels from ``KEY.cls`` / json / folder name."""
+    kind, files = _label_files(uri)
+    index = {name: i for i, name in enumerate(classnames)}
+    if kind == "folder":
+        for path in files:
+            name = path.rstrip("/").split("/")[-2]
+            if name not in index:
+                raise ValueError(f"eval_set: folder {name!r} ({path}) is not a class of the task")
+            yield path, storage.read_bytes(path), index[name]
+        return
+    for tar in files:
+        with storage.open_uri(tar) as f:
+            for sample in webdataset_samples(f):
+                label = _sample_label(sample, index, tar)
+                image = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
+                yield f"{tar}:{sample['__key__']}", image, label
+
+
+def _sample_label(sample: dict, index: dict[str, int], tar: str) -> int:
+    if "cls" in sample:
+        label = int(sample["cls"].decode().strip())
+    else:
+        meta = json.loads(sample.get("json", b"{}"))
+        label = meta.get("label", index.get(meta.get("class")))
+        if label is None:
+            raise ValueError(f"eval_set: sample {sample['__key__']} in {tar} has no .cls member and no "
+                             "label/class in its json")
+    if not 0 <= int(label) < len(index):
+        raise ValueError(f"eval_set: sample {sample['__key__']} in {tar} has label {label}, but the task has "
+                         f"{len(index)} classes")
+    return int(label)
+
+
+# ---------------------------------------------------------------- scoring
+class ZeroShotScorer:
+    """Every model and its classifier; image bytes -> per-model logits. Also a Ray Data actor."""
+
+    def __init__(self, models: dict[str, dict], classnames: list[str], templates: list[str]):
+        self.models = {label: build_model(ModelConfig.model_validate(spec)) for label, spec in models.items()}
+        self.classifiers = {label: zero_shot_classifier(clip, classnames, templates)
+                            for label, clip in self.models.items()}
+
+    @torch.no_grad()
+    def score(self, images: list[bytes]) -> tuple[dict[str, np.ndarray], list[str | None]]:
+        """-> ({model label: (N, C) logits, NaN rows for bad images}, per-image skip reason)."""
+        reasons, pixels = [], {}
+        out = {label: np.full((len(images), len(next(iter(self.classifiers.values())))), np.nan, np.float32)
+               for label in self.models}
+        for label, clip in self.models.items():
+            size = clip.image_size
+            if size not in pixels:
+                decoded = [decode_image(data or b"", size, MAX_PIXELS) for data in images]
+                pixels[size] = decoded
+            decoded = pixels[size]
+            reasons = [reason for _, reason, _ in decoded]
+            good = [i for i, (array, _, _) in enumerate(decoded) if array is not None]
+            if not good:
+                continue
+            batch = torch.stack([clip.preprocess(Image.fromarray(decoded[i][0])) for i in good])
+            out[label][good] = (clip.encode_images(batch) @ self.classifiers[label].T).numpy()
+        return out, reasons
+
+    def __call__(self, batch: dict) -> dict:
+        logits, reasons = self.score(list(batch["image"]))
+        return {"key": batch["key"], "label": batch["label"], "reason": np.array([r or "" for r in reasons], object),
+                **{f"logits::{label}": value for label, value in logits.items()}}
+
+
+# ---------------------------------------------------------------- metrics
+def accuracy_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
+    k = min(5, num_classes)
+    top = np.argsort(-logits, axis=1)[:, :k]
+    top1 = top[:, 0] == labels
+    per_class = [float(top1[labels == c].mean()) if (labels == c).any() else float("nan") for c in range(num_classes)]
+    return {"top1": float(top1.mean()), f"top{k}": float((top == labels[:, None]).any(1).mean()),
+            "mean_per_class": float(np.nanmean(per_class)), "per_class": per_class, "n": len(labels)}
+
+
+@dataclass
+class EvalReport:
+    task: str
+    classnames: list[str]
+    results: dict[str, dict]  # model label -> metrics
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    seconds: float = 0.0
+
+    def rows(self) -> list[list[str]]:
+        k = min(5, len(self.classnames))
+        return [[label, str(m["n"]), f"{100 * m['top1']:.2f}", f"{100 * m[f'top{k}']:.2f}",
+                 f"{100 * m['mean_per_class']:.2f}"] for label, m in self.results.items()]
+
+    @property
+    def headers(self) -> list[str]:
+        return ["model", "images", "top-1 %", f"top-{min(5, len(self.classnames))} %", "mean per-class %"]
+
+    def __str__(self) -> str:
+        widths = [max(len(str(x)) for x in col) for col in zip(self.headers, *self.rows())]
+        lines = ["  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in [self.headers, *self.rows()]]
+        skipped = f"; skipped {sum(self.skipped.values())} images {self.skipped}" if self.skipped else ""
+        return f"zero-shot on {self.task} ({len(self.classnames)} classes){skipped}\n" + "\n".join(lines)
+
+
+def _score_local(config: EvaluateConfig, task: TaskSpec) -> tuple[dict, list[int], list[str | None]]:
+    scorer = ZeroShotScorer({k: v.model_dump() for k, v in config.models.items()}, task.classes, task.template_list)
+    logits: list[dict] = []
+    labels, reasons = [], []
+    batch: list[tuple[str, bytes | None, int]] = []
+
+    def flush():
+        out, why = scorer.score([b for _, b, _ in batch])
+        logits.append(out)
+        labels.extend(label for _, _, label in batch)
+        reasons.extend(why)
+        batch.clear()
+
+    for sample in labeled_samples(config.eval_set, task.classes):
+        batch.append(sample)
+        if len(batch) >= config.batch_size:
+            flush()
+    if batch:
+        flush()
+    merged = {label: np.concatenate([part[label] for part in logits]) for label in config.models}
+    return merged, labels, reasons
+
+
+def _score_ray(config: EvaluateConfig, task: TaskSpec) -> tuple[dict, list[int], list[str | None]]:
+    import ray
+
+    from react_ray.ray_utils import connect
+
+    connect(config.ray_address)
+    rows = [{"key": key, "image": image or b"", "label": label}
+            for key, image, label in labeled_samples(config.eval_set, task.classes)]
+    dataset = ray.data.from_items(rows).map_batches(
+        ZeroShotScorer, batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4),
+        fn_constructor_kwargs={"models": {k: v.model_dump() for k, v in config.models.items()},
+                               "classnames": task.classes, "templates": task.template_list})
+    parts = list(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    order = np.argsort(np.concatenate([p["key"] for p in parts]))  # a stable order, whatever the actors did
+    merged = {label: np.concatenate([p[f"logits::{label}"] for p in parts])[order] for label in config.models}
+    labels = np.concatenate([p["label"] for p in parts])[order]
+    reasons = np.concatenate([p["reason"] for p in parts])[order]
+    return merged, [int(x) for x in labels], [r or None for r in reasons]
+
+
+def run_evaluation(config: EvaluateConfig) -> EvalReport:
+    start = time.perf_counter()
+    task = load_task(config.task)
+    score = _score_ray if config.distributed == "ray" else _score_local
+    logits, labels, reasons = score(config, task)
+    labels = np.asarray(labels)
+    good = np.array([r is None for r in reasons])
+    skipped: dict[str, int] = {}
+    for reason in reasons:
+        if reason is not None:
+            skipped[reason] = skipped.get(reason, 0) + 1
+            log.warning("eval image skipped: %s", reason)
+    results = {label: accuracy_metrics(value[good], labels[good], len(task.classes)) for label, value in logits.items()}
+    report = EvalReport(task.name, task.classes, results, skipped, time.perf_counter() - start)
+    write_report(config.output, report)
+    return report
+
+
+def write_report(output: str, report: EvalReport) -> None:
+    storage.write_text_atomic(storage.join(output, "evaluation.json"), json.dumps(asdict(report), indent=1))
+    per_class = [[name, *(f"{100 * m['per_class'][i]:.1f}" for m in report.results.values())]
+                 for i, name in enumerate(report.classnames)]
+    body = (table(report.headers, report.rows()) + "<h2>Per-class top-1 %</h2>"
+            + table(["class", *report.results], per_class))
+    storage.write_text_atomic(storage.join(output, "evaluation.html"), page(f"Zero-shot: {report.task}", body))

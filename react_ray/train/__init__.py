@@ -1,0 +1,1 @@
+"""Stage 4: REACT customization (and base pre-training) on Ray Train."""

@@ -1,0 +1,310 @@
+"""Ray Serve retrieval app: text / image / image-URL / vector queries against sharded indices.
+
+```
+HTTP -> RetrievalAPI (FastAPI ingress: validation, limits, metadata, the search page)
+          -> QueryEncoder      (@serve.batch: texts and images of many requests per forward)
+          -> IndexShardGroup x G (@serve.batch: grouped by (index, modality, k); each group holds
+                                  every G-th shard, so an index larger than a node splits over nodes)
+          <- merge_topk over the groups -> metadata (O(1) by id) -> JSON
+```
+Routes: ``/v1/search`` (ours, pydantic models, OpenAPI at ``/docs``), ``/knn-service``,
+``/indices-list`` and ``/metadata`` (the LAION kNN API, for existing clients), ``/healthz``,
+``/readyz`` and ``/`` (a search page).
+"""
+
+
+import asyncio
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse
+from pydantic import BaseModel, Field, model_validator
+from ray import serve
+
+from react_ray import storage
+from react_ray.config import ModelConfig, RetrievalAppConfig
+from react_ray.index.sharded import (
+    MetadataStore,
+    ShardedIndex,
+    index_root,
+    merge_topk,
+    read_manifest,
+)
+from react_ray.retrieve.fetch import FetchPolicy, download
+from serve_apps.common import decode_base64_image, decode_image_bytes, limit_request_size, within
+
+Modality = Literal["image", "text"]
+PAGE = Path(__file__).with_name("search.html")
+
+
+# ---------------------------------------------------------------- API models
+class Query(BaseModel):
+    text: str | None = Field(default=None, min_length=1)
+    image: str | None = Field(default=None, description="base64 image bytes")
+    image_url: str | None = None
+    vector: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Query":
+        given = [k for k in ("text", "image", "image_url", "vector") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of text, image, image_url, vector; got {given or 'none'}")
+        return self
+
+
+class SearchRequest(BaseModel):
+    queries: list[Query] = Field(min_length=1)
+    index: str
+    modality: Modality = "image"
+    k: int = Field(default=10, ge=1)
+    deduplicate: bool = False
+
+
+class Hit(BaseModel):
+    id: int
+    score: float
+    url: str | None = None
+    caption: str | None = None
+
+
+class SearchResponse(BaseModel):
+    index: str
+    modality: Modality
+    results: list[list[Hit]]
+
+
+class MetadataRequest(BaseModel):
+    indice_name: str
+    ids: list[int] = Field(max_length=10_000)
+
+
+# ---------------------------------------------------------------- deployments
+@serve.deployment(max_ongoing_requests=256)
+class QueryEncoder:
+    """The CLIP text and image towers; requests are batched across callers."""
+
+    def __init__(self, model: dict, batching: bool, max_batch_size: int, batch_wait_timeout_s: float):
+        from react_ray.models import build_model
+
+        self.clip = build_model(ModelConfig.model_validate(model))
+        size = max_batch_size if batching else 1
+        for method in (self.encode_texts, self.encode_images):
+            method.set_max_batch_size(size)
+            method.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def image_size(self) -> int:
+        return self.clip.image_size
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def encode_texts(self, texts: list[str]) -> list[np.ndarray]:
+        return list(await asyncio.to_thread(lambda: self.clip.encode_texts(texts).numpy()))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def encode_images(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
+        import torch
+        from PIL import Image
+
+        def run():
+            batch = torch.stack([self.clip.preprocess(Image.fromarray(p)) for p in pixels])
+            return self.clip.encode_images(batch).numpy()
+
+        return list(await asyncio.to_thread(run))
+
+
+@serve.deployment(max_ongoing_requests=256)
+class IndexShardGroup:
+    """Every ``groups``-th shard of each index, searched in batches grouped by (index, modality, k)."""
+
+    def __init__(self, indices: dict, group: int, groups: int, batching: bool, max_batch_size: int,
+                 batch_wait_timeout_s: float):
+        self.indices = {}
+        for name, pair in indices.items():
+            for modality, uri in pair.items():
+                if uri:
+                    count = len(read_manifest(uri)["shards"])
+                    self.indices[(name, modality)] = ShardedIndex(uri, shard_ids=list(range(group, count, groups)))
+        self.search.set_max_batch_size(max_batch_size if batching else 1)
+        self.search.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    async def search(self, keys: list[tuple], vectors: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each call: (index, modality, k) and its (n, d) queries. Never mixes two requests' k or index."""
+        out: list = [None] * len(keys)
+        groups: dict[tuple, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(tuple(key), []).append(i)
+
+        def run():
+            for (name, modality, k), members in groups.items():
+                index = self.indices[(name, modality)]
+                stacked = np.concatenate([vectors[i] for i in members])
+                scores, ids = (index.search(stacked, k) if index.shards else
+                               (np.full((len(stacked), k), -np.inf, np.float32), np.full((len(stacked), k), -1)))
+                start = 0
+                for i in members:
+                    n = len(vectors[i])
+                    out[i] = (scores[start:start + n], ids[start:start + n])
+                    start += n
+
+        await asyncio.to_thread(run)
+        return out
+
+
+app = FastAPI(title="react-ray retrieval", version="1",
+              description="kNN search over LAION-style pairs; LAION kNN API compatible")
+limit_request_size(app)
+
+
+@serve.deployment(max_ongoing_requests=512)
+@serve.ingress(app)
+class RetrievalAPI:
+    def __init__(self, encoder, groups: list, config: dict):
+        self.config = RetrievalAppConfig.model_validate(config)
+        self.encoder, self.groups = encoder, groups
+        app.state.max_request_bytes = self.config.max_request_bytes
+        self.manifests = {(name, modality): read_manifest(uri) for name, pair in self.config.indices.items()
+                          for modality, uri in pair.model_dump().items() if uri}
+        first = next(iter(self.manifests.values()))
+        self.metadata = {key: MetadataStore(storage.join(index_root(getattr(self.config.indices[key[0]], key[1])),
+                                                         "metadata")) for key in self.manifests}
+        self.dim, self.image_size = int(first["dim"]), None
+        for key, manifest in self.manifests.items():
+            if manifest["model"] != self.config.model.name:
+                raise ValueError(f"index {key} was built with {manifest['model']!r}, the app encodes with "
+                                 f"{self.config.model.name!r}")
+
+    # ------------------------------------------------------------ our API
+    @app.post("/v1/search", response_model=SearchResponse)
+    async def search_v1(self, request: SearchRequest) -> SearchResponse:
+        results = await within(self.config.request_timeout_s, self._search(request), "search")
+        return SearchResponse(index=request.index, modality=request.modality, results=results)
+
+    async def _search(self, request: SearchRequest) -> list[list[Hit]]:
+        key = (request.index, request.modality)
+        if key not in self.manifests:
+            known = sorted(f"{n}/{m}" for n, m in self.manifests)
+            raise HTTPException(404, f"unknown index {request.index!r} with modality {request.modality!r}; "
+                                     f"known: {', '.join(known)}")
+        if request.k > self.config.max_k:
+            raise HTTPException(422, f"k: got {request.k}; the limit is {self.config.max_k}")
+        if len(request.queries) > self.config.max_queries:
+            raise HTTPException(413, f"{len(request.queries)} queries; the limit is {self.config.max_queries}")
+        vectors = np.stack(await asyncio.gather(*(self._encode(q, i) for i, q in enumerate(request.queries))))
+        fetch_k = request.k * 3 if request.deduplicate else request.k
+        parts = await asyncio.gather(*(g.search.remote((request.index, request.modality, fetch_k), vectors)
+                                       for g in self.groups))
+        scores, ids = merge_topk(np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts], 1),
+                                 fetch_k)
+        store = self.metadata[key]
+        results = []
+        for row_scores, row_ids in zip(scores, ids):
+            hits = [(float(s), int(i)) for s, i in zip(row_scores, row_ids) if i >= 0]
+            metas = store.lookup([i for _, i in hits])
+            rows = [Hit(id=i, score=s, url=(m or {}).get("url"), caption=(m or {}).get("caption"))
+                    for (s, i), m in zip(hits, metas)]
+            results.append(self._dedup(rows)[:request.k] if request.deduplicate else rows)
+        return results
+
+    @staticmethod
+    def _dedup(hits: list[Hit]) -> list[Hit]:
+        """Near-duplicates among results: same URL, or same caption at (almost) the same score."""
+        seen_urls, seen, kept = set(), [], []
+        for hit in hits:
+            if hit.url and hit.url in seen_urls:
+                continue
+            if any(hit.caption == c and abs(hit.score - s) < 1e-3 for c, s in seen):
+                continue
+            seen_urls.add(hit.url)
+            seen.append((hit.caption, hit.score))
+            kept.append(hit)
+        return kept
+
+    async def _encode(self, query: Query, i: int) -> np.ndarray:
+        what = f"queries[{i}]"
+        if query.vector is not None:
+            vector = np.asarray(query.vector, np.float32)
+            if vector.shape != (self.dim,):
+                raise HTTPException(422, f"{what}.vector: got {vector.shape[0]} dimensions; the index holds "
+                                         f"{self.dim}-d vectors")
+            if not np.isfinite(vector).all() or not np.linalg.norm(vector):
+                raise HTTPException(422, f"{what}.vector: must be finite and non-zero")
+            return vector / np.linalg.norm(vector)
+        if query.text is not None:
+            return await self.encoder.encode_texts.remote(query.text)
+        if self.image_size is None:
+            self.image_size = await self.encoder.image_size.remote()
+        if query.image is not None:
+            pixels = decode_base64_image(query.image, f"{what}.image", self.image_size, self.config.max_image_pixels)
+        else:
+            policy = FetchPolicy(timeout=self.config.image_url_timeout_s, retries=0,
+                                 max_bytes=self.config.image_url_max_bytes)
+            data, reason, message = await asyncio.to_thread(download, query.image_url, policy)
+            if data is None:
+                raise HTTPException(400, f"{what}.image_url: could not fetch {query.image_url}: {reason} ({message})")
+            pixels = decode_image_bytes(data, f"{what}.image_url", self.image_size, self.config.max_image_pixels)
+        return await self.encoder.encode_images.remote(pixels)
+
+    # ------------------------------------------------------------ the LAION kNN API
+    @app.get("/indices-list")
+    async def indices_list(self) -> list[str]:
+        return sorted(self.config.indices)
+
+    @app.post("/knn-service")
+    async def knn_service(self, request: Request) -> list[dict]:
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise HTTPException(422, "expected a JSON object")
+        query_fields = {"text": "text", "image": "image", "image_url": "image_url", "embedding_input": "vector"}
+        given = {ours: body[theirs] for theirs, ours in query_fields.items() if body.get(theirs) is not None}
+        for required in ("modality", "num_images", "indice_name"):
+            if required not in body:
+                raise HTTPException(422, f"{required}: required field is missing")
+        try:
+            query = Query(**given)
+            num_images = int(body["num_images"])
+            k = max(num_images, int(body.get("num_result_ids") or num_images))
+            search = SearchRequest(queries=[query], index=body["indice_name"], modality=body["modality"], k=k,
+                                   deduplicate=bool(body.get("deduplicate", False)))
+        except (ValueError, TypeError) as error:
+            raise HTTPException(422, str(error)) from None
+        hits = (await within(self.config.request_timeout_s, self._search(search), "search"))[0][:num_images]
+        return [{"id": h.id, "similarity": h.score, "url": h.url, "caption": h.caption} for h in hits]
+
+    @app.post("/metadata")
+    async def metadata(self, request: MetadataRequest) -> list[dict]:
+        key = next(((n, m) for n, m in self.manifests if n == request.indice_name), None)
+        if key is None:
+            raise HTTPException(404, f"unknown index {request.indice_name!r}; known: {', '.join(sorted(self.config.indices))}")
+        metas = self.metadata[key].lookup(request.ids)
+        return [{"id": i, "metadata": {k: v for k, v in (m or {}).items() if k in ("url", "caption", "key")}}
+                for i, m in zip(request.ids, metas) if m is not None]
+
+    # ------------------------------------------------------------ health and page
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(self) -> dict:
+        await asyncio.gather(self.encoder.image_size.remote(), *(g.search.remote(
+            (n, m, 1), np.zeros((1, self.dim), np.float32)) for g in self.groups for n, m in list(self.manifests)[:1]))
+        return {"status": "ready", "indices": sorted(self.config.indices), "shard_groups": len(self.groups)}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page(self) -> str:
+        return PAGE.read_text()
+
+
+def build_app(args: dict) -> serve.Application:
+    """``serve deploy`` / ``serve.run`` entry: ``import_path: serve_apps.retrieval:build_app``."""
+    config = RetrievalAppConfig.model_validate(args)
+    batch = dict(batching=config.batching, max_batch_size=config.max_batch_size,
+                 batch_wait_timeout_s=config.batch_wait_timeout_s)
+    cpus = {"ray_actor_options": {"num_cpus": config.replica_num_cpus}}
+    encoder = QueryEncoder.options(**cpus).bind(config.model.model_dump(), **batch)
+    indices = {name: pair.model_dump() for name, pair in config.indices.items()}
+    groups = [IndexShardGroup.options(name=f"IndexShardGroup{g}", **cpus).bind(indices, g, config.shard_groups, **batch)
+              for g in range(config.shard_groups)]
+    return RetrievalAPI.options(**cpus).bind(encoder, groups, config.model_dump(mode="json"))

@@ -1,0 +1,239 @@
+"""The Serve apps over real HTTP on 127.0.0.1: results equal library calls, every bad input a 4xx."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from react_ray.config import (
+    CorpusConfig,
+    EmbedConfig,
+    GenerateConfig,
+    IndexConfig,
+    ModelConfig,
+    RetrievalAppConfig,
+    ServeConfig,
+    ZeroShotAppConfig,
+)
+from react_ray.data.synthetic import generate_corpus
+from react_ray.embed.pipeline import run_embedding
+from react_ray.evaluate.zeroshot import zero_shot_classifier
+from react_ray.index.build import build_index
+from react_ray.index.sharded import ShardedIndex
+from react_ray.models import build_model, export_react_checkpoint
+
+pytestmark = pytest.mark.ray
+MODEL = ModelConfig(name="react-micro")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _jpeg(color=(200, 40, 40), size=(48, 48)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, tmp_path_factory, s3_server):
+    import boto3
+    from ray import serve
+
+    from serve_apps.run import start_apps
+
+    root = tmp_path_factory.mktemp("serve")
+    generate_corpus(GenerateConfig(output=str(root / "corpus"), corpus=CorpusConfig(
+        num_shards=2, samples_per_shard=40, eval_samples_per_class=1, formats=["webdataset"])), progress=False)
+    run_embedding(EmbedConfig(input=str(root / "corpus" / "webdataset"), output=str(root / "emb"), model=MODEL,
+                              batch_size=32, decode_num_cpus=0.5, pool={"num_cpus": 0.5}), progress=False)
+    for keys in ("image", "text"):
+        build_index(IndexConfig(embeddings=str(root / "emb"), output=str(root / f"index-{keys}"), keys=keys,
+                                factory="IDMap,Flat", num_shards=2, tune_queries=10, task_num_cpus=0.5))
+    # A second "customized" model: the base with one weight changed, stored on S3.
+    custom = build_model(MODEL)
+    with torch.no_grad():
+        custom.model.visual.proj.mul_(-1)
+    boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="models")
+    export_react_checkpoint(custom.model, "s3://models/react.pt")
+    port = _free_port()
+    config = ServeConfig(port=port, retrieval=RetrievalAppConfig(
+        indices={"demo": {"image": str(root / "index-image"), "text": str(root / "index-text")}}, model=MODEL,
+        shard_groups=2, max_k=50, max_request_bytes=200_000, image_url_timeout_s=1.0, replica_num_cpus=0.25),
+        zeroshot=ZeroShotAppConfig(models={"base": MODEL, "react": ModelConfig(name="react-micro",
+                                                                               checkpoint="s3://models/react.pt")},
+                                   default_model="base", max_images=8, replica_num_cpus=0.25))
+    urls = start_apps(config)
+    yield {"root": root, "urls": urls, "index": ShardedIndex(str(root / "index-image"))}
+    serve.shutdown()
+
+
+def _search(url: str, **body) -> requests.Response:
+    return requests.post(f"{url}/v1/search", json=body, timeout=60)
+
+
+def test_text_and_vector_queries_equal_direct_index_search(served):
+    url, index = served["urls"]["retrieval"], served["index"]
+    clip = build_model(MODEL)
+    prompts = ["a photo of a red star", "a blue circle"]
+    response = _search(url, queries=[{"text": p} for p in prompts], index="demo", k=7)
+    assert response.status_code == 200, response.text
+    scores, ids = index.search(clip.encode_texts(prompts).numpy(), 7)
+    for row, expected_ids, expected_scores in zip(response.json()["results"], ids, scores):
+        assert [h["id"] for h in row] == expected_ids.tolist()
+        np.testing.assert_allclose([h["score"] for h in row], expected_scores, atol=1e-4)
+        assert all(h["url"].startswith("https://") and h["caption"] is not None for h in row)
+    vector = clip.encode_texts(["a green heart"])[0].numpy()
+    by_vector = _search(url, queries=[{"vector": (vector * 3).tolist()}], index="demo", k=5).json()["results"][0]
+    assert [h["id"] for h in by_vector] == index.search(vector[None], 5)[1][0].tolist()
+
+
+def test_concurrent_requests_with_different_k_are_never_mixed(served):
+    url, index = served["urls"]["retrieval"], served["index"]
+    clip = build_model(MODEL)
+    texts = [f"a photo of a {c} square" for c in ("red", "green", "blue", "yellow", "black", "white")] * 3
+
+    def one(i):
+        return _search(url, queries=[{"text": texts[i]}], index="demo", k=1 + i).json()["results"][0]
+
+    with ThreadPoolExecutor(18) as pool:
+        results = list(pool.map(one, range(18)))
+    for i, row in enumerate(results):
+        expected = index.search(clip.encode_texts([texts[i]]).numpy(), 1 + i)[1][0].tolist()
+        assert [h["id"] for h in row] == expected
+
+
+def test_image_query_and_laion_knn_api(served):
+    url, index = served["urls"]["retrieval"], served["index"]
+    clip = build_model(MODEL)
+    image = _jpeg()
+    ours = _search(url, queries=[{"image": _b64(image)}], index="demo", k=4).json()["results"][0]
+    expected = index.search(clip.encode_images(clip.preprocess(Image.open(io.BytesIO(image)))[None]).numpy(), 4)
+    assert [h["id"] for h in ours] == expected[1][0].tolist()
+    assert requests.get(f"{url}/indices-list", timeout=30).json() == ["demo"]
+    knn = requests.post(f"{url}/knn-service", json={"text": "a red star", "modality": "text", "num_images": 3,
+                                                    "indice_name": "demo", "deduplicate": True,
+                                                    "use_safety_model": True}, timeout=30)
+    assert knn.status_code == 200, knn.text
+    hits = knn.json()
+    assert len(hits) == 3 and {"id", "similarity", "url", "caption"} <= set(hits[0])
+    meta = requests.post(f"{url}/metadata", json={"indice_name": "demo", "ids": [hits[0]["id"]]}, timeout=30).json()
+    assert meta[0]["metadata"]["url"] == hits[0]["url"]
+    assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
+    assert requests.get(f"{url}/readyz", timeout=30).json()["shard_groups"] == 2
+    assert "/v1/search" in requests.get(f"{url}/openapi.json", timeout=30).json()["paths"]
+
+
+
+def _bomb() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (9000, 9000)).save(buffer, format="PNG")  # 81 Mpixel > the 40 Mpixel limit, tiny file
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"queries": [{"image": "not base64!!"}], "index": "demo"}, 400, "queries[0].image: invalid base64"),
+    ({"queries": [{"image": _b64(b"plain text")}], "index": "demo"}, 400, "queries[0].image: corrupt_image"),
+    ({"queries": [{"image": _b64(_jpeg()[:200])}], "index": "demo"}, 400, "queries[0].image: truncated_image"),
+    ({"queries": [{"image": _b64(_bomb())}], "index": "demo"}, 400, "oversize_image"),
+    ({"queries": [{"text": "x"}], "index": "demo", "k": 0}, 422, "greater than or equal to 1"),
+    ({"queries": [{"text": "x"}], "index": "demo", "k": 51}, 422, "k: got 51; the limit is 50"),
+    ({"queries": [{"vector": [0.1, 0.2]}], "index": "demo"}, 422, "got 2 dimensions; the index holds 32-d"),
+    ({"queries": [{"text": "x"}], "index": "nope"}, 404, "unknown index 'nope'"),
+    ({"queries": [{"text": "x", "vector": [1.0]}], "index": "demo"}, 422, "give exactly one of"),
+    ({"index": "demo"}, 422, "queries"),
+    ({"queries": [{"image_url": "http://127.0.0.1:9/x.jpg"}], "index": "demo"}, 400, "could not fetch"),
+])
+def test_bad_search_requests_get_precise_4xx(served, body, status, message):
+    response = _search(served["urls"]["retrieval"], **body)
+    assert response.status_code == status, response.text
+    assert message in response.text
+
+
+def test_malformed_and_oversized_bodies_then_still_serving(served):
+    url = served["urls"]["retrieval"]
+    bad_json = requests.post(f"{url}/v1/search", data="{not json", headers={"Content-Type": "application/json"},
+                             timeout=30)
+    assert bad_json.status_code == 422 and "JSON" in bad_json.text
+    huge = requests.post(f"{url}/v1/search", json={"queries": [{"text": "x" * 300_000}], "index": "demo"}, timeout=30)
+    assert huge.status_code == 413 and "the limit is 200,000" in huge.text
+    missing = requests.post(f"{url}/knn-service", json={"text": "a star", "indice_name": "demo"}, timeout=30)
+    assert missing.status_code == 422 and "modality: required field is missing" in missing.text
+    assert _search(url, queries=[{"text": "a red star"}], index="demo", k=3).status_code == 200
+
+
+def test_zero_shot_multiplexed_models_match_direct_calls(served):
+    url = served["urls"]["zeroshot"]
+    classes, templates = ["red", "blue", "green"], ["a {} square.", "a photo of something {}."]
+    image = _jpeg((30, 40, 210))
+    body = {"images": [_b64(image), _b64(_jpeg())], "classnames": classes, "templates": templates, "top_k": 2}
+    by_field = requests.post(f"{url}/v1/classify", json=body | {"model": "react"}, timeout=120)
+    by_header = requests.post(f"{url}/v1/classify", json=body, headers={"serve_multiplexed_model_id": "react"},
+                              timeout=120)
+    default = requests.post(f"{url}/v1/classify", json=body, timeout=120)
+    assert by_field.status_code == 200, by_field.text
+    assert by_field.json() == by_header.json() and by_field.json()["model"] == "react"
+    assert default.json()["model"] == "base" and default.json() != by_field.json()
+    react = build_model(ModelConfig(name="react-micro", checkpoint="s3://models/react.pt"))  # as served: fp16 file
+    for name, clip in (("react", react), ("base", build_model(MODEL))):
+        weights = zero_shot_classifier(clip, classes, templates)
+        logits = clip.encode_images(clip.preprocess(Image.open(io.BytesIO(image)))[None]) @ weights.T
+        probs = torch.softmax(float(clip.model.logit_scale.exp()) * logits, 1)[0].numpy()
+        got = (by_field if name == "react" else default).json()["predictions"][0]
+        assert got["labels"] == [classes[i] for i in np.argsort(-probs)[:2]]
+        np.testing.assert_allclose(got["scores"], np.sort(probs)[::-1][:2], atol=1e-4)
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"images": ["AAAA"], "classnames": ["a"], "model": "nope"}, 404, "unknown model 'nope'"),
+    ({"images": [_b64(b"junk")], "classnames": ["a", "b"]}, 400, "images[0]: corrupt_image"),
+    ({"images": [_b64(_jpeg())], "classnames": ["a"], "templates": ["no slot"]}, 422, "exactly one '{}'"),
+    ({"images": [_b64(_jpeg())]}, 422, "give exactly one of classnames or task"),
+    ({"images": [_b64(_jpeg())], "task": "imagenet"}, 404, "unknown task 'imagenet'"),
+    ({"images": [_b64(_jpeg())] * 9, "classnames": ["a"]}, 413, "9 images; the limit is 8"),
+    ({"images": [], "classnames": ["a"]}, 422, "images"),
+])
+def test_bad_classify_requests_get_precise_4xx(served, body, status, message):
+    response = requests.post(f"{served['urls']['zeroshot']}/v1/classify", json=body, timeout=60)
+    assert response.status_code == status, response.text
+    assert message in response.text
+
+
+def test_search_page_in_headless_chromium(served):
+    playwright = pytest.importorskip("playwright.sync_api")
+    import shutil
+
+    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert browser_path, "Debian's chromium package is required (apt-get install chromium)"
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(served["urls"]["retrieval"] + "/")
+        page.wait_for_selector("#index option", state="attached")
+        page.fill("#text", "a photo of a red star")
+        page.fill("#k", "6")
+        page.click("#go")
+        page.wait_for_selector("figure.hit")
+        assert page.locator("figure.hit").count() == 6
+        assert "score" in page.locator("figure.hit").first.inner_text()
+        assert "6 results" in page.inner_text("#status")
+        page.fill("#k", "51")  # allowed by the form, refused by the server (max_k 50): shown as an error
+        page.click("#go")
+        page.wait_for_selector("#status.error")
+        assert "k: got 51; the limit is 50" in page.inner_text("#status")
+        browser.close()

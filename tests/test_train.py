@@ -1,0 +1,208 @@
+"""Training and zero-shot evaluation: trainable sets, loss, DDP equivalence, recovery, export (real Ray Train)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from react_ray import storage
+from react_ray.config import CorpusConfig, EvaluateConfig, GenerateConfig, ModelConfig, TrainConfig
+from react_ray.data.synthetic import SHAPES, generate_corpus
+from react_ray.evaluate.zeroshot import ZeroShotScorer, accuracy_metrics, run_evaluation
+from react_ray.models import build_model
+from react_ray.train.loop import Stepper, build_for_training, lr_at, make_optimizer
+from react_ray.train.trainer import read_history, run_training
+
+
+def _config(tmp_path, **overrides) -> TrainConfig:
+    base = dict(data=str(tmp_path / "data"), output=str(tmp_path / "run"), model=ModelConfig(name="react-micro"),
+                mode="gated-image", steps=4, batch_size=8, augment={"enabled": False}, optim={"warmup_steps": 2})
+    return TrainConfig(**(base | overrides))
+
+
+def _batch(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, 32, 32, generator=generator)
+    clip = build_model("react-micro")
+    texts = clip.tokenizer([f"a {c} {s}" for c, s in zip(["red", "blue", "green", "black"] * 4, SHAPES * 2)][:n])
+    return images, texts
+
+
+@pytest.mark.parametrize("mode", ["gated-image", "locked-text", "full"])
+def test_one_step_changes_exactly_the_trainable_set(tmp_path, mode):
+    config = _config(tmp_path, mode=mode, optim={"lr": 1e-2, "warmup_steps": 0})
+    clip, trainable = build_for_training(config)
+    before = {n: p.detach().clone() for n, p in clip.model.named_parameters()}
+    stepper = Stepper(clip.model, make_optimizer(clip.model, config), config, torch.device("cpu"))
+    for step in range(2):  # step 1 moves the gates; step 2 reaches the gated blocks' weights too
+        stepper(*_batch(), step)
+    changed = {n for n, p in clip.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set(trainable)
+    assert not any(n.startswith(("transformer.", "token_embedding")) for n in changed) or mode == "full"
+
+
+def test_weight_decay_groups_and_schedule(tmp_path):
+    config = _config(tmp_path, steps=100, optim={"lr": 1e-3, "warmup_steps": 10, "weight_decay": 0.2})
+    clip, _ = build_for_training(config)
+    optimizer = make_optimizer(clip.model, config)
+    names = {id(p): n for n, p in clip.model.named_parameters()}
+    decayed = {names[id(p)] for p in optimizer.param_groups[0]["params"]}
+    exempt = {names[id(p)] for p in optimizer.param_groups[1]["params"]}
+    assert optimizer.param_groups[0]["weight_decay"] == 0.2 and optimizer.param_groups[1]["weight_decay"] == 0
+    assert "logit_scale" in exempt and any("alpha_attn" in n for n in exempt) and any(".ln_1." in n for n in exempt)
+    assert all(n.endswith("weight") and ".ln_" not in n for n in decayed)
+    assert lr_at(0, config) == pytest.approx(1e-4) and lr_at(9, config) == pytest.approx(1e-3)
+    assert lr_at(99, config) < 1e-6 and lr_at(50, config) < lr_at(20, config)
+
+
+def test_loss_decreases_and_logit_scale_stays_clamped(tmp_path):
+    config = _config(tmp_path, mode="full", optim={"lr": 3e-3, "warmup_steps": 0}, steps=30)
+    clip, _ = build_for_training(config)
+    with torch.no_grad():
+        clip.model.logit_scale.fill_(4.7)  # just above ln 100: the clamp must bring it back
+    stepper = Stepper(clip.model, make_optimizer(clip.model, config), config, torch.device("cpu"))
+    images, texts = _batch()
+    losses = [float(stepper(images, texts, step)) for step in range(30)]
+    assert losses[-1] < 0.5 * losses[0]
+    assert float(clip.model.logit_scale) <= np.log(100) + 1e-6
+
+
+@pytest.fixture(scope="module")
+def train_corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    corpus = CorpusConfig(num_shards=2, samples_per_shard=48, eval_samples_per_class=3, formats=["webdataset"])
+    generate_corpus(GenerateConfig(output=str(root / "corpus"), corpus=corpus), progress=False)
+    return root
+
+
+def _ray_config(root, name, **overrides) -> TrainConfig:
+    base = dict(data=str(root / "corpus" / "webdataset"), output=str(root / name), model=ModelConfig(name="react-micro"),
+                mode="gated-image", steps=6, batch_size=16, workers=1, cpus_per_worker=0.5, decode_num_cpus=0.25,
+                augment={"enabled": False}, optim={"lr": 5e-3, "warmup_steps": 2}, log_every=1, checkpoint_every=3,
+                data_sharding="slice", shuffle_buffer=0)
+    return TrainConfig(**(base | overrides))
+
+
+@pytest.mark.ray
+def test_two_workers_follow_the_one_worker_loss_trajectory(ray_local, train_corpus):
+    one = run_training(_ray_config(train_corpus, "one"))
+    two = run_training(_ray_config(train_corpus, "two", workers=2))
+    losses = [[r["loss"] for r in read_history(s.output) if "loss" in r] for s in (one, two)]
+    assert len(losses[0]) == len(losses[1]) == 6
+    assert losses[0][0] != losses[0][-1]  # it trained
+    np.testing.assert_allclose(losses[1], losses[0], rtol=2e-4)
+    for summary in (one, two):
+        assert storage.exists(storage.join(summary.output, "model.pt"))
+        assert storage.exists(storage.join(summary.output, "training.png"))
+
+
+def _train_workers() -> list:
+    """This test's own Ray Train worker processes (descendants of this process; titled by Ray)."""
+    import psutil
+
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _kill_a_worker_after_first_checkpoint(run_dir: str, killed: list) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline and not killed:
+        # Two checkpoint folders: the first one's report has surely reached the controller
+        # (a folder appears before its report is registered).
+        if os.path.isdir(run_dir) and sum(n.startswith("checkpoint_") for n in os.listdir(run_dir)) >= 2:
+            for process in _train_workers():  # the run's worker (and any of an earlier run still exiting)
+                os.kill(process.pid, signal.SIGKILL)
+                killed.append(process.pid)
+            if killed:
+                return
+        time.sleep(0.2)
+
+
+@pytest.mark.ray
+def test_killed_worker_resumes_from_checkpoint_and_a_rerun_continues(ray_local, train_corpus):
+    config = _ray_config(train_corpus, "killed", steps=30, checkpoint_every=5, data_sharding="stream",
+                         shuffle_buffer=64, max_failures=2)
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(config.output, killed))
+    killer.start()
+    summary = run_training(config)
+    killer.join()
+    assert killed, "no worker was killed: the run ended before its first checkpoint"
+    history = read_history(config.output)
+    resumed = [r["step"] for r in history if r.get("event") == "resumed"]
+    assert summary.resumes == 1 and resumed[0] >= 5 and resumed[0] % 5 == 0
+    assert [r["step"] for r in history if "loss" in r][-1] == 30
+
+    longer = run_training(config.model_copy(update={"steps": 36}))  # the same job run again, with more steps
+    history = read_history(config.output)
+    assert [r["step"] for r in history if r.get("event") == "resumed"][-1] == 30
+    assert longer.steps == 36 and longer.resumes == 2
+
+    # The exported model reloads strictly and evaluates identically, locally and on Ray Data.
+    task = train_corpus / "task.yaml"
+    task.write_text(yaml.safe_dump({"name": "shapes", "classnames": list(SHAPES), "templates": ["a {}.", "a {} shape."]}))
+    models = {"react": ModelConfig(name="react-micro", checkpoint=str(train_corpus / "killed" / "model.pt")),
+              "base": ModelConfig(name="react-micro")}
+    eval_set = str(train_corpus / "corpus" / "eval")
+    local = run_evaluation(EvaluateConfig(eval_set=eval_set, task=str(task), models=models,
+                                          output=str(train_corpus / "eval-local")))
+    distributed = run_evaluation(EvaluateConfig(eval_set=eval_set, task=str(task), models=models, batch_size=7,
+                                                distributed="ray", output=str(train_corpus / "eval-ray")))
+    assert local.results == distributed.results
+    assert local.results["react"]["n"] == 30
+    saved = json.loads(storage.read_bytes(str(train_corpus / "eval-local" / "evaluation.json")))
+    assert saved["results"]["react"]["top1"] == local.results["react"]["top1"]
+
+
+def test_accuracy_metrics_by_hand():
+    logits = np.array([[3, 2, 1], [1, 3, 2], [3, 1, 2], [1, 2, 3]], np.float32)
+    labels = np.array([0, 2, 1, 2])
+    metrics = accuracy_metrics(logits, labels, 3)
+    assert metrics["top1"] == 0.5  # rows 0 and 3
+    assert metrics["top3"] == 1.0
+    assert metrics["mean_per_class"] == pytest.approx((1 + 0 + 0.5) / 3)
+
+
+def test_scorer_counts_bad_images_and_matches_direct_model_calls(tmp_path):
+    import io
+
+    from PIL import Image
+
+    clip = build_model("react-micro")
+    image = Image.new("RGB", (40, 40), (200, 30, 30))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG")
+    good = buffer.getvalue()
+    scorer = ZeroShotScorer({"m": {"name": "react-micro"}}, ["red", "blue"], ["a {} thing."])
+    logits, reasons = scorer.score([good, b"not an image", good[: len(good) // 3], b""])
+    assert reasons == [None, "corrupt_image", "truncated_image", "zero_size_image"]
+    assert np.isnan(logits["m"][1:]).all()
+    weights = torch.nn.functional.normalize(torch.stack([clip.encode_texts([f"a {c} thing."])[0] for c in ("red", "blue")]),
+                                            dim=1)
+    direct = clip.encode_images(clip.preprocess(Image.open(io.BytesIO(good)).convert("RGB"))[None]) @ weights.T
+    np.testing.assert_allclose(logits["m"][0], direct[0].numpy(), atol=1e-4)
+
+
+def test_bad_train_configs_are_precise(tmp_path):
+    from react_ray.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=r"batch_size \(10\) must be a multiple of workers \(3\)"):
+        build_config(TrainConfig, {"data": "d", "output": "o", "batch_size": 10, "workers": 3})
+    with pytest.raises(ConfigError, match="precision: 'fp16' \\(AMP\\) needs use_gpu=true"):
+        build_config(TrainConfig, {"data": "d", "output": "o", "precision": "fp16"})
+    with pytest.raises(ConfigError, match="mode: got 'gated-text'"):
+        build_config(TrainConfig, {"data": "d", "output": "o", "mode": "gated-text"})
