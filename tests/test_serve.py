@@ -215,7 +215,7 @@ def test_bad_classify_requests_get_precise_4xx(served, body, status, message):
 
 
 def test_search_page_in_headless_chromium(served):
-    playwright = pytest.importorskip("playwright.sync_api")
+    from playwright import sync_api as playwright
     import shutil
 
     browser_path = shutil.which("chromium") or shutil.which("chromium-browser")

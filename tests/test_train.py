@@ -168,6 +168,21 @@ def test_killed_worker_resumes_from_checkpoint_and_a_rerun_continues(ray_local, 
     assert saved["results"]["react"]["top1"] == local.results["react"]["top1"]
 
 
+@pytest.mark.ray
+@pytest.mark.s3
+def test_checkpoints_and_export_on_s3(ray_local, train_corpus, s3_bucket):
+    output = f"{s3_bucket}/runs/react"
+    config = _ray_config(train_corpus, "unused", output=output, steps=4, checkpoint_every=2)
+    first = run_training(config)
+    assert first.steps == 4 and first.resumes == 0
+    names = [p.rsplit("/", 1)[-1] for p in storage.filesystem(output)[0].ls(storage.filesystem(output)[1])]
+    assert {"model.pt", "metrics.jsonl", "training.png", "train.json"} <= set(names)
+    assert sum(n.startswith("checkpoint_") for n in names) >= 1
+    again = run_training(config.model_copy(update={"steps": 6}))  # resumes from the S3 checkpoint
+    assert again.resumes == 1 and [r["step"] for r in read_history(output) if r.get("event")] == [4]
+    build_model(ModelConfig(name="react-micro", checkpoint=f"{output}/model.pt", gated_layers=None))
+
+
 def test_accuracy_metrics_by_hand():
     logits = np.array([[3, 2, 1], [1, 3, 2], [3, 1, 2], [1, 2, 3]], np.float32)
     labels = np.array([0, 2, 1, 2])
