@@ -149,8 +149,11 @@ def _mean_across_workers(value: torch.Tensor) -> float:
 def step_metrics(model: nn.Module, loss: torch.Tensor, step: int, config: TrainConfig, samples_per_s: float) -> dict:
     model = _unwrap(model)
     gates = gate_values(model)
+    params = list(model.parameters())
     return {
         "step": step, "loss": _mean_across_workers(loss), "lr": lr_at(step - 1, config),
+        "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+        "total_params": sum(p.numel() for p in params),
         "logit_scale": float(model.logit_scale.detach().exp()), "samples_per_s": samples_per_s,
         "gate_mean": sum(abs(v) for v in gates.values()) / len(gates) if gates else 0.0,
         **{f"gate/{k}": v for k, v in gates.items()},

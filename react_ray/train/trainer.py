@@ -19,7 +19,7 @@ from react_ray.config import TrainConfig
 from react_ray.ray_utils import connect
 from react_ray.report import png_bytes, pyplot
 from react_ray.train.data import training_dataset
-from react_ray.train.loop import build_for_training, train_worker
+from react_ray.train.loop import train_worker
 
 
 @dataclass
@@ -105,11 +105,8 @@ def plot_history(history: list[dict], title: str) -> bytes:
 def run_training(config: TrainConfig) -> TrainSummary:
     start = time.perf_counter()
     connect(config.ray_address)
-    clip, trainable = build_for_training(config)
-    params = dict(clip.model.named_parameters())
-    trainable_count = sum(params[n].numel() for n in trainable)
-    print(f"train: {config.mode} on {config.model.name}, {len(trainable)} trainable tensors "
-          f"({trainable_count:,} params), {config.steps} steps, global batch {config.batch_size} on "
+    # The model is built on the workers only (a checkpoint or weights file is read there, not twice).
+    print(f"train: {config.mode} on {config.model.name}, {config.steps} steps, global batch {config.batch_size} on "
           f"{config.workers} worker(s) ({'GPU' if config.use_gpu else 'CPU'}) -> {config.output}")
     result = make_trainer(config).fit()
     if result.error is not None:
@@ -121,7 +118,7 @@ def run_training(config: TrainConfig) -> TrainSummary:
     seconds = time.perf_counter() - start
     summary = TrainSummary(
         output=config.output, mode=config.mode, steps=steps[-1]["step"], workers=config.workers,
-        trainable_params=trainable_count, total_params=sum(p.numel() for p in params.values()),
+        trainable_params=steps[-1]["trainable_params"], total_params=steps[-1]["total_params"],
         final_loss=steps[-1]["loss"], resumes=sum(r.get("event") == "resumed" for r in history),
         seconds=seconds, samples_per_s=sum(r["samples_per_s"] for r in steps[-5:]) / len(steps[-5:]),
     )
