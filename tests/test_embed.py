@@ -16,7 +16,7 @@ from PIL import Image
 
 from react_ray import ids, storage
 from react_ray.config import CorpusConfig, EmbedConfig, GenerateConfig, ModelConfig
-from react_ray.data.synthetic import generate_corpus
+from react_ray.data.synthetic import generate_corpus, shard_samples
 from react_ray.embed.decode import decode_image
 from react_ray.embed.outputs import column_matrix, load_embeddings, read_parquet
 from react_ray.embed.pipeline import run_embedding
@@ -105,6 +105,19 @@ def corpus(tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
+def test_readers_keep_the_sources_laion_columns(corpus, fmt):
+    """img2dataset keeps LAION's scores (punsafe, ...) in the json / parquet; the reader carries them as ``meta``."""
+    shard = list_input_shards(f"{corpus}/{fmt}", fmt)[0]
+    *records, _ = [r for block in read_shard(shard) for r in block]
+    truth = shard_samples(CORPUS, shard.number)
+    assert len(records) == len(truth) > 0
+    for record, sample in zip(records, truth):
+        meta = json.loads(record["meta"])
+        assert meta["punsafe"] == sample["punsafe"] and meta["similarity"] == sample["similarity"]
+        assert (meta["width"], meta["height"]) == (sample["width"], sample["height"])
+
+
 @pytest.mark.ray
 def test_pipeline_counts_every_fault_and_embeds_the_rest(ray_local, tmp_path, corpus):
     inputs = tmp_path / "wds"
@@ -154,6 +167,9 @@ def test_parquet_input_and_model_mismatch(ray_local, tmp_path, corpus):
     assert (summary.rows_in, summary.rows_embedded) == (80, 80)
     ids_, vectors = load_embeddings(out)
     assert len(np.unique(ids_)) == 80 and np.allclose(np.linalg.norm(vectors.astype(np.float32), axis=1), 1, atol=2e-3)
+    table = read_parquet(f"{out}/part-000001.parquet", ["id", "meta"])
+    punsafe = {int(ids.encode(1, row)): s["punsafe"] for row, s in enumerate(shard_samples(CORPUS, 1))}
+    assert {i: json.loads(m)["punsafe"] for i, m in zip(*table.to_pydict().values())} == punsafe
     other = EmbedConfig(input=f"{corpus}/parquet", output=out, input_format="parquet", model=ModelConfig(name="react-tiny"))
     with pytest.raises(ValueError, match="holds embeddings with model='react-micro'; this run has model='react-tiny'"):
         run_embedding(other, progress=False)
@@ -184,14 +200,16 @@ def test_laion_embedding_ingestion_keeps_ids_aligned(ray_local, tmp_path):
             np.save(tmp_path / folder / f"{prefix}_{number:04d}.npy", data)
         (tmp_path / "metadata").mkdir(exist_ok=True)
         pq.write_table(pa.table({"url": [f"http://x/{number}/{i}.jpg" for i in range(rows)],
-                                 "caption": [f"caption {number}-{i}" for i in range(rows)]}),
+                                 "caption": [f"caption {number}-{i}" for i in range(rows)],
+                                 "punsafe": [i / 100 for i in range(rows)]}),
                        tmp_path / "metadata" / f"metadata_{number:04d}.parquet")
     out = str(tmp_path / "emb")
     summary = run_embedding(_config(str(tmp_path), out, input_format="laion-embeddings"), progress=False)
     assert (summary.rows_in, summary.rows_embedded, summary.skipped) == (80, 78, {"invalid_embedding": 2})
     table = read_parquet(f"{out}/part-000007.parquet")
-    for id_, url, caption in zip(*(table[c].to_pylist() for c in ("id", "url", "caption"))):
+    for id_, url, caption, meta in zip(*(table[c].to_pylist() for c in ("id", "url", "caption", "meta"))):
         _, shard, row = ids.decode(id_)
         assert url == f"http://x/7/{row}.jpg" and caption == f"caption 7-{row}" and shard == 7
+        assert json.loads(meta) == {"punsafe": row / 100}
     img, txt = column_matrix(table, "img_emb"), column_matrix(table, "txt_emb")
     np.testing.assert_allclose(img.astype(np.float32), -txt.astype(np.float32), atol=1e-3)

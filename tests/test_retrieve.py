@@ -52,6 +52,23 @@ def test_shipped_prompt_sets():
     assert all("{}" in t for ts in shipped("templates").values() for t in ts)
 
 
+ELEVATER_SIZES = {"cifar10": 10, "cifar100": 100, "food101": 101, "dtd": 47, "fgvc_aircraft": 100, "cars": 196,
+                  "resisc45": 45, "sun397": 397, "hateful_memes": 2, "eurosat": 10, "pets": 37, "flowers": 102,
+                  "caltech101": 102, "country211": 211, "gtsrb": 43, "mnist": 10, "fer2013": 7, "voc2007": 20,
+                  "pcam": 2, "renderedsst2": 2, "kitti_closest_vehicle_distance": 4}
+
+
+@pytest.mark.parametrize("dataset", sorted(ELEVATER_SIZES))
+def test_elevater_sets_ship_names_and_templates(dataset):
+    """Every ELEVATER dataset is one `classnames_from:` away, with its own templates."""
+    spec = TaskSpec(name=dataset, classnames_from=dataset, templates=dataset if dataset in shipped("templates")
+                    else "simple")
+    names = spec.classes
+    assert len(names) == ELEVATER_SIZES[dataset] and len(set(names)) == len(names)
+    assert all(name.strip() == name and name for name in names)
+    assert len(spec.prompts()) == len(names) * len(spec.template_list)
+
+
 def test_demo_task_names_the_generator_shapes():
     from pathlib import Path
 
@@ -115,9 +132,12 @@ def world(tmp_path_factory, ray_local):
         row_ids = ids.encode(shard, np.arange(300))
         truth.update(zip(row_ids.tolist(), labels.tolist()))
         name = f"part-{shard:06d}"
+        punsafe = rng.uniform(size=300).round(3)
+        meta = [json.dumps({"punsafe": p, "NSFW": "UNLIKELY"}) for p in punsafe]
+        meta[5] = None  # a pair whose source had no scores: a filter on them must drop it
         write_parquet(f"{emb}/{name}.parquet", embedding_table(
             row_ids, [str(i) for i in row_ids], [f"http://x/{i}" for i in row_ids],
-            [f"a {classes[label]} photo" for label in labels], img, img))
+            [f"a {classes[label]} photo" for label in labels], img, img, meta))
         finish_shard(emb, name, ShardStats(input="synthetic", shard=shard, rows_in=300, rows_embedded=300))
     for keys in ("image", "text"):
         build_index(IndexConfig(embeddings=emb, output=str(root / keys), keys=keys, factory="IDMap,Flat",
@@ -162,8 +182,23 @@ def test_threshold_blocklist_filters_and_caps(world, tmp_path):
     pairs, log = retrieve(spec, indices, encode)
     assert not set(blocked) & set(pairs["id"]) and (pairs["score"] >= 0.5).all()
     assert not pairs["caption"].str.contains("fish").any() and pairs.groupby("label").size().max() <= 10
-    with pytest.raises(ValueError, match=r"filters: unknown metadata column 'punsafe'; this index has"):
-        retrieve(spec.model_copy(update={"filters": {"punsafe": {"max": 0.1}}}), indices, encode)
+    with pytest.raises(ValueError, match=r"filters: unknown metadata column 'pnsfw'; this index has \['NSFW', "):
+        retrieve(spec.model_copy(update={"filters": {"pnsfw": {"max": 0.1}}}), indices, encode)
     with pytest.raises(ValueError, match="mode 'text-to-text' needs a text index"):
         retrieve(spec.model_copy(update={"mode": "text-to-text"}), {"image": indices["image"]}, encode)
     assert yaml.safe_load(yaml.safe_dump(spec.model_dump(mode="json")))["per_class_cap"] == 10
+
+
+@pytest.mark.ray
+def test_filters_on_the_sources_laion_columns(world):
+    """punsafe travels from the embedding files through the index metadata into filters and the output."""
+    classes, indices, encode, _, _ = world
+    spec = TaskSpec(name="t", classnames=classes, templates=["{}"], k_per_prompt=80, near_duplicate_threshold=None)
+    everything, _ = retrieve(spec, indices, encode)
+    scores = {m["id"]: m.get("punsafe") for m in indices["image"].lookup(everything["id"].to_numpy())}
+    safe, log = retrieve(TaskSpec.model_validate(spec.model_dump() | {"filters": {"punsafe": {"max": 0.3}}}),
+                         indices, encode)
+    expected = {i for i, p in scores.items() if p is not None and p <= 0.3}
+    assert set(safe["id"]) == expected and 0 < len(expected) < len(everything)
+    assert all(json.loads(m)["punsafe"] <= 0.3 for m in safe["meta"])
+    assert [step for step, _, _ in log.steps].count("metadata filters") == 1

@@ -207,6 +207,10 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
+# LAION's per-pair scores, which img2dataset keeps with --save_additional_columns.
+LAION_SCORES = ("similarity", "punsafe", "pwatermark")
+
+
 def shard_samples(corpus: CorpusConfig, shard: int) -> list[dict]:
     """All pairs of one shard; the same (seed, shard) always gives the same bytes."""
     rng = np.random.default_rng([corpus.seed, shard])
@@ -231,12 +235,12 @@ def write_shard(output: str, corpus: CorpusConfig, shard: int) -> list[dict]:
     if "webdataset" in corpus.formats:
         members = []
         for s in samples:
-            meta = {k: s[k] for k in ("key", "url", "caption", "width", "height", "sha256")} | {"status": "success"}
+            meta = {k: s[k] for k in ("key", "url", "caption", "width", "height", "sha256", *LAION_SCORES)} | {"status": "success"}
             members += [(f"{s['key']}.jpg", s["jpg"]), (f"{s['key']}.txt", s["caption"].encode()),
                         (f"{s['key']}.json", json.dumps(meta).encode())]
         storage.write_bytes_atomic(storage.join(output, "webdataset", f"{shard:05d}.tar"), _tar_bytes(members))
     if "parquet" in corpus.formats:
-        columns = ("key", "url", "caption", "jpg", "width", "height", "sha256")
+        columns = ("key", "url", "caption", "jpg", "width", "height", "sha256", *LAION_SCORES)
         table = pa.table({c: [s[c] for s in samples] for c in columns})
         storage.write_bytes_atomic(storage.join(output, "parquet", f"{shard:05d}.parquet"), _parquet_bytes(table))
     if "laion-metadata" in corpus.formats:

@@ -69,8 +69,8 @@ class ClipEmbedder:
                 part = storage.join(batch_parts_dir(self.output, name), f"{self.run_id}-{int(batch['id'][ok[0]])}.parquet")
                 pick = good_index[ok]
                 urls = [str(u) or None for u in batch["url"][ok]]
-                write_parquet(part, embedding_table(batch["id"][ok], batch["key"][ok], urls,
-                                                    batch["caption"][ok], img_emb[pick], txt_emb[pick]))
+                write_parquet(part, embedding_table(batch["id"][ok], batch["key"][ok], urls, batch["caption"][ok],
+                                                    img_emb[pick], txt_emb[pick], batch["meta"][ok]))
             bad = records[~good[records]]
             ends = rows[kinds[rows] == "end"]
             report["shard"].append(shard)

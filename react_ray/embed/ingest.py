@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from react_ray import ids, storage
 from react_ray.config import EmbedConfig
 from react_ray.embed import outputs
-from react_ray.embed.readers import CAPTION_COLUMNS, URL_COLUMNS, InputShard
+from react_ray.embed.readers import CAPTION_COLUMNS, METADATA_COLUMNS, URL_COLUMNS, InputShard, metadata_json
 from react_ray.ray_utils import connect
 
 CHUNK_ROWS = 65_536
@@ -72,6 +72,7 @@ def ingest_file(config: EmbedConfig, shard: InputShard, dim: int) -> outputs.Sha
         names = metadata.schema_arrow.names
         url_col = next((c for c in URL_COLUMNS if c in names), None)
         caption_col = next((c for c in CAPTION_COLUMNS if c in names), None)
+        meta_cols = tuple(c for c in METADATA_COLUMNS if c in names)
         with storage.atomic_writer(outputs.part_uri(config.output, shard.name)) as out:
             writer, row = None, 0
             for batch, image_chunk in zip(metadata.iter_batches(batch_size=CHUNK_ROWS), images):
@@ -88,7 +89,9 @@ def ingest_file(config: EmbedConfig, shard: InputShard, dim: int) -> outputs.Sha
                     row_ids[valid], np.asarray(keys, object)[valid],
                     np.asarray(data[url_col] if url_col else [None] * n, object)[valid],
                     np.asarray(data[caption_col] if caption_col else [None] * n, object)[valid],
-                    img[valid], None if txt is None else txt[valid])
+                    img[valid], None if txt is None else txt[valid],
+                    np.asarray([metadata_json({c: data[c][i] for c in meta_cols}, meta_cols) for i in range(n)],
+                               object)[valid])
                 writer = writer or pq.ParquetWriter(out, table.schema)
                 writer.write_table(table)
                 for i in np.flatnonzero(~valid):

@@ -2,7 +2,8 @@
 
 ```
 OUTPUT/_embedding.json             model, dim, precision, input: the contract for the index stage
-OUTPUT/part-000012.parquet         id, key, url, caption, img_emb, txt_emb (float16, L2-normalised)
+OUTPUT/part-000012.parquet         id, key, url, caption, img_emb, txt_emb (float16, L2-normalised),
+                                   meta (JSON of the source's LAION columns: punsafe, similarity, ...)
 OUTPUT/part-000012.stats.json      rows in / embedded / skipped by reason (+ the skipped records)
 OUTPUT/part-000012.done            written last: the shard is complete
 OUTPUT/_parts/part-000012/*.parquet  transient batch outputs, merged and removed at commit
@@ -42,7 +43,8 @@ def batch_parts_dir(output: str, name: str) -> str:
     return storage.join(output, "_parts", name)
 
 
-def embedding_table(ids, keys, urls, captions, img_emb: np.ndarray | None, txt_emb: np.ndarray | None) -> pa.Table:
+def embedding_table(ids, keys, urls, captions, img_emb: np.ndarray | None, txt_emb: np.ndarray | None,
+                    meta=None) -> pa.Table:
     """The output schema. Embeddings are fixed-size lists of float16."""
 
     def vectors(array: np.ndarray | None, n: int) -> pa.Array:
@@ -55,6 +57,7 @@ def embedding_table(ids, keys, urls, captions, img_emb: np.ndarray | None, txt_e
     return pa.table({
         "id": pa.array(ids, pa.int64()), "key": pa.array(keys, pa.string()), "url": pa.array(urls, pa.string()),
         "caption": pa.array(captions, pa.string()), "img_emb": vectors(img_emb, n), "txt_emb": vectors(txt_emb, n),
+        "meta": pa.array([m or None for m in meta] if meta is not None else [None] * n, pa.string()),
     })
 
 
@@ -62,6 +65,17 @@ def column_matrix(table: pa.Table, column: str) -> np.ndarray:
     """A fixed-size-list embedding column -> (N, D) float16 array (no copy per row)."""
     chunked = table.column(column).combine_chunks()
     return chunked.values.to_numpy(zero_copy_only=False).reshape(len(chunked), -1)
+
+
+METADATA_FIELDS = ("id", "key", "url", "caption", "meta")
+
+
+def read_metadata(uri: str) -> pa.Table:
+    """An embedding file's non-vector columns (``meta`` is absent from files of older versions)."""
+    with storage.open_uri(uri) as f:
+        parquet = pq.ParquetFile(f)
+        present = [c for c in METADATA_FIELDS if c in parquet.schema_arrow.names]
+        return parquet.read(columns=present)
 
 
 def write_parquet(uri: str, table: pa.Table) -> None:

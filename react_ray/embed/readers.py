@@ -23,6 +23,9 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 IMAGE_COLUMNS = ("jpg", "image", "img", "image_bytes", "bytes", "png")
 CAPTION_COLUMNS = ("caption", "TEXT", "txt", "text")
 URL_COLUMNS = ("url", "URL")
+# Source columns kept (as one JSON object, ``meta``) so that retrieval can filter on them.
+METADATA_COLUMNS = ("punsafe", "pwatermark", "similarity", "NSFW", "LICENSE", "language", "width", "height",
+                    "original_width", "original_height", "WIDTH", "HEIGHT", "sha256", "hash")
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ def list_input_shards(input_uri: str, input_format: str) -> list[InputShard]:
 
 
 # Text fields are never None ("" means absent): all-null columns would lose their type in Ray Data.
-_EMPTY = dict.fromkeys(("key", "url", "caption", "error", "message"), "") | {"image": b""}
+_EMPTY = dict.fromkeys(("key", "url", "caption", "meta", "error", "message"), "") | {"image": b""}
 
 
 def _record(shard: InputShard, row: int, source: int, **fields) -> dict:
@@ -63,6 +66,12 @@ def _record(shard: InputShard, row: int, source: int, **fields) -> dict:
 def end_row(shard: InputShard, count: int, error: str | None) -> dict:
     """The shard's last row: ``caption`` holds its record count, ``message`` its shard-level error."""
     return _EMPTY | {"kind": "end", "id": -1, "shard": shard.number, "caption": str(count), "message": error or ""}
+
+
+def metadata_json(source: dict, columns: tuple[str, ...] = METADATA_COLUMNS) -> str:
+    """The source's metadata columns that are present and not null, as JSON ("" if none)."""
+    picked = {c: source[c] for c in columns if source.get(c) is not None}
+    return json.dumps(picked, default=str) if picked else ""
 
 
 def _caption_error(caption: str | None) -> tuple[str, str]:
@@ -106,7 +115,7 @@ def _read_webdataset(shard: InputShard, source: int) -> Iterator[dict]:
                 if image is None:
                     error, message = "missing_image", f"no {'/'.join(IMAGE_EXTENSIONS)} member"
                 yield _record(shard, row, source, key=str(meta.get("key", sample["__key__"])), url=meta.get("url"),
-                              caption=caption, image=image, error=error, message=message)
+                              caption=caption, image=image, meta=metadata_json(meta), error=error, message=message)
                 row += 1
     except (tarfile.TarError, EOFError, OSError) as error:
         yield end_row(shard, row, f"{shard.uri}: truncated or corrupt tar after {row} samples ({error})")
@@ -128,6 +137,7 @@ def _read_parquet(shard: InputShard, source: int, block_rows: int) -> Iterator[d
             if image_col is None:
                 raise ValueError(f"no image column (one of {', '.join(IMAGE_COLUMNS)}); columns are {names}")
             url_col = _pick(names, URL_COLUMNS)
+            meta_cols = tuple(c for c in METADATA_COLUMNS if c in names)
             for batch in parquet.iter_batches(batch_size=block_rows):
                 data = batch.to_pydict()
                 for i in range(batch.num_rows):
@@ -140,7 +150,8 @@ def _read_parquet(shard: InputShard, source: int, block_rows: int) -> Iterator[d
                         error, message = "missing_image", f"null {image_col!r} value"
                     key = data["key"][i] if "key" in data else f"{shard.number:05d}{row:04d}"
                     yield _record(shard, row, source, key=str(key), url=data[url_col][i] if url_col else None,
-                                  caption=caption, image=image, error=error, message=message)
+                                  caption=caption, image=image, error=error, message=message,
+                                  meta=metadata_json({c: data[c][i] for c in meta_cols}, meta_cols))
                     row += 1
     except (OSError, ValueError) as error:
         yield end_row(shard, row, f"{shard.uri}: unreadable parquet after {row} rows ({error})")

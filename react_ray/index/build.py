@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from react_ray import storage
 from react_ray.config import IndexConfig
-from react_ray.embed.outputs import column_matrix, is_done, read_parquet
+from react_ray.embed.outputs import column_matrix, is_done, read_metadata, read_parquet
 from react_ray.index.plan import format_bytes, plan_index
 from react_ray.index.sharded import (
     MANIFEST,
@@ -113,7 +113,7 @@ def _build_partial(trained: bytes, files: list[str], column: str, out_uri: str, 
     """Add whole embedding files (with their stable ids) to a copy of the trained index."""
     index = faiss.deserialize_index(np.frombuffer(trained, np.uint8))
     for uri in files:
-        table = read_parquet(uri, ["id", "key", "url", "caption"])
+        table = read_metadata(uri)
         ids_, vectors = read_vectors(uri, column)
         index.add_with_ids(vectors, ids_)
         name = uri.rsplit("/", 1)[-1].removesuffix(".parquet")

@@ -75,7 +75,8 @@ def set_search_params(index: faiss.Index, params: dict) -> None:
 
 
 class MetadataStore:
-    """id -> {key, url, caption} in O(1): one memory-mapped Arrow file per embedding file, dense by row."""
+    """id -> {key, url, caption, and the source's metadata columns} in O(1): one memory-mapped Arrow file per
+    embedding file, dense by row."""
 
     def __init__(self, metadata_uri: str, max_open: int = 256):
         self.root, self.max_open = metadata_uri, max_open
@@ -107,18 +108,22 @@ class MetadataStore:
             if table is None or row >= table.num_rows or table["id"][int(row)].as_py() != int(id_):
                 out.append(None)
                 continue
-            out.append({c: table[c][int(row)].as_py() for c in ("id", "key", "url", "caption")})
+            record = {c: table[c][int(row)].as_py() for c in ("id", "key", "url", "caption")}
+            meta = table["meta"][int(row)].as_py() if "meta" in table.column_names else None
+            out.append({**json.loads(meta), **record} if meta else record)
         return out
 
 
 def write_metadata_file(uri: str, table: pa.Table) -> None:
-    """Embedding rows (id, key, url, caption) -> an Arrow file where row r sits at position r."""
+    """Embedding rows (id, key, url, caption, meta) -> an Arrow file where row r sits at position r."""
     _, _, rows = ids.decode(table["id"].to_numpy())
     size = int(rows.max()) + 1 if len(rows) else 0
     dense = {}
-    for column, kind in (("id", pa.int64()), ("key", pa.string()), ("url", pa.string()), ("caption", pa.string())):
+    for column, kind in (("id", pa.int64()), ("key", pa.string()), ("url", pa.string()), ("caption", pa.string()),
+                         ("meta", pa.string())):
         values = [None] * size
-        for row, value in zip(rows, table[column].to_pylist()):
+        source = table[column].to_pylist() if column in table.column_names else [None] * len(rows)
+        for row, value in zip(rows, source):
             values[row] = value
         dense[column] = pa.array(values, kind)
     buffer = io.BytesIO()

@@ -24,6 +24,7 @@ from react_ray.embed.outputs import column_matrix, read_parquet
 from react_ray.index.sharded import ShardedIndex
 from react_ray.retrieve.task import TaskSpec
 
+BASE_FIELDS = ("id", "key", "url", "caption")  # the rest of a metadata record is the source's columns
 SOURCES = {"text-to-image": ("image",), "text-to-text": ("text",), "both": ("image", "text")}
 
 
@@ -124,15 +125,15 @@ def cap_per_class(pairs: pd.DataFrame, cap: int | None, balance: bool) -> pd.Dat
     return ordered.groupby("label", sort=False).head(cap).reset_index(drop=True)
 
 
-def apply_filters(pairs: pd.DataFrame, metadata: list[dict], spec: TaskSpec) -> pd.DataFrame:
-    if not spec.filters:
-        return pairs
+def apply_filters(pairs: pd.DataFrame, metadata: list[dict | None], spec: TaskSpec) -> pd.DataFrame:
+    """Keep pairs whose metadata passes every filter; a pair without the column fails it (counted, not kept)."""
+    known = set().union(*(m for m in metadata if m))
     keep = np.ones(len(pairs), bool)
     for column, bounds in spec.filters.items():
-        if metadata and column not in metadata[0]:
-            raise ValueError(f"filters: unknown metadata column {column!r}; this index has {sorted(metadata[0])}")
-        values = [m[column] for m in metadata]
-        for i, value in enumerate(values):
+        if metadata and column not in known:
+            raise ValueError(f"filters: unknown metadata column {column!r}; this index has {sorted(known)}")
+        for i, record in enumerate(metadata):
+            value = (record or {}).get(column)
             if value is None:
                 keep[i] = False
             elif bounds.min is not None and value < bounds.min or bounds.max is not None and value > bounds.max:
@@ -191,6 +192,8 @@ def retrieve(spec: TaskSpec, indices: dict[str, ShardedIndex], encode_texts) -> 
     pairs.insert(2, "class", [spec.classes[i] for i in pairs["label"]])
     for column in ("key", "url", "caption"):
         pairs[column] = [meta.get(i, {}).get(column) for i in pairs["id"]]
+    pairs["meta"] = [json.dumps(extra) if (extra := {k: v for k, v in meta.get(i, {}).items() if k not in BASE_FIELDS})
+                     else None for i in pairs["id"]]
     return pairs, log
 
 
