@@ -272,6 +272,9 @@ class RetrievalAppConfig(StrictModel):
     max_batch_size: int = Field(default=64, ge=1)
     batch_wait_timeout_s: float = Field(default=0.005, ge=0)
     max_k: int = Field(default=1000, ge=1)
+    near_duplicate_threshold: float = Field(
+        default=0.95, gt=0, le=1, description="deduplicate=true drops a hit whose vector has cosine >= this with a "
+                                              "better hit (or the same URL)")
     max_queries: int = Field(default=64, ge=1, description="queries per request")
     max_request_bytes: int = Field(default=16 * 2**20, ge=1)
     max_image_pixels: int = Field(default=40_000_000, ge=1)

@@ -3,9 +3,10 @@
 ```
 HTTP -> RetrievalAPI (FastAPI ingress: validation, limits, metadata, the search page)
           -> QueryEncoder      (@serve.batch: texts and images of many requests per forward)
-          -> IndexShardGroup x G (@serve.batch: grouped by (index, modality, k); each group holds
-                                  every G-th shard, so an index larger than a node splits over nodes)
-          <- merge_topk over the groups -> metadata (O(1) by id) -> JSON
+          -> IndexShardGroup x G (@serve.batch: grouped by (index, modality, k, vectors?); each group
+                                  holds every G-th shard, so an index larger than a node splits over nodes)
+          <- global top-k over the groups -> [near-duplicates out, by the hits' stored vectors]
+          -> metadata (O(1) by id) -> JSON
 ```
 Routes: ``/v1/search`` (ours, pydantic models, OpenAPI at ``/docs``), ``/knn-service``,
 ``/indices-list`` and ``/metadata`` (the LAION kNN API, for existing clients), ``/healthz``,
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pandas as pd
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field, model_validator
@@ -29,10 +31,11 @@ from react_ray.index.sharded import (
     MetadataStore,
     ShardedIndex,
     index_root,
-    merge_topk,
     read_manifest,
+    topk_order,
 )
 from react_ray.retrieve.fetch import FetchPolicy, download
+from react_ray.retrieve.retrieval import remove_near_duplicates
 from serve_apps.common import decode_base64_image, decode_image_bytes, limit_request_size, within
 
 Modality = Literal["image", "text"]
@@ -59,7 +62,8 @@ class SearchRequest(BaseModel):
     index: str
     modality: Modality = "image"
     k: int = Field(default=10, ge=1)
-    deduplicate: bool = False
+    deduplicate: bool = Field(default=False, description="drop near-duplicate hits (by their stored vectors, "
+                                                         "cosine >= the app's near_duplicate_threshold) and repeated URLs")
 
 
 class Hit(BaseModel):
@@ -129,23 +133,28 @@ class IndexShardGroup:
         self.search.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
-    async def search(self, keys: list[tuple], vectors: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Each call: (index, modality, k) and its (n, d) queries. Never mixes two requests' k or index."""
+    async def search(self, keys: list[tuple], vectors: list[np.ndarray]) -> list[tuple]:
+        """Each call: (index, modality, k, with_vectors) and its (n, d) queries -> (scores, ids, hit vectors or
+        None). Never mixes two requests' k or index."""
         out: list = [None] * len(keys)
         groups: dict[tuple, list[int]] = {}
         for i, key in enumerate(keys):
             groups.setdefault(tuple(key), []).append(i)
 
         def run():
-            for (name, modality, k), members in groups.items():
+            for (name, modality, k, with_vectors), members in groups.items():
                 index = self.indices[(name, modality)]
                 stacked = np.concatenate([vectors[i] for i in members])
-                scores, ids = (index.search(stacked, k) if index.shards else
-                               (np.full((len(stacked), k), -np.inf, np.float32), np.full((len(stacked), k), -1)))
+                if not index.shards:
+                    found = (np.full((len(stacked), k), -np.inf, np.float32), np.full((len(stacked), k), -1),
+                             np.zeros((len(stacked), k, index.dim), np.float32))
+                else:
+                    found = index.search_with_vectors(stacked, k) if with_vectors else index.search(stacked, k)
                 start = 0
                 for i in members:
                     n = len(vectors[i])
-                    out[i] = (scores[start:start + n], ids[start:start + n])
+                    out[i] = (found[0][start:start + n], found[1][start:start + n],
+                              found[2][start:start + n] if with_vectors else None)
                     start += n
 
         await asyncio.to_thread(run)
@@ -192,34 +201,34 @@ class RetrievalAPI:
         if len(request.queries) > self.config.max_queries:
             raise HTTPException(413, f"{len(request.queries)} queries; the limit is {self.config.max_queries}")
         vectors = np.stack(await asyncio.gather(*(self._encode(q, i) for i, q in enumerate(request.queries))))
-        fetch_k = request.k * 3 if request.deduplicate else request.k
-        parts = await asyncio.gather(*(g.search.remote((request.index, request.modality, fetch_k), vectors)
+        dedup = request.deduplicate
+        fetch_k = request.k * 3 if dedup else request.k  # room for the duplicates that go
+        parts = await asyncio.gather(*(g.search.remote((request.index, request.modality, fetch_k, dedup), vectors)
                                        for g in self.groups))
-        scores, ids = merge_topk(np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts], 1),
-                                 fetch_k)
+        scores, ids = (np.concatenate([p[i] for p in parts], 1) for i in (0, 1))
+        order = topk_order(scores, ids, fetch_k)
+        rows = np.arange(len(order))[:, None]
+        scores, ids = scores[rows, order], ids[rows, order]
+        hit_vectors = np.concatenate([p[2] for p in parts], 1)[rows, order] if dedup else None
         store = self.metadata[key]
         results = []
-        for row_scores, row_ids in zip(scores, ids):
-            hits = [(float(s), int(i)) for s, i in zip(row_scores, row_ids) if i >= 0]
-            metas = store.lookup([i for _, i in hits])
-            rows = [Hit(id=i, score=s, url=(m or {}).get("url"), caption=(m or {}).get("caption"))
-                    for (s, i), m in zip(hits, metas)]
-            results.append(self._dedup(rows)[:request.k] if request.deduplicate else rows)
+        for q, (row_scores, row_ids) in enumerate(zip(scores, ids)):
+            found = row_ids >= 0
+            hits = pd.DataFrame({"id": row_ids[found], "score": row_scores[found]})
+            if dedup:
+                hits = self._dedup(hits, hit_vectors[q][found], store)[:request.k]
+            metas = store.lookup(hits["id"].to_numpy())
+            results.append([Hit(id=int(i), score=float(s), url=(m or {}).get("url"), caption=(m or {}).get("caption"))
+                            for i, s, m in zip(hits["id"], hits["score"], metas)])
         return results
 
-    @staticmethod
-    def _dedup(hits: list[Hit]) -> list[Hit]:
-        """Near-duplicates among results: same URL, or same caption at (almost) the same score."""
-        seen_urls, seen, kept = set(), [], []
-        for hit in hits:
-            if hit.url and hit.url in seen_urls:
-                continue
-            if any(hit.caption == c and abs(hit.score - s) < 1e-3 for c, s in seen):
-                continue
-            seen_urls.add(hit.url)
-            seen.append((hit.caption, hit.score))
-            kept.append(hit)
-        return kept
+    def _dedup(self, hits: pd.DataFrame, vectors: np.ndarray, store: MetadataStore) -> pd.DataFrame:
+        """Drop a hit whose stored vector is within the cosine threshold of a better hit, or whose URL repeats."""
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)  # PQ decodes ~unit
+        hits = remove_near_duplicates(hits, vectors, self.config.near_duplicate_threshold)
+        urls = [(m or {}).get("url") for m in store.lookup(hits["id"].to_numpy())]
+        repeated = pd.Series(urls).duplicated().to_numpy() & pd.notna(urls)
+        return hits[~repeated].reset_index(drop=True)
 
     async def _encode(self, query: Query, i: int) -> np.ndarray:
         what = f"queries[{i}]"
@@ -278,7 +287,7 @@ class RetrievalAPI:
         if key is None:
             raise HTTPException(404, f"unknown index {request.indice_name!r}; known: {', '.join(sorted(self.config.indices))}")
         metas = self.metadata[key].lookup(request.ids)
-        return [{"id": i, "metadata": {k: v for k, v in (m or {}).items() if k in ("url", "caption", "key")}}
+        return [{"id": i, "metadata": {k: v for k, v in m.items() if k != "id"}}  # url, caption, key, LAION columns
                 for i, m in zip(request.ids, metas) if m is not None]
 
     # ------------------------------------------------------------ health and page
@@ -289,7 +298,7 @@ class RetrievalAPI:
     @app.get("/readyz")
     async def readyz(self) -> dict:
         await asyncio.gather(self.encoder.image_size.remote(), *(g.search.remote(
-            (n, m, 1), np.zeros((1, self.dim), np.float32)) for g in self.groups for n, m in list(self.manifests)[:1]))
+            (n, m, 1, False), np.zeros((1, self.dim), np.float32)) for g in self.groups for n, m in list(self.manifests)[:1]))
         return {"status": "ready", "indices": sorted(self.config.indices), "shard_groups": len(self.groups)}
 
     @app.get("/", response_class=HTMLResponse)

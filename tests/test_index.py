@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import faiss
 import numpy as np
 import pytest
 
@@ -13,7 +14,7 @@ from react_ray.data.synthetic_embeddings import write_clustered_embedding_set
 from react_ray.embed.outputs import load_embeddings
 from react_ray.index.build import build_index
 from react_ray.index.plan import plan_index
-from react_ray.index.sharded import ShardedIndex, merge_topk
+from react_ray.index.sharded import ShardedIndex, merge_topk, search_and_reconstruct
 from react_ray.index.tune import recall_at_k
 
 GB = 2**30
@@ -45,6 +46,26 @@ def test_merge_topk_is_exact_and_drops_missing():
     labels = np.array([[1, 2, 3, -1]])
     top_scores, top_ids = merge_topk(scores, labels, 3)
     assert top_ids.tolist() == [[1, 3, 2]] and np.allclose(top_scores, [[0.9, 0.8, 0.1]])
+
+
+@pytest.mark.parametrize("factory", ["IDMap,Flat", "IDMap,HNSW16", "IVF16,SQ8", "IVF16,PQ8x4fs", "OPQ8,IVF16,PQ8"])
+def test_search_and_reconstruct_returns_each_hits_stored_vector(factory):
+    """What served deduplication compares: the same hits as search, with vectors close to the originals."""
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(4000, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    row_ids = ids.encode(3, np.arange(4000) * 2)  # sparse, large ids as in a real index
+    index = faiss.index_factory(32, factory, faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    index.add_with_ids(vectors, row_ids)
+    scores, found, decoded = search_and_reconstruct(index, vectors[:20], 5)
+    assert np.array_equal(found, index.search(vectors[:20], 5)[1]) and decoded.shape == (20, 5, 32)
+    originals = vectors[np.searchsorted(row_ids, found)]
+    # Exact indices give the vector back; quantized ones give the codec's decoding of it.
+    expected = originals if factory.startswith("IDMap") else index.sa_decode(
+        index.sa_encode(originals.reshape(-1, 32))).reshape(originals.shape)
+    np.testing.assert_allclose(decoded, expected, atol=1e-6)
+    assert factory.startswith("IDMap") or np.abs(decoded - originals).max() > 1e-3  # truly lossy: no shortcut
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from react_ray.config import (
     ZeroShotAppConfig,
 )
 from react_ray.data.synthetic import generate_corpus
+from react_ray.embed.outputs import load_embeddings
 from react_ray.embed.pipeline import run_embedding
 from react_ray.evaluate.zeroshot import zero_shot_classifier
 from react_ray.index.build import build_index
@@ -118,6 +119,24 @@ def test_concurrent_requests_with_different_k_are_never_mixed(served):
         assert [h["id"] for h in row] == expected
 
 
+def test_deduplicate_drops_hits_whose_vectors_nearly_repeat_a_better_one(served):
+    url, root = served["urls"]["retrieval"], served["root"]
+    all_ids, vectors = load_embeddings(str(root / "emb"))
+    unit = vectors.astype(np.float32) / np.linalg.norm(vectors.astype(np.float32), axis=1, keepdims=True)
+    by_id = dict(zip(all_ids.tolist(), unit))
+    query, k = [{"text": "a photo of a red star"}], 6
+    plain = _search(url, queries=query, index="demo", k=3 * k).json()["results"][0]
+    kept = []  # best first: a hit stays unless a kept one is within the threshold (0.95)
+    for hit in plain:
+        if all(by_id[hit["id"]] @ by_id[j] < 0.95 for j in kept):
+            kept.append(hit["id"])
+    deduplicated = _search(url, queries=query, index="demo", k=k, deduplicate=True).json()["results"][0]
+    assert [h["id"] for h in deduplicated] == kept[:k]
+    assert len(kept) < len(plain), "the corpus should hold near-duplicates for this test to mean something"
+    chosen = np.stack([by_id[h["id"]] for h in deduplicated])
+    assert (np.triu(chosen @ chosen.T, 1) < 0.95).all()
+
+
 def test_image_query_and_laion_knn_api(served):
     url, index = served["urls"]["retrieval"], served["index"]
     clip = build_model(MODEL)
@@ -133,7 +152,7 @@ def test_image_query_and_laion_knn_api(served):
     hits = knn.json()
     assert len(hits) == 3 and {"id", "similarity", "url", "caption"} <= set(hits[0])
     meta = requests.post(f"{url}/metadata", json={"indice_name": "demo", "ids": [hits[0]["id"]]}, timeout=30).json()
-    assert meta[0]["metadata"]["url"] == hits[0]["url"]
+    assert meta[0]["metadata"]["url"] == hits[0]["url"] and 0 <= meta[0]["metadata"]["punsafe"] <= 1
     assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
     assert requests.get(f"{url}/readyz", timeout=30).json()["shard_groups"] == 2
     assert "/v1/search" in requests.get(f"{url}/openapi.json", timeout=30).json()["paths"]

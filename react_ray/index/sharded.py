@@ -62,11 +62,35 @@ def load_shard(uri: str, expected: dict | None = None, verify: bool = True) -> f
         raise ValueError(f"index shard {uri} cannot be read by faiss: {str(error).splitlines()[0]}") from None
 
 
+def topk_order(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Columns of the exact global top-k among per-shard top-k lists side by side (n, S*k), best first."""
+    return np.argsort(-np.where(labels < 0, -np.inf, scores), axis=1, kind="stable")[:, :k]
+
+
 def merge_topk(scores: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-shard top-k lists side by side (n, S*k) -> the exact global top-k (n, k), best first."""
-    scores = np.where(labels < 0, -np.inf, scores)
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(scores, order, 1), np.take_along_axis(labels, order, 1)
+    order = topk_order(scores, labels, k)
+    return np.where(labels < 0, -np.inf, scores)[np.arange(len(order))[:, None], order], \
+        np.take_along_axis(labels, order, 1)
+
+
+def search_and_reconstruct(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+    """faiss's search_and_reconstruct (IVF decodes its own lists; Flat, HNSW, SQ reconstruct from storage),
+    also through an IDMap, whose inner index numbers the vectors 0..n-1."""
+    if isinstance(index, faiss.IndexIDMap):
+        scores, rows, vectors = faiss.downcast_index(index.index).search_and_reconstruct(queries, k)
+        id_map = faiss.vector_to_array(index.id_map)
+        return scores, np.where(rows >= 0, id_map[np.maximum(rows, 0)], -1), vectors
+    try:
+        return index.search_and_reconstruct(queries, k)
+    except RuntimeError:  # fast-scan lists cannot decode while searching: look the hits up by id
+        ivf = faiss.extract_index_ivf(index)
+        if ivf.direct_map.type != faiss.DirectMap.Hashtable:  # built once, ~16 bytes per vector
+            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+        scores, labels = index.search(queries, k)
+        vectors = np.zeros((*labels.shape, index.d), np.float32)
+        vectors[labels >= 0] = index.reconstruct_batch(labels[labels >= 0])
+        return scores, labels, vectors
 
 
 def set_search_params(index: faiss.Index, params: dict) -> None:
@@ -167,17 +191,31 @@ class ShardedIndex:
         for shard in self.shards:
             set_search_params(shard, self.params)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(n, dim) queries -> (scores, ids), each (n, k), best first; id -1 where fewer than k exist."""
+    def _queries(self, queries: np.ndarray, k: int) -> np.ndarray:
         queries = np.ascontiguousarray(np.atleast_2d(queries), np.float32)
         if queries.shape[1] != self.dim:
             raise ValueError(f"queries are {queries.shape[1]}-d; index {self.root} holds {self.dim}-d vectors")
         if k <= 0:
             raise ValueError(f"k: got {k}; must be >= 1")
+        return queries
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(n, dim) queries -> (scores, ids), each (n, k), best first; id -1 where fewer than k exist."""
+        queries = self._queries(queries, k)
         results = list(self._pool.map(lambda shard: shard.search(queries, k), self.shards))
         scores = np.concatenate([r[0] for r in results], axis=1)
         labels = np.concatenate([r[1] for r in results], axis=1)
         return merge_topk(scores, labels, k)
+
+    def search_with_vectors(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`search`, plus each hit's vector as the index stores it (n, k, dim): exact for Flat and
+        HNSW, decoded for PQ / SQ; what near-duplicate removal among results compares."""
+        queries = self._queries(queries, k)
+        results = list(self._pool.map(lambda shard: search_and_reconstruct(shard, queries, k), self.shards))
+        scores, labels, vectors = (np.concatenate([r[i] for r in results], axis=1) for i in range(3))
+        order = topk_order(scores, labels, k)
+        rows = np.arange(len(order))[:, None]
+        return np.where(labels < 0, -np.inf, scores)[rows, order], labels[rows, order], vectors[rows, order]
 
     def lookup(self, id_list) -> list[dict | None]:
         return self.metadata.lookup(id_list)
