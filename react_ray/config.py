@@ -86,6 +86,9 @@ class ActorPoolConfig(StrictModel):
     max_actors: int = Field(default=1, ge=1)
     num_gpus: float = Field(default=0, ge=0, description="GPUs per actor (0: CPU actors)")
     num_cpus: float = Field(default=1, gt=0, description="CPUs per actor")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
+    device: Literal["cuda", "cpu"] | None = Field(
+        default=None, description="None: cuda when num_gpus > 0; cpu lets a simulated GPU node (tests) run the model")
 
     @model_validator(mode="after")
     def _bounds(self) -> ActorPoolConfig:
@@ -108,7 +111,11 @@ class EmbedConfig(StrictModel):
     batch_size: int = Field(default=256, ge=1, description="images per model forward")
     pool: ActorPoolConfig = Field(default_factory=ActorPoolConfig)
     decode_num_cpus: float = Field(default=1, gt=0, description="CPUs per read / decode task")
-    read_block_rows: int = Field(default=1000, ge=1, description="records per block out of the reader")
+    decode_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per read / decode task, e.g. {cpu_node: 1} to keep "
+                                          "decoding on the CPU node group (cluster/)")
+    read_block_rows: int = Field(default=256, ge=1, description="records per block out of a read + decode task "
+                                                                "(decoded: rows x S x S x 3 bytes)")
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="larger images are skipped (bombs)")
     source_id: int = Field(default=0, ge=0, le=2047, description="tells corpora apart inside ids")
     max_shards: int | None = Field(default=None, ge=1, description="embed only the first N pending shards")
@@ -219,6 +226,7 @@ class TrainConfig(StrictModel):
     workers: int = Field(default=1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1, gt=0)
+    worker_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per worker")
     threads: int | None = Field(default=None, ge=1, description="torch threads per CPU worker; None: cpus_per_worker")
     precision: Precision = Field(default="fp32", description="fp16/bf16: autocast on GPU (AMP)")
     grad_checkpointing: bool = False

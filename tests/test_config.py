@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from react_ray.cli import STAGES, main
 from react_ray.config import ConfigError, DemoConfig, GenerateConfig, load_config
@@ -81,26 +80,3 @@ def test_job_entrypoint_runs_the_same_cli(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "corpus: 8 pairs in parquet" in out.stdout
     assert (tmp_path / "c" / "parquet" / "00000.parquet").exists()
-
-
-def test_serve_deploy_config_validates_with_serve_schema_and_our_app_configs():
-    """serve_apps/serve_config.yaml: Ray Serve's own schema, resolvable import paths, valid app args."""
-    import importlib
-
-    from ray.serve.schema import ServeDeploySchema
-
-    from react_ray.config import RetrievalAppConfig, ZeroShotAppConfig
-
-    data = yaml.safe_load((ROOT / "serve_apps" / "serve_config.yaml").read_text())
-    schema = ServeDeploySchema.model_validate(data) if hasattr(ServeDeploySchema, "model_validate") \
-        else ServeDeploySchema.parse_obj(data)
-    arg_types = {"serve_apps.retrieval:build_app": RetrievalAppConfig, "serve_apps.zeroshot:build_app": ZeroShotAppConfig}
-    for app in schema.applications:
-        module, attribute = app.import_path.split(":")
-        assert callable(getattr(importlib.import_module(module), attribute))
-        args = arg_types[app.import_path].model_validate(app.args)
-        names = {d.name for d in app.deployments}
-        if app.import_path.startswith("serve_apps.retrieval"):
-            assert names == {"RetrievalAPI", "QueryEncoder", *(f"IndexShardGroup{g}" for g in range(args.shard_groups))}
-        else:
-            assert names == {"ZeroShotAPI"}

@@ -58,7 +58,7 @@ def test_search_and_reconstruct_returns_each_hits_stored_vector(factory):
     index = faiss.index_factory(32, factory, faiss.METRIC_INNER_PRODUCT)
     index.train(vectors)
     index.add_with_ids(vectors, row_ids)
-    scores, found, decoded = search_and_reconstruct(index, vectors[:20], 5)
+    _, found, decoded = search_and_reconstruct(index, vectors[:20], 5)
     assert np.array_equal(found, index.search(vectors[:20], 5)[1]) and decoded.shape == (20, 5, 32)
     originals = vectors[np.searchsorted(row_ids, found)]
     # Exact indices give the vector back; quantized ones give the codec's decoding of it.

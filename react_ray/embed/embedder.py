@@ -14,6 +14,7 @@ import time
 from collections import Counter
 
 import numpy as np
+import ray
 import torch
 
 from react_ray import storage
@@ -22,7 +23,7 @@ from react_ray.embed.outputs import batch_parts_dir, embedding_table, write_parq
 from react_ray.models import build_model
 
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-REPORT_COLUMNS = ("shard", "records", "embedded", "end_count", "shard_error", "part", "skipped", "seconds")
+REPORT_COLUMNS = ("shard", "records", "embedded", "end_count", "shard_error", "part", "skipped", "seconds", "nodes")
 
 
 class ClipEmbedder:
@@ -32,6 +33,7 @@ class ClipEmbedder:
         self.clip = build_model(ModelConfig.model_validate(model), device=device)
         self.precision, self.output, self.run_id = precision, output, run_id
         self.device = torch.device(device)
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
         cfg = self.clip.model.visual.preprocess_cfg
         self.mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg["std"], device=self.device).view(1, 3, 1, 1)
@@ -85,7 +87,9 @@ class ClipEmbedder:
                 for i in bad
             ]))
             report["seconds"].append(time.perf_counter() - start)
-        return {c: np.array(v, dtype=object if c in ("shard_error", "part", "skipped") else None)
+            decoders = sorted({str(n) for n in batch["decode_node"][rows]}) if "decode_node" in batch else []
+            report["nodes"].append(json.dumps({"decode": decoders, "embed": [self.node]}))
+        return {c: np.array(v, dtype=object if c in ("shard_error", "part", "skipped", "nodes") else None)
                 for c, v in report.items()}
 
 
@@ -100,6 +104,7 @@ class ShardTally:
         self.parts: dict[int, list[str]] = {}
         self.skipped: dict[int, list[dict]] = {}
         self.seconds: Counter = Counter()
+        self.nodes: dict[int, dict[str, set]] = {}
 
     def add(self, row: dict) -> int | None:
         """Account one report row; return the shard number if that shard just became complete."""
@@ -110,6 +115,8 @@ class ShardTally:
         if row["part"]:
             self.parts.setdefault(shard, []).append(row["part"])
         self.skipped.setdefault(shard, []).extend(json.loads(row["skipped"]))
+        for stage, nodes in json.loads(row.get("nodes") or "{}").items():
+            self.nodes.setdefault(shard, {}).setdefault(stage, set()).update(nodes)
         if int(row["end_count"]) >= 0:
             self.expected[shard] = int(row["end_count"])
             self.errors[shard] = row["shard_error"] or None

@@ -100,11 +100,16 @@ class ShardStats:
     skipped_records: list[dict] = field(default_factory=list)  # id, key, reason, message
     shard_error: str | None = None
     seconds: float = 0.0
+    nodes: dict[str, list[str]] = field(default_factory=dict)  # Ray node ids that decoded / embedded it
 
     def check(self) -> None:
         if self.rows_embedded + sum(self.skipped.values()) != self.rows_in:
             raise RuntimeError(f"{self.input}: {self.rows_in} rows in but {self.rows_embedded} embedded + "
                                f"{sum(self.skipped.values())} skipped; refusing to commit")
+
+
+def read_stats(output: str, name: str) -> ShardStats:
+    return ShardStats(**json.loads(storage.read_bytes(stats_uri(output, name))))
 
 
 def commit_shard(output: str, name: str, part_uris: list[str], stats: ShardStats) -> ShardStats:

@@ -14,6 +14,7 @@ import math
 import time
 import uuid
 
+import numpy as np
 import ray
 from tqdm.auto import tqdm
 
@@ -60,19 +61,25 @@ def _commit(output: str, name: str, parts: list[str], stats: outputs.ShardStats)
     return outputs.commit_shard(output, name, parts, stats)
 
 
+def decode_on_node(batch: dict, image_size: int, max_pixels: int) -> dict:
+    """decode_batch, with each row tagged by the node that decoded it (the shard stats list the nodes)."""
+    out = decode_batch(batch, image_size, max_pixels)
+    return out | {"decode_node": np.full(len(out["kind"]), ray.get_runtime_context().get_node_id(), object)}
+
+
 def build_dataset(config: EmbedConfig, shards: list[InputShard], run_id: str, image_size: int) -> ray.data.Dataset:
     items = shard_items(shards)
-    device = "cuda" if config.pool.num_gpus > 0 else "cpu"
-    # Reading and decoding spread over all nodes as CPU tasks; the model actors pack by default.
+    device = config.pool.device or ("cuda" if config.pool.num_gpus > 0 else "cpu")
+    # Reading and decoding spread over all (CPU) nodes as tasks; the model actors pack by default.
     # The differing strategies also keep Ray Data from fusing decode into the model actors.
     cpu_task = {"num_cpus": config.decode_num_cpus, "scheduling_strategy": "SPREAD"}
+    if config.decode_resources:
+        cpu_task["resources"] = config.decode_resources
     return (
         ray.data.from_items(items, override_num_blocks=len(items))
-        .map_batches(read_blocks, batch_size=1, fn_kwargs={"source": config.source_id,
-                                                             "block_rows": config.read_block_rows}, **cpu_task)
-        .map_batches(decode_batch, batch_size=config.batch_size, fn_kwargs={"image_size": image_size,
-                                                                             "max_pixels": config.max_image_pixels},
-                     **cpu_task)
+        .map_batches(read_blocks, batch_size=1, fn_kwargs={
+            "source": config.source_id, "block_rows": config.read_block_rows, "then": decode_on_node,
+            "image_size": image_size, "max_pixels": config.max_image_pixels}, **cpu_task)
         .map_batches(
             ClipEmbedder,
             fn_constructor_kwargs={"model": config.model.model_dump(), "precision": config.precision,
@@ -80,7 +87,7 @@ def build_dataset(config: EmbedConfig, shards: list[InputShard], run_id: str, im
                                    "threads": None if config.pool.num_gpus else math.ceil(config.pool.num_cpus)},
             compute=ray.data.ActorPoolStrategy(min_size=config.pool.min_actors, max_size=config.pool.max_actors),
             num_gpus=config.pool.num_gpus, num_cpus=config.pool.num_cpus, batch_size=config.batch_size,
-            scheduling_strategy="DEFAULT",
+            scheduling_strategy="DEFAULT", **({"resources": config.pool.resources} if config.pool.resources else {}),
         )
     )
 
@@ -161,4 +168,5 @@ def _stats(tally: ShardTally, shard: InputShard) -> outputs.ShardStats:
         input=shard.uri, shard=shard.number, rows_in=tally.records[shard.number],
         rows_embedded=tally.embedded[shard.number], skipped=reasons, skipped_records=skipped,
         shard_error=tally.errors.get(shard.number), seconds=tally.seconds[shard.number],
+        nodes={stage: sorted(nodes) for stage, nodes in tally.nodes.get(shard.number, {}).items()},
     )

@@ -177,11 +177,16 @@ def read_shard(shard: InputShard, source: int = 0, block_rows: int = 1000) -> It
         yield block
 
 
-def read_blocks(batch: dict, source: int, block_rows: int):
-    """Ray Data generator UDF: a batch of shard descriptions (uri, number, format) -> record blocks."""
+def read_blocks(batch: dict, source: int, block_rows: int, then=None, **then_kwargs):
+    """Ray Data generator UDF: a batch of shard descriptions (uri, number, format) -> record blocks,
+    each passed through ``then(block, **then_kwargs)`` (decoding) before it leaves the task.
+
+    Decoding here, not in a following ``map_batches(batch_size=N)``, keeps one shard per task:
+    Ray Data fuses such a step into this one and would then hand N shards to every task."""
     for uri, number, fmt in zip(batch["uri"], batch["number"], batch["format"]):
         for block in read_shard(InputShard(str(uri), int(number), str(fmt)), source, block_rows):
-            yield {k: np.array([r[k] for r in block], dtype=object) for k in block[0]}
+            columns = {k: np.array([r[k] for r in block], dtype=object) for k in block[0]}
+            yield then(columns, **then_kwargs) if then else columns
 
 
 def shard_items(shards: list[InputShard]) -> list[dict]:

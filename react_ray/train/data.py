@@ -80,6 +80,10 @@ def decode_for_training(batch: dict, image_size: int, max_pixels: int) -> dict:
             "caption": np.array(captions, dtype=object)}
 
 
+def decode_and_augment(batch: dict, image_size: int, max_pixels: int, model_name: str, augment_json: str) -> dict:
+    return augment_and_tokenize(decode_for_training(batch, image_size, max_pixels), model_name, augment_json)
+
+
 def augment_and_tokenize(batch: dict, model_name: str, augment_json: str) -> dict:
     transform = _transform(model_name, augment_json)
     size = model_image_size(model_name)
@@ -96,13 +100,13 @@ def training_dataset(config: TrainConfig) -> ray.data.Dataset:
     dataset = ray.data.from_items(shard_items(shards), override_num_blocks=len(shards))
     if config.data_sharding == "stream":
         dataset = dataset.randomize_block_order()
-    dataset = (
-        dataset.map_batches(read_blocks, batch_size=1, fn_kwargs={"source": 0, "block_rows": 256}, **cpu_task)
-        .map_batches(decode_for_training, batch_size=256, fn_kwargs={"image_size": size,
-                                                                     "max_pixels": config.max_image_pixels}, **cpu_task)
-    )
+    decode = {"image_size": size, "max_pixels": config.max_image_pixels}
+    augment = {"model_name": config.model.name, "augment_json": config.augment.model_dump_json()}
     dataset.context.enable_progress_bars = False  # the training loop prints its own progress
-    if config.cache_decoded:
-        dataset = dataset.materialize()
-    return dataset.map_batches(augment_and_tokenize, batch_size=256, fn_kwargs={
-        "model_name": config.model.name, "augment_json": config.augment.model_dump_json()}, **cpu_task)
+    read = {"source": 0, "block_rows": 256}
+    if not config.cache_decoded:  # one task reads, decodes and augments one shard
+        return dataset.map_batches(read_blocks, batch_size=1, fn_kwargs=read | {
+            "then": decode_and_augment, **decode, **augment}, **cpu_task)
+    decoded = dataset.map_batches(read_blocks, batch_size=1, fn_kwargs=read | {"then": decode_for_training, **decode},
+                                  **cpu_task).materialize()
+    return decoded.map_batches(augment_and_tokenize, batch_size=256, fn_kwargs=augment, **cpu_task)

@@ -66,7 +66,7 @@ def make_trainer(config: TrainConfig):
     from ray.train import DataConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    resources = {"CPU": config.cpus_per_worker} | ({"GPU": 1} if config.use_gpu else {})
+    resources = {"CPU": config.cpus_per_worker} | ({"GPU": 1} if config.use_gpu else {}) | config.worker_resources
     return TorchTrainer(
         train_worker,
         train_loop_config=config.model_dump(mode="json"),

@@ -1,0 +1,156 @@
+"""Distributed behaviour on a simulated multi-node cluster (``ray.cluster_utils.Cluster``: several
+raylets on this machine; nodes that declare ``num_gpus`` stand in for GPU nodes, their actors run
+the model on CPU). Scale-up is simulated by adding nodes while a job runs, a lost node by removing
+one. Only the processes of the cluster a test starts are ever stopped.
+
+Slow (minutes): ``./run test-slow tests/test_cluster.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from react_ray import ids, storage
+from react_ray.config import CorpusConfig, EmbedConfig, GenerateConfig, ModelConfig, TrainConfig
+from react_ray.data.synthetic import generate_corpus
+from react_ray.embed.outputs import load_embeddings, read_stats
+from react_ray.embed.pipeline import run_embedding
+from react_ray.train.trainer import read_history, run_training
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+CORPUS = CorpusConfig(num_shards=16, samples_per_shard=128, image_size=64, eval_samples_per_class=3,
+                      formats=["webdataset"])
+TOTAL = CORPUS.num_shards * CORPUS.samples_per_shard
+GPU_NODE = {"num_cpus": 1, "num_gpus": 1, "object_store_memory": 200 * 2**20}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster-corpus")
+    generate_corpus(GenerateConfig(output=str(root), corpus=CORPUS), progress=False)
+    return root
+
+
+@pytest.fixture
+def cluster():
+    """A head that holds the driver and the CPU work (resource ``cpu_node``); tests add worker nodes."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    cluster = Cluster(initialize_head=True, connect=True, head_node_args={
+        "num_cpus": 3, "resources": {"cpu_node": 100}, "object_store_memory": 2**30, "include_dashboard": False})
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()  # ends exactly the raylets this fixture started
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise TimeoutError(f"gave up after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def done_shards(output: str) -> int:
+    return len([f for f in storage.list_files(output, ".done")]) if os.path.isdir(output) else 0
+
+
+def embed_config(corpus, output: str, **pool) -> EmbedConfig:
+    return EmbedConfig(
+        input=str(corpus / "webdataset"), output=output, model=ModelConfig(name="react-tiny"), batch_size=16,
+        read_block_rows=16, decode_num_cpus=1, decode_resources={"cpu_node": 1},
+        pool={"num_gpus": 1, "num_cpus": 1, "device": "cpu"} | pool)
+
+
+def embed_while(config: EmbedConfig, during) -> tuple:
+    """Run the embedding job in a thread; once its first shard is committed, call ``during()``."""
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(summary=run_embedding(config, progress=False)))
+    start = time.perf_counter()
+    job.start()
+    wait_until(lambda: done_shards(config.output) >= 1 or not job.is_alive(), 300, "the first shard")
+    assert job.is_alive(), "the job ended before the cluster changed"
+    during()
+    job.join(timeout=600)
+    return result["summary"], time.perf_counter() - start
+
+
+def assert_every_id_exactly_once(output: str) -> None:
+    found, _ = load_embeddings(output)
+    expected = np.concatenate([ids.encode(shard, np.arange(CORPUS.samples_per_shard))
+                               for shard in range(CORPUS.num_shards)])
+    assert len(found) == len(expected) and np.array_equal(np.sort(found), np.sort(expected))
+
+
+def test_pool_lives_on_gpu_nodes_decode_on_cpu_nodes_and_grows_with_the_cluster(cluster, corpus, tmp_path):
+    first = cluster.add_node(**GPU_NODE)
+    cluster.wait_for_nodes()
+    added = []
+
+    def scale_up():
+        added.extend(cluster.add_node(**GPU_NODE) for _ in range(2))
+
+    config = embed_config(corpus, str(tmp_path / "emb"), min_actors=1, max_actors=3)
+    summary, seconds = embed_while(config, scale_up)
+    assert (summary.rows_in, summary.rows_embedded) == (TOTAL, TOTAL)
+    assert_every_id_exactly_once(config.output)
+    stats = [read_stats(config.output, f"part-{n:06d}") for n in range(CORPUS.num_shards)]
+    gpu_nodes = {first.node_id, *(node.node_id for node in added)}
+    embedded_on = set().union(*(s.nodes["embed"] for s in stats))
+    decoded_on = set().union(*(s.nodes["decode"] for s in stats))
+    assert embedded_on <= gpu_nodes and decoded_on == {cluster.head_node.node_id}
+    assert len(embedded_on) >= 2, f"the pool never grew onto the added nodes ({len(embedded_on)} node used)"
+    print(f"\nembedded on {len(embedded_on)} GPU nodes in {seconds:.1f} s")
+
+
+def test_a_gpu_node_lost_mid_embedding_still_gives_every_id_exactly_once(cluster, corpus, tmp_path):
+    doomed = cluster.add_node(**GPU_NODE)
+    cluster.add_node(**GPU_NODE)
+    cluster.wait_for_nodes()
+
+    def lose_a_node():  # a spot GPU node is reclaimed; the autoscaler brings up a replacement
+        cluster.remove_node(doomed, allow_graceful=False)
+        cluster.add_node(**GPU_NODE)
+
+    config = embed_config(corpus, str(tmp_path / "emb"), min_actors=2, max_actors=2)
+    summary, _ = embed_while(config, lose_a_node)
+    assert summary.rows_embedded == TOTAL and summary.skipped == {}
+    assert_every_id_exactly_once(config.output)
+    assert doomed.node_id in set().union(*(read_stats(config.output, f"part-{n:06d}").nodes["embed"]
+                                           for n in range(CORPUS.num_shards)))  # it did work before it went
+
+
+def test_a_training_node_lost_resumes_from_the_last_checkpoint(cluster, corpus, tmp_path):
+    trainer_node = {"num_cpus": 1, "resources": {"trainer": 1}}
+    doomed = cluster.add_node(**trainer_node)
+    cluster.add_node(**trainer_node)
+    cluster.wait_for_nodes()
+    config = TrainConfig(data=str(corpus / "webdataset"), output=str(tmp_path / "run"),
+                         model=ModelConfig(name="react-micro"), mode="gated-image", steps=30, batch_size=16, workers=2,
+                         cpus_per_worker=1, worker_resources={"trainer": 1}, decode_num_cpus=0.25,
+                         augment={"enabled": False}, optim={"lr": 5e-3, "warmup_steps": 2}, log_every=1,
+                         checkpoint_every=5, max_failures=2, shuffle_buffer=0)
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(summary=run_training(config)))
+    job.start()
+    # Two checkpoint folders: the first one's report has surely reached the controller. Nodes are
+    # added and removed from the main thread (Ray's node start-up installs signal handlers).
+    wait_until(lambda: not job.is_alive() or os.path.isdir(config.output) and sum(
+        n.startswith("checkpoint_") for n in os.listdir(config.output)) >= 2, 300, "two checkpoints")
+    assert job.is_alive(), "the run ended before a node could be lost"
+    cluster.remove_node(doomed, allow_graceful=False)
+    cluster.add_node(**trainer_node)  # the autoscaler's replacement
+    job.join(timeout=600)
+    summary = result["summary"]
+    history = read_history(config.output)
+    resumed = [r["step"] for r in history if r.get("event") == "resumed"]
+    assert summary.resumes >= 1 and resumed and resumed[0] >= 5 and resumed[0] % 5 == 0
+    assert [r["step"] for r in history if "loss" in r][-1] == 30
