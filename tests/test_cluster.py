@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from react_ray import ids, storage
+from react_ray import ids
 from react_ray.config import CorpusConfig, EmbedConfig, GenerateConfig, ModelConfig, TrainConfig
 from react_ray.data.synthetic import generate_corpus
 from react_ray.embed.outputs import load_embeddings, read_stats
@@ -59,8 +59,9 @@ def wait_until(condition, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def done_shards(output: str) -> int:
-    return len([f for f in storage.list_files(output, ".done")]) if os.path.isdir(output) else 0
+def embedding_started(output: str) -> bool:
+    """The first batch came back from the pool (its parquet part is written): the job is under way."""
+    return any(name.endswith(".parquet") for _, _, files in os.walk(output) for name in files)
 
 
 def embed_config(corpus, output: str, **pool) -> EmbedConfig:
@@ -71,12 +72,13 @@ def embed_config(corpus, output: str, **pool) -> EmbedConfig:
 
 
 def embed_while(config: EmbedConfig, during) -> tuple:
-    """Run the embedding job in a thread; once its first shard is committed, call ``during()``."""
+    """Run the embedding job in a thread; once its first batch is embedded, call ``during()`` (on the
+    main thread: Ray's node start-up installs signal handlers)."""
     result: dict = {}
     job = threading.Thread(target=lambda: result.update(summary=run_embedding(config, progress=False)))
     start = time.perf_counter()
     job.start()
-    wait_until(lambda: done_shards(config.output) >= 1 or not job.is_alive(), 300, "the first shard")
+    wait_until(lambda: embedding_started(config.output) or not job.is_alive(), 300, "the first batch")
     assert job.is_alive(), "the job ended before the cluster changed"
     during()
     job.join(timeout=600)
@@ -96,7 +98,7 @@ def test_pool_lives_on_gpu_nodes_decode_on_cpu_nodes_and_grows_with_the_cluster(
     added = []
 
     def scale_up():
-        added.extend(cluster.add_node(**GPU_NODE) for _ in range(2))
+        added.extend(cluster.add_node(**GPU_NODE) for _ in range(2))  # the autoscaler answers the demand
 
     config = embed_config(corpus, str(tmp_path / "emb"), min_actors=1, max_actors=3)
     summary, seconds = embed_while(config, scale_up)
