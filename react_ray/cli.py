@@ -48,9 +48,9 @@ def _run_embed(config: EmbedConfig) -> int:
 
 
 def _run_index(config: IndexConfig) -> int:
-    from react_ray.index.build import build_index
+    from react_ray.index.build import append_to_index, build_index
 
-    build_index(config)
+    (append_to_index if config.append else build_index)(config)
     return 0
 
 
@@ -124,6 +124,8 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", help="YAML preset (local path or s3://); defaults when omitted")
         sub.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config fields")
         sub.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        if name == "index":
+            sub.add_argument("--append", action="store_true", help="same as append=true")
     commands.add_parser("models", help="list the model names build_model accepts")
     return top
 
@@ -133,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "models":
         return _list_models()
     stage = STAGES[args.stage]
+    overrides = args.overrides + (["append=true"] if getattr(args, "append", False) else [])
     try:
-        config = load_config(stage.config_type, args.config, args.overrides)
+        config = load_config(stage.config_type, args.config, overrides)
     except ConfigError as error:
         print(f"react-ray {args.stage}: {error}", file=sys.stderr)
         return 2

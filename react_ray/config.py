@@ -149,6 +149,8 @@ class IndexConfig(StrictModel):
     recall_k: int = Field(default=10, ge=1)
     tune_queries: int = Field(default=500, ge=1)
     task_num_cpus: float = Field(default=1, gt=0)
+    append: bool = Field(default=False, description="add the embedding files the index lacks (same trained "
+                                                    "quantizer, new shards, next manifest version)")
     ray_address: str | None = None
 
 

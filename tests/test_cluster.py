@@ -71,14 +71,18 @@ def embed_config(corpus, output: str, **pool) -> EmbedConfig:
         pool={"num_gpus": 1, "num_cpus": 1, "device": "cpu"} | pool)
 
 
-def embed_while(config: EmbedConfig, during) -> tuple:
-    """Run the embedding job in a thread; once its first batch is embedded, call ``during()`` (on the
-    main thread: Ray's node start-up installs signal handlers)."""
+def first_shard_done(output: str) -> bool:
+    return os.path.isdir(output) and any(name.endswith(".done") for name in os.listdir(output))
+
+
+def embed_while(config: EmbedConfig, during, when=embedding_started) -> tuple:
+    """Run the embedding job in a thread; once ``when(output)``, call ``during()`` (on the main thread:
+    Ray's node start-up installs signal handlers)."""
     result: dict = {}
     job = threading.Thread(target=lambda: result.update(summary=run_embedding(config, progress=False)))
     start = time.perf_counter()
     job.start()
-    wait_until(lambda: embedding_started(config.output) or not job.is_alive(), 300, "the first batch")
+    wait_until(lambda: when(config.output) or not job.is_alive(), 300, when.__name__)
     assert job.is_alive(), "the job ended before the cluster changed"
     during()
     job.join(timeout=600)
@@ -123,9 +127,10 @@ def test_a_gpu_node_lost_mid_embedding_still_gives_every_id_exactly_once(cluster
         cluster.add_node(**GPU_NODE)
 
     config = embed_config(corpus, str(tmp_path / "emb"), min_actors=2, max_actors=2)
-    summary, _ = embed_while(config, lose_a_node)
+    summary, _ = embed_while(config, lose_a_node, when=first_shard_done)  # both nodes have worked by then
     assert summary.rows_embedded == TOTAL and summary.skipped == {}
     assert_every_id_exactly_once(config.output)
+    print(f"\nGPU node lost mid-embedding: {TOTAL} of {TOTAL} ids, each exactly once")
     assert doomed.node_id in set().union(*(read_stats(config.output, f"part-{n:06d}").nodes["embed"]
                                            for n in range(CORPUS.num_shards)))  # it did work before it went
 
@@ -156,3 +161,4 @@ def test_a_training_node_lost_resumes_from_the_last_checkpoint(cluster, corpus, 
     resumed = [r["step"] for r in history if r.get("event") == "resumed"]
     assert summary.resumes >= 1 and resumed and resumed[0] >= 5 and resumed[0] % 5 == 0
     assert [r["step"] for r in history if "loss" in r][-1] == 30
+    print(f"\ntraining node lost after 2+ checkpoints: resumed at step {resumed[0]}, finished 30 steps")

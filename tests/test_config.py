@@ -69,6 +69,8 @@ def test_cli_print_config_resolves_preset_and_overrides(capsys):
     assert main(["demo", "--config", str(ROOT / "jobs/presets/demo.yaml"), "model.name=react-micro", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "name: react-micro" in out and "num_shards: 20" in out
+    assert main(["index", "--config", str(ROOT / "jobs/presets/index_demo.yaml"), "--append", "--print-config"]) == 0
+    assert "append: true" in capsys.readouterr().out
 
 
 def test_job_entrypoint_runs_the_same_cli(tmp_path):

@@ -11,10 +11,16 @@ import pytest
 from react_ray import ids, storage
 from react_ray.config import IndexConfig
 from react_ray.data.synthetic_embeddings import write_clustered_embedding_set
-from react_ray.embed.outputs import load_embeddings
-from react_ray.index.build import build_index
+from react_ray.embed.outputs import fetch_vectors, load_embeddings
+from react_ray.index.build import append_to_index, build_index
 from react_ray.index.plan import plan_index
-from react_ray.index.sharded import ShardedIndex, merge_topk, search_and_reconstruct
+from react_ray.index.sharded import (
+    ShardedIndex,
+    decodable,
+    merge_topk,
+    read_manifest,
+    search_and_reconstruct,
+)
 from react_ray.index.tune import recall_at_k
 
 GB = 2**30
@@ -48,7 +54,7 @@ def test_merge_topk_is_exact_and_drops_missing():
     assert top_ids.tolist() == [[1, 3, 2]] and np.allclose(top_scores, [[0.9, 0.8, 0.1]])
 
 
-@pytest.mark.parametrize("factory", ["IDMap,Flat", "IDMap,HNSW16", "IVF16,SQ8", "IVF16,PQ8x4fs", "OPQ8,IVF16,PQ8"])
+@pytest.mark.parametrize("factory", ["IDMap,Flat", "IDMap,HNSW16", "IVF16,SQ8", "OPQ8,IVF16,PQ8x4"])
 def test_search_and_reconstruct_returns_each_hits_stored_vector(factory):
     """What served deduplication compares: the same hits as search, with vectors close to the originals."""
     rng = np.random.default_rng(0)
@@ -117,6 +123,11 @@ def test_ivf_pq_recall_on_clustered_text_queries_and_tuning(ray_local, embedding
     queries = load_embeddings(embeddings, "txt_emb")[1][5::50].astype(np.float32)
     recall = recall_at_k(index.search(queries, 10)[1], _exact(embeddings, queries, 10)[1])
     assert recall >= 0.75, recall
+    # Fast-scan lists cannot be decoded once loaded: served dedup reads the hits' exact vectors instead.
+    assert not any(decodable(shard) for shard in index.shards)
+    _, found, vectors = index.search_with_vectors(queries[:5], 10)
+    assert np.array_equal(found, index.search(queries[:5], 10)[1])
+    np.testing.assert_array_equal(vectors.reshape(-1, 64), fetch_vectors(embeddings, found.ravel()))
 
 
 @pytest.mark.ray
@@ -192,3 +203,72 @@ def test_build_to_and_load_from_s3(ray_local, s3_bucket, tmp_path, monkeypatch):
     queries = load_embeddings(emb, "txt_emb")[1][:5].astype(np.float32)
     scores, found = index.search(queries, 3)
     assert found.shape == (5, 3) and all(m is not None for m in index.lookup(found.ravel()))
+
+
+def _hide_markers(emb, names) -> dict:
+    """Take shards' completion markers away (they "arrive later"); return them to put back."""
+    markers = {name: (emb / f"{name}.done").read_bytes() for name in names}
+    for name in names:
+        (emb / f"{name}.done").unlink()
+    return markers
+
+
+@pytest.mark.ray
+def test_append_equals_a_one_shot_build_and_a_crash_leaves_the_previous_version(ray_local, tmp_path, monkeypatch):
+    import react_ray.index.build as build
+
+    emb = tmp_path / "emb"
+    write_clustered_embedding_set(str(emb), num_files=6, rows_per_file=800, dim=64)
+    markers = _hide_markers(emb, [f"part-{n:06d}" for n in (3, 4, 5)])
+    config = _config(str(emb), str(tmp_path / "grown"), factory="IVF16,Flat", num_shards=2)
+    first = build_index(config, progress=False)
+    assert (first["version"], first["ntotal"]) == (1, 2400)
+    for name, data in markers.items():
+        (emb / f"{name}.done").write_bytes(data)
+
+    def crash(*args):
+        raise RuntimeError("killed while appending")
+
+    monkeypatch.setattr(build, "_describe_shard", crash)  # after the new shards are written, before publishing
+    with pytest.raises(RuntimeError, match="killed while appending"):
+        append_to_index(config, progress=False)
+    monkeypatch.undo()
+    assert read_manifest(config.output)["version"] == 1 and ShardedIndex(config.output).ntotal == 2400
+    grown = append_to_index(config, progress=False)  # resumes: the written shards are reused
+    assert (grown["version"], grown["ntotal"], len(grown["shards"])) == (2, 4800, 4)
+    assert read_manifest(str(tmp_path / "grown" / "manifest-v1.json"))["ntotal"] == 2400
+    drift = grown["appends"][0]["drift"]
+    assert 0.8 < drift["coarse_error_ratio"] < 1.2 and drift["code_error_ratio"] is None  # same distribution
+    assert append_to_index(config, progress=False)["version"] == 2  # nothing new: nothing changes
+
+    # A one-shot build over all six files with the same trained quantizer finds the same neighbours.
+    (tmp_path / "oneshot").mkdir()
+    (tmp_path / "oneshot" / "_trained.index").write_bytes((tmp_path / "grown" / "_trained.index").read_bytes())
+    build_index(_config(str(emb), str(tmp_path / "oneshot"), factory="IVF16,Flat", num_shards=2), progress=False)
+    queries = load_embeddings(str(emb), "txt_emb")[1][::97].astype(np.float32)
+    appended, oneshot = ShardedIndex(config.output), ShardedIndex(str(tmp_path / "oneshot"))
+    for index in (appended, oneshot):
+        index.set_params({"nprobe": 4})
+    (a_scores, a_ids), (o_scores, o_ids) = appended.search(queries, 10), oneshot.search(queries, 10)
+    assert np.array_equal(a_ids, o_ids)
+    np.testing.assert_allclose(a_scores, o_scores, atol=1e-6)
+
+
+@pytest.mark.ray
+def test_append_warns_when_new_vectors_drift_from_the_build(ray_local, tmp_path, capsys):
+    emb, other = tmp_path / "emb", tmp_path / "other"
+    write_clustered_embedding_set(str(emb), num_files=4, rows_per_file=800, dim=64, seed=0)
+    write_clustered_embedding_set(str(other), num_files=4, rows_per_file=800, dim=64, seed=7, num_clusters=3,
+                                  spread=0.05)
+    for name in ("part-000002", "part-000003"):  # the new crawl covers a few topics only
+        for suffix in (".parquet", ".done", ".stats.json"):
+            (emb / f"{name}{suffix}").write_bytes((other / f"{name}{suffix}").read_bytes())
+    markers = _hide_markers(emb, ["part-000002", "part-000003"])
+    config = _config(str(emb), str(tmp_path / "idx"), factory="IVF16,PQ16x4", num_shards=1)
+    build_index(config, progress=False)
+    for name, data in markers.items():
+        (emb / f"{name}.done").write_bytes(data)
+    capsys.readouterr()
+    drift = append_to_index(config, progress=False)["appends"][0]["drift"]
+    assert drift["imbalance_ratio"] > 1.5  # the new vectors crowd into a few of the trained lists
+    assert "WARNING the new vectors drift from the build's" in capsys.readouterr().out

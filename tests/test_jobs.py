@@ -73,9 +73,9 @@ def ray_head():
     finally:
         head.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
         try:
-            head.wait(timeout=60)
+            head.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            head.kill()
+            os.killpg(head.pid, signal.SIGKILL)  # its own session: this head's processes only
         for process in _processes_of(temp_dir):  # stragglers of this head only
             process.kill()
 

@@ -24,7 +24,7 @@ def clustered_vectors(rng: np.random.Generator, n: int, centres: np.ndarray, spr
 
 def write_clustered_embedding_set(output: str, num_files: int, rows_per_file: int, dim: int = 64,
                                   num_clusters: int = 100, seed: int = 0, model: str = "synthetic",
-                                  skip_every: int = 0, text_noise: float = 0.6) -> int:
+                                  skip_every: int = 0, text_noise: float = 0.6, spread: float = 0.35) -> int:
     """Write ``num_files`` committed embedding files; every ``skip_every``-th row is left out
     (as skipped records are). Returns the number of vectors written."""
     rng = np.random.default_rng(seed)
@@ -40,7 +40,7 @@ def write_clustered_embedding_set(output: str, num_files: int, rows_per_file: in
         if skip_every:
             rows = rows[rows % skip_every != skip_every - 1]
         row_ids = ids.encode(shard, rows)
-        img = clustered_vectors(rng, len(rows), centres, spread=0.35)
+        img = clustered_vectors(rng, len(rows), centres, spread=spread)
         txt = img + text_noise * rng.normal(size=img.shape).astype(np.float32) / np.sqrt(dim)
         txt /= np.linalg.norm(txt, axis=1, keepdims=True)
         name = f"part-{shard:06d}"

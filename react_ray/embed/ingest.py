@@ -17,7 +17,13 @@ from tqdm.auto import tqdm
 from react_ray import ids, storage
 from react_ray.config import EmbedConfig
 from react_ray.embed import outputs
-from react_ray.embed.readers import CAPTION_COLUMNS, METADATA_COLUMNS, URL_COLUMNS, InputShard, metadata_json
+from react_ray.embed.readers import (
+    CAPTION_COLUMNS,
+    METADATA_COLUMNS,
+    URL_COLUMNS,
+    InputShard,
+    metadata_json,
+)
 from react_ray.ray_utils import connect
 
 CHUNK_ROWS = 65_536

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from react_ray import storage
+from react_ray import ids, storage
 
 
 def part_uri(output: str, name: str) -> str:
@@ -76,6 +76,23 @@ def read_metadata(uri: str) -> pa.Table:
         parquet = pq.ParquetFile(f)
         present = [c for c in METADATA_FIELDS if c in parquet.schema_arrow.names]
         return parquet.read(columns=present)
+
+
+def fetch_vectors(embeddings: str, id_list: np.ndarray, column: str = "img_emb") -> np.ndarray:
+    """Embeddings of the given ids, read file by file (rows are sorted by id in each file)."""
+    id_list = np.asarray(id_list, np.int64)
+    out = np.zeros((len(id_list), 0), np.float32)
+    _, shards, _ = ids.decode(id_list)
+    for shard in np.unique(shards):
+        table = read_parquet(storage.join(embeddings, f"part-{int(shard):06d}.parquet"), ["id", column])
+        file_ids = table["id"].to_numpy()
+        vectors = column_matrix(table, column)
+        where = np.flatnonzero(shards == shard)
+        pos = np.searchsorted(file_ids, id_list[where])
+        if out.shape[1] == 0:
+            out = np.zeros((len(id_list), vectors.shape[1]), np.float32)
+        out[where] = vectors[pos]
+    return out
 
 
 def write_parquet(uri: str, table: pa.Table) -> None:

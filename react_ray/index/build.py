@@ -33,6 +33,7 @@ from react_ray.index.sharded import (
     MANIFEST,
     MetadataStore,
     ShardedIndex,
+    read_manifest,
     write_metadata_file,
 )
 from react_ray.index.tune import exact_ground_truth, tune_search_params
@@ -150,8 +151,9 @@ def _check_fingerprint(output: str, fingerprint: dict) -> None:
         existing = json.loads(storage.read_bytes(uri))
         if existing != fingerprint:
             changed = sorted(k for k in fingerprint if existing.get(k) != fingerprint[k])
+            hint = "; to add new embedding files to it, run with --append" if changed == ["files"] else ""
             raise ValueError(f"index output {output} holds another build (differs in {', '.join(changed)}); "
-                             "use a new output directory")
+                             f"use a new output directory{hint}")
     else:
         storage.write_text_atomic(uri, json.dumps(fingerprint, indent=1))
 
@@ -176,13 +178,13 @@ def _trained_index(config: IndexConfig, files: list[EmbeddingFile], column: str,
 
 
 def _build_shards(config: IndexConfig, shard_files: list[list[EmbeddingFile]], column: str, factory: str,
-                  trained: bytes, progress: bool) -> list[str]:
+                  trained: bytes, progress: bool, first: int = 0) -> list[str]:
     """Partial indices (groups of files) on Ray tasks, then one merge task per shard; skips what exists."""
     trained_ref = ray.put(trained)
     mergeable = "HNSW" not in factory.split(",")[-1]  # an HNSW graph cannot merge: one task per shard
     metadata_dir = storage.join(config.output, "metadata")
     merges, shard_names = [], []
-    for k, assigned in enumerate(shard_files):
+    for k, assigned in enumerate(shard_files, start=first):
         shard_names.append(f"shard-{k:05d}.index")
         shard_uri = storage.join(config.output, shard_names[-1])
         if storage.exists(f"{shard_uri}.json"):
@@ -261,7 +263,8 @@ def build_index(config: IndexConfig, progress: bool = True) -> dict:
     manifest["search_params"], manifest["tuning"] = tuning["params"], tuning
     manifest["build_seconds"] = round(time.perf_counter() - start, 2)
     manifest["seconds"] = {k: round(v, 2) for k, v in timings.items()}
-    storage.write_text_atomic(storage.join(config.output, MANIFEST), json.dumps(manifest, indent=1))
+    manifest["version"] = 1
+    publish_manifest(config.output, manifest)
     storage.remove(storage.join(config.output, "_partials"), recursive=True)
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
     print(f"index: {manifest['ntotal']:,} vectors in {len(shards)} shards "
@@ -272,3 +275,89 @@ def build_index(config: IndexConfig, progress: bool = True) -> dict:
 
 
 __all__ = ["MetadataStore", "build_index", "embedding_set", "read_vectors", "training_sample"]
+
+
+def publish_manifest(output: str, manifest: dict) -> None:
+    """Keep ``manifest-vN.json``, then swap ``manifest.json`` in one atomic write: a reader sees the
+    previous version or this one, never a mix (shard files are immutable once listed)."""
+    text = json.dumps(manifest, indent=1)
+    storage.write_text_atomic(storage.join(output, f"manifest-v{manifest['version']}.json"), text)
+    storage.write_text_atomic(storage.join(output, MANIFEST), text)
+
+
+def quantization_drift(trained: bytes, old: np.ndarray, new: np.ndarray) -> dict | None:
+    """How much worse the trained index fits the new vectors than a sample of those it was built on
+    (new / old): mean squared distance to the nearest coarse centroid, the coarse lists' imbalance
+    factor, and the codes' mean squared reconstruction error (where codes are lossy). None for
+    exact or graph indices, which have no trained quantizer."""
+    index = faiss.deserialize_index(np.frombuffer(trained, np.uint8))
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    figures = {}
+    for name, x in (("old", old), ("new", new)):
+        codes = np.sum((x - index.sa_decode(index.sa_encode(x))) ** 2, axis=1)
+        if isinstance(index, faiss.IndexPreTransform):  # the coarse quantizer sees transformed vectors
+            for i in range(index.chain.size()):
+                x = faiss.downcast_VectorTransform(index.chain.at(i)).apply(x)
+        _, lists = ivf.quantizer.search(np.ascontiguousarray(x, np.float32), 1)
+        counts = np.bincount(lists.ravel(), minlength=ivf.nlist).astype(np.float64)
+        figures[name] = {"coarse_error": float(np.mean(np.sum((x - centroids[lists.ravel()]) ** 2, axis=1))),
+                         "imbalance": float(ivf.nlist * np.sum(counts ** 2) / np.sum(counts) ** 2),
+                         "code_error": float(np.mean(codes))}
+    drift = {"old": figures["old"], "new": figures["new"]}
+    for key in ("coarse_error", "imbalance", "code_error"):
+        before = figures["old"][key]
+        drift[f"{key}_ratio"] = figures["new"][key] / before if before > 1e-9 else None
+    return drift
+
+
+DRIFT_WARNING = {"coarse_error_ratio": 1.2, "code_error_ratio": 1.2, "imbalance_ratio": 1.5}  # retrain above
+
+
+def append_to_index(config: IndexConfig, progress: bool = True) -> dict:
+    """Add the committed embedding files the index does not hold yet, as new shards encoded with the
+    same trained quantizer; publish the next manifest version. Rerunning after a crash resumes."""
+    start = time.perf_counter()
+    manifest = read_manifest(config.output)
+    info, files = embedding_set(config.embeddings)
+    for field in ("model", "dim"):
+        if info[field] != manifest[field]:
+            raise ValueError(f"index --append: the embeddings have {field}={info[field]!r}; the index at "
+                             f"{config.output} was built with {field}={manifest[field]!r}")
+    if config.keys != manifest["keys"]:
+        raise ValueError(f"index --append: keys={config.keys!r}, the index holds {manifest['keys']!r} keys")
+    indexed = {uri for shard in manifest["shards"] for uri in shard["embedding_files"]}
+    new = [f for f in files if f.uri not in indexed]
+    if not new:
+        print(f"index --append: all {len(files)} embedding files are indexed already (version {manifest['version']})")
+        return manifest
+    connect(config.ray_address)
+    column, factory = manifest["key_column"], manifest["factory"]
+    trained = storage.read_bytes(storage.join(config.output, "_trained.index"))
+    old_files = [f for f in files if f.uri in indexed]
+    sample = min(config.train_samples, 20_000)
+    drift = quantization_drift(trained, training_sample(old_files, column, sample, config.seed),
+                               training_sample(new, column, sample, config.seed))
+    count = min(config.num_shards, len(new))
+    shard_files = [new[k::count] for k in range(count)]
+    names = _build_shards(config, shard_files, column, factory, trained, progress, first=len(manifest["shards"]))
+    added = [_describe_shard(config.output, name, assigned) for name, assigned in zip(names, shard_files)]
+    rows = sum(s["count"] for s in added)
+    updated = manifest | {
+        "shards": manifest["shards"] + added, "ntotal": manifest["ntotal"] + rows,
+        "version": manifest.get("version", 1) + 1,
+        "appends": [*manifest.get("appends", []), {"files": len(new), "vectors": rows, "drift": drift,
+                                                   "seconds": round(time.perf_counter() - start, 2)}],
+    }
+    publish_manifest(config.output, updated)
+    storage.remove(storage.join(config.output, "_partials"), recursive=True)
+    print(f"index --append: {rows:,} vectors from {len(new)} files in {len(added)} new shards; "
+          f"{updated['ntotal']:,} in all, version {updated['version']} ({time.perf_counter() - start:.1f}s)")
+    over = {k: round(drift[k], 2) for k, limit in DRIFT_WARNING.items() if drift and (drift[k] or 0) > limit}
+    if over:
+        print(f"index --append: WARNING the new vectors drift from the build's: {over} (limits {DRIFT_WARNING}); "
+              f"their codes are less accurate than the original's; rebuilding into a new output would retrain")
+    return updated

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from react_ray import ids, storage
+from react_ray.embed.outputs import fetch_vectors
 
 MANIFEST = "manifest.json"
 
@@ -76,21 +77,22 @@ def merge_topk(scores: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarr
 
 def search_and_reconstruct(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
     """faiss's search_and_reconstruct (IVF decodes its own lists; Flat, HNSW, SQ reconstruct from storage),
-    also through an IDMap, whose inner index numbers the vectors 0..n-1."""
+    also through an IDMap, whose inner index numbers the vectors 0..n-1. Fast-scan PQ cannot: see
+    :func:`decodable`."""
     if isinstance(index, faiss.IndexIDMap):
         scores, rows, vectors = faiss.downcast_index(index.index).search_and_reconstruct(queries, k)
         id_map = faiss.vector_to_array(index.id_map)
         return scores, np.where(rows >= 0, id_map[np.maximum(rows, 0)], -1), vectors
+    return index.search_and_reconstruct(queries, k)
+
+
+def decodable(index: faiss.Index) -> bool:
+    """False for fast-scan PQ: it has no search_and_reconstruct, and faiss 1.15 crashes (segfault) when
+    decoding the lists of a fast-scan index read back from a file, so its vectors come from elsewhere."""
     try:
-        return index.search_and_reconstruct(queries, k)
-    except RuntimeError:  # fast-scan lists cannot decode while searching: look the hits up by id
-        ivf = faiss.extract_index_ivf(index)
-        if ivf.direct_map.type != faiss.DirectMap.Hashtable:  # built once, ~16 bytes per vector
-            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
-        scores, labels = index.search(queries, k)
-        vectors = np.zeros((*labels.shape, index.d), np.float32)
-        vectors[labels >= 0] = index.reconstruct_batch(labels[labels >= 0])
-        return scores, labels, vectors
+        return not isinstance(faiss.downcast_index(faiss.extract_index_ivf(index)), faiss.IndexIVFFastScan)
+    except RuntimeError:  # not an IVF index
+        return True
 
 
 def set_search_params(index: faiss.Index, params: dict) -> None:
@@ -209,8 +211,15 @@ class ShardedIndex:
 
     def search_with_vectors(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`search`, plus each hit's vector as the index stores it (n, k, dim): exact for Flat and
-        HNSW, decoded for PQ / SQ; what near-duplicate removal among results compares."""
+        HNSW, decoded for PQ / SQ, read from the embedding files for fast-scan PQ; what near-duplicate
+        removal among results compares."""
         queries = self._queries(queries, k)
+        if not all(decodable(shard) for shard in self.shards):  # exact vectors from the embedding files
+            scores, labels = self.search(queries, k)
+            vectors = np.zeros((*labels.shape, self.dim), np.float32)
+            vectors[labels >= 0] = fetch_vectors(self.manifest["embeddings"], labels[labels >= 0],
+                                                 self.manifest["key_column"])
+            return scores, labels, vectors
         results = list(self._pool.map(lambda shard: search_and_reconstruct(shard, queries, k), self.shards))
         scores, labels, vectors = (np.concatenate([r[i] for r in results], axis=1) for i in range(3))
         order = topk_order(scores, labels, k)

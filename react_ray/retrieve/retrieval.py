@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from react_ray import ids, storage
-from react_ray.embed.outputs import column_matrix, read_parquet
+from react_ray import storage
+from react_ray.embed.outputs import fetch_vectors
 from react_ray.index.sharded import ShardedIndex
 from react_ray.retrieve.task import TaskSpec
 
@@ -78,23 +78,6 @@ def resolve_across_classes(pairs: pd.DataFrame, rule: str) -> pd.DataFrame:
         return pairs[claims == 1].reset_index(drop=True)
     ordered = pairs.sort_values(["id", "score", "label"], ascending=[True, False, True])
     return ordered.drop_duplicates("id", keep="first").reset_index(drop=True)
-
-
-def fetch_vectors(embeddings: str, id_list: np.ndarray, column: str = "img_emb") -> np.ndarray:
-    """Embeddings of the given ids, read file by file (rows are sorted by id in each file)."""
-    id_list = np.asarray(id_list, np.int64)
-    out = np.zeros((len(id_list), 0), np.float32)
-    _, shards, _ = ids.decode(id_list)
-    for shard in np.unique(shards):
-        table = read_parquet(storage.join(embeddings, f"part-{int(shard):06d}.parquet"), ["id", column])
-        file_ids = table["id"].to_numpy()
-        vectors = column_matrix(table, column)
-        where = np.flatnonzero(shards == shard)
-        pos = np.searchsorted(file_ids, id_list[where])
-        if out.shape[1] == 0:
-            out = np.zeros((len(id_list), vectors.shape[1]), np.float32)
-        out[where] = vectors[pos]
-    return out
 
 
 def remove_near_duplicates(pairs: pd.DataFrame, vectors: np.ndarray, threshold: float) -> pd.DataFrame:
