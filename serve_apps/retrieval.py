@@ -31,8 +31,8 @@ from react_ray.index.sharded import (
     MetadataStore,
     ShardedIndex,
     index_root,
+    merge_topk,
     read_manifest,
-    topk_order,
 )
 from react_ray.retrieve.fetch import FetchPolicy, download
 from react_ray.retrieve.retrieval import remove_near_duplicates
@@ -205,11 +205,9 @@ class RetrievalAPI:
         fetch_k = request.k * 3 if dedup else request.k  # room for the duplicates that go
         parts = await asyncio.gather(*(g.search.remote((request.index, request.modality, fetch_k, dedup), vectors)
                                        for g in self.groups))
-        scores, ids = (np.concatenate([p[i] for p in parts], 1) for i in (0, 1))
-        order = topk_order(scores, ids, fetch_k)
-        rows = np.arange(len(order))[:, None]
-        scores, ids = scores[rows, order], ids[rows, order]
-        hit_vectors = np.concatenate([p[2] for p in parts], 1)[rows, order] if dedup else None
+        scores, ids, *vectors = (np.concatenate([p[i] for p in parts], 1) for i in range(3 if dedup else 2))
+        scores, ids, *vectors = merge_topk(scores, ids, fetch_k, *vectors)
+        hit_vectors = vectors[0] if dedup else None
         store = self.metadata[key]
         results = []
         for q, (row_scores, row_ids) in enumerate(zip(scores, ids)):

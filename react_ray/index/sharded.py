@@ -63,16 +63,13 @@ def load_shard(uri: str, expected: dict | None = None, verify: bool = True) -> f
         raise ValueError(f"index shard {uri} cannot be read by faiss: {str(error).splitlines()[0]}") from None
 
 
-def topk_order(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """Columns of the exact global top-k among per-shard top-k lists side by side (n, S*k), best first."""
-    return np.argsort(-np.where(labels < 0, -np.inf, scores), axis=1, kind="stable")[:, :k]
-
-
-def merge_topk(scores: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-shard top-k lists side by side (n, S*k) -> the exact global top-k (n, k), best first."""
-    order = topk_order(scores, labels, k)
-    return np.where(labels < 0, -np.inf, scores)[np.arange(len(order))[:, None], order], \
-        np.take_along_axis(labels, order, 1)
+def merge_topk(scores: np.ndarray, labels: np.ndarray, k: int, *more: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per-shard top-k lists side by side (n, S*k) -> the exact global top-k (n, k), best first; arrays in
+    ``more`` (e.g. the hits' vectors, (n, S*k, d)) are picked alongside."""
+    scores = np.where(labels < 0, -np.inf, scores)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    rows = np.arange(len(order))[:, None]
+    return (scores[rows, order], labels[rows, order], *(m[rows, order] for m in more))
 
 
 def search_and_reconstruct(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
@@ -222,9 +219,7 @@ class ShardedIndex:
             return scores, labels, vectors
         results = list(self._pool.map(lambda shard: search_and_reconstruct(shard, queries, k), self.shards))
         scores, labels, vectors = (np.concatenate([r[i] for r in results], axis=1) for i in range(3))
-        order = topk_order(scores, labels, k)
-        rows = np.arange(len(order))[:, None]
-        return np.where(labels < 0, -np.inf, scores)[rows, order], labels[rows, order], vectors[rows, order]
+        return merge_topk(scores, labels, k, vectors)
 
     def lookup(self, id_list) -> list[dict | None]:
         return self.metadata.lookup(id_list)
