@@ -50,6 +50,8 @@ class CorpusConfig(StrictModel):
     )
     url_base: str = "https://images.react-ray.invalid"
     eval_samples_per_class: int = Field(default=40, ge=1)
+    planted_eval_copies: int = Field(default=0, ge=0, description="corpus pairs that are near-copies of eval images "
+                                                                  "(re-encoded, resized, cropped), to test decontamination")
     write_images: bool = Field(
         default=False, description="also write images/<key>.jpg, for serving them over HTTP"
     )
@@ -97,7 +99,7 @@ class ActorPoolConfig(StrictModel):
         return self
 
 
-InputFormat = Literal["webdataset", "parquet", "laion-embeddings"]
+InputFormat = Literal["webdataset", "parquet", "image-folder", "laion-embeddings"]
 
 
 class EmbedConfig(StrictModel):
@@ -117,6 +119,8 @@ class EmbedConfig(StrictModel):
     read_block_rows: int = Field(default=256, ge=1, description="records per block out of a read + decode task "
                                                                 "(decoded: rows x S x S x 3 bytes)")
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="larger images are skipped (bombs)")
+    caption_required: bool = Field(default=True, description="false: images without a caption are embedded too "
+                                                             "(evaluation sets; their txt_emb is of the empty text)")
     source_id: int = Field(default=0, ge=0, le=2047, description="tells corpora apart inside ids")
     max_shards: int | None = Field(default=None, ge=1, description="embed only the first N pending shards")
     ray_address: str | None = Field(default=None, description="None: RAY_ADDRESS or a local Ray")
@@ -154,6 +158,23 @@ class IndexConfig(StrictModel):
     ray_address: str | None = None
 
 
+class DecontaminateConfig(StrictModel):
+    """Remove retrieved pairs that are near-copies of evaluation images (react_ray/retrieve/decontaminate.py)."""
+
+    eval_sets: list[str] = Field(min_length=1, description="evaluation sets (webdataset, image folder or parquet with "
+                                                           "image bytes, or their embedding sets), local or s3://")
+    threshold: float = Field(default=0.95, gt=0, le=1,
+                             description="remove a pair whose image has cosine >= this with any eval image")
+    captions: bool = Field(default=False, description="also remove pairs whose caption repeats an eval caption")
+    min_caption_chars: int = Field(default=12, ge=1, description="shorter eval captions ('image') are not matched")
+    embeddings: str | None = Field(default=None, description="where eval sets are embedded (default OUTPUT/eval-embeddings)")
+    batch_size: int = Field(default=256, ge=1, description="eval images per model forward")
+    pool: ActorPoolConfig = Field(default_factory=ActorPoolConfig)
+    precision: Precision = "fp32"
+    search_batch: int = Field(default=16384, ge=1, description="retrieved vectors per exact search call")
+    report_pairs: int = Field(default=100, ge=0, description="removed (and closest kept) pairs shown in the HTML page")
+
+
 class RetrieveConfig(StrictModel):
     """Stage 3: a task spec + index(es) -> the task's retrieved, deduplicated training pairs."""
 
@@ -163,6 +184,8 @@ class RetrieveConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     output: str = Field(description="directory for retrieved.parquet, summary.csv, gallery.html")
     gallery_per_class: int = Field(default=8, ge=0)
+    decontaminate: DecontaminateConfig | None = Field(default=None, description="remove near-copies of eval images")
+    ray_address: str | None = Field(default=None, description="for embedding eval sets; None: RAY_ADDRESS or local")
 
 
 class MaterializeConfig(StrictModel):
@@ -266,6 +289,9 @@ class EvaluateConfig(StrictModel):
     batch_size: int = Field(default=256, ge=1)
     distributed: Literal["local", "ray"] = Field(
         default="local", description="ray: score on a Ray Data actor pool (large sets); local: in this process")
+    training_set: str | None = Field(
+        default=None, description="the retrieved set the tuned models learned from; the report states whether it "
+                                  "was decontaminated against this eval set")
     ray_address: str | None = None
 
 
@@ -292,6 +318,9 @@ class RetrievalAppConfig(StrictModel):
     image_url_max_bytes: int = Field(default=10 * 2**20, ge=1)
     request_timeout_s: float = Field(default=10.0, gt=0)
     replica_num_cpus: float = Field(default=1, gt=0, description="CPUs per replica (serve_config.yaml overrides)")
+    reload_interval_s: float | None = Field(
+        default=60, gt=0, description="each shard group checks its manifests this often and swaps in a new version "
+                                      "(react-ray index --append); None: only on POST /admin/reload")
 
 
 class ZeroShotAppConfig(StrictModel):

@@ -106,7 +106,19 @@ def list_files(uri: str, suffix: str) -> list[str]:
     fs, path = filesystem(uri)
     if not fs.exists(path):
         return []
-    names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(suffix))
+    return _uris(uri, (p for p in fs.ls(path, detail=False) if p.endswith(suffix)))
+
+
+def find_files(uri: str, suffixes: tuple[str, ...]) -> list[str]:
+    """Sorted URIs of the files anywhere under ``uri`` whose names end with one of ``suffixes`` (any case)."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return []
+    return _uris(uri, (p for p in fs.find(path) if p.lower().endswith(suffixes)))
+
+
+def _uris(uri: str, paths) -> list[str]:
+    names = sorted(paths)
     if is_remote(uri):
         scheme = uri.split("://", 1)[0]
         return [f"{scheme}://{p}" for p in names]

@@ -10,11 +10,19 @@ HTTP -> RetrievalAPI (FastAPI ingress: validation, limits, metadata, the search 
 ```
 Routes: ``/v1/search`` (ours, pydantic models, OpenAPI at ``/docs``), ``/knn-service``,
 ``/indices-list`` and ``/metadata`` (the LAION kNN API, for existing clients), ``/healthz``,
-``/readyz`` and ``/`` (a search page).
+``/readyz``, ``/`` (a search page) and ``POST /admin/reload``.
+
+A new index version (``react-ray index --append``) is picked up without downtime: on
+``POST /admin/reload``, and by every shard-group replica on its own at most
+``reload_interval_s`` after the manifest changed. The new version loads beside the old one
+(sharing the shards both hold) and replaces it in one assignment; searches already running
+finish on the old one. Metadata needs no reload: an id's file is found from the id itself.
 """
 
 
 import asyncio
+import threading
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -122,20 +130,43 @@ class IndexShardGroup:
     """Every ``groups``-th shard of each index, searched in batches grouped by (index, modality, k)."""
 
     def __init__(self, indices: dict, group: int, groups: int, batching: bool, max_batch_size: int,
-                 batch_wait_timeout_s: float):
-        self.indices = {}
-        for name, pair in indices.items():
-            for modality, uri in pair.items():
-                if uri:
-                    count = len(read_manifest(uri)["shards"])
-                    self.indices[(name, modality)] = ShardedIndex(uri, shard_ids=list(range(group, count, groups)))
+                 batch_wait_timeout_s: float, reload_interval_s: float | None = None):
+        self.indices = {(name, modality): ShardedIndex(uri, group=(group, groups))
+                        for name, pair in indices.items() for modality, uri in pair.items() if uri}
         self.search.set_max_batch_size(max_batch_size if batching else 1)
         self.search.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.reload_interval_s, self._checked, self._reloading = reload_interval_s, time.monotonic(), threading.Lock()
+
+    def _reload(self) -> dict[str, int]:
+        with self._reloading:
+            for key, index in list(self.indices.items()):
+                newer = index.reloaded()
+                if newer is not None:
+                    self.indices[key] = newer  # one assignment: a search holds either the old or the new index
+            return self.versions()
+
+    def versions(self) -> dict[str, int]:
+        return {f"{name}/{modality}": index.version for (name, modality), index in self.indices.items()}
+
+    async def reload(self) -> dict[str, int]:
+        """Load every index whose manifest has a newer version, then swap it in; the versions now served."""
+        return await asyncio.to_thread(self._reload)
+
+    def _reload_if_due(self) -> threading.Thread | None:
+        """At most every reload_interval_s, in the background: searches never wait for it."""
+        if not self.reload_interval_s or time.monotonic() - self._checked < self.reload_interval_s \
+                or self._reloading.locked():
+            return None
+        self._checked = time.monotonic()
+        thread = threading.Thread(target=self._reload, daemon=True)
+        thread.start()
+        return thread
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
     async def search(self, keys: list[tuple], vectors: list[np.ndarray]) -> list[tuple]:
         """Each call: (index, modality, k, with_vectors) and its (n, d) queries -> (scores, ids, hit vectors or
         None). Never mixes two requests' k or index."""
+        self._reload_if_due()
         out: list = [None] * len(keys)
         groups: dict[tuple, list[int]] = {}
         for i, key in enumerate(keys):
@@ -297,7 +328,19 @@ class RetrievalAPI:
     async def readyz(self) -> dict:
         await asyncio.gather(self.encoder.image_size.remote(), *(g.search.remote(
             (n, m, 1, False), np.zeros((1, self.dim), np.float32)) for g in self.groups for n, m in list(self.manifests)[:1]))
-        return {"status": "ready", "indices": sorted(self.config.indices), "shard_groups": len(self.groups)}
+        versions = await asyncio.gather(*(g.versions.remote() for g in self.groups))
+        return {"status": "ready", "indices": sorted(self.config.indices), "shard_groups": len(self.groups),
+                "versions": versions}
+
+    @app.post("/admin/reload")
+    async def reload(self) -> dict:
+        """Pick up new index versions now (each group's replica that takes the call; the others within
+        reload_interval_s). Answers with the versions each group serves afterwards."""
+        try:
+            versions = await asyncio.gather(*(g.reload.remote() for g in self.groups))
+        except (ValueError, FileNotFoundError) as error:  # e.g. the index was rebuilt with another model
+            raise HTTPException(409, f"reload refused, still serving the previous version: {error}") from None
+        return {"versions": versions}
 
     @app.get("/", response_class=HTMLResponse)
     async def page(self) -> str:
@@ -312,6 +355,7 @@ def build_app(args: dict) -> serve.Application:
     cpus = {"ray_actor_options": {"num_cpus": config.replica_num_cpus}}
     encoder = QueryEncoder.options(**cpus).bind(config.model.model_dump(), **batch)
     indices = {name: pair.model_dump() for name, pair in config.indices.items()}
-    groups = [IndexShardGroup.options(name=f"IndexShardGroup{g}", **cpus).bind(indices, g, config.shard_groups, **batch)
-              for g in range(config.shard_groups)]
+    groups = [IndexShardGroup.options(name=f"IndexShardGroup{g}", **cpus).bind(
+        indices, g, config.shard_groups, **batch, reload_interval_s=config.reload_interval_s)
+        for g in range(config.shard_groups)]
     return RetrievalAPI.options(**cpus).bind(encoder, groups, config.model_dump(mode="json"))

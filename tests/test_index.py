@@ -234,7 +234,14 @@ def test_append_equals_a_one_shot_build_and_a_crash_leaves_the_previous_version(
         append_to_index(config, progress=False)
     monkeypatch.undo()
     assert read_manifest(config.output)["version"] == 1 and ShardedIndex(config.output).ntotal == 2400
+    served = {g: ShardedIndex(config.output, group=(g, 2)) for g in (0, 1)}  # as two replica groups hold it
+    assert served[0].reloaded() is None
     grown = append_to_index(config, progress=False)  # resumes: the written shards are reused
+    for g, old in served.items():  # a reload loads only the new shards of its group and keeps the old ones
+        new = old.reloaded()
+        assert (old.version, new.version, old.files, new.files) == (1, 2, [f"shard-{g:05d}.index"],
+                                                                    [f"shard-{g:05d}.index", f"shard-{g + 2:05d}.index"])
+        assert new.shards[0] is old.shards[0] and new.reloaded() is None and old.ntotal < new.ntotal
     assert (grown["version"], grown["ntotal"], len(grown["shards"])) == (2, 4800, 4)
     assert read_manifest(str(tmp_path / "grown" / "manifest-v1.json"))["ntotal"] == 2400
     drift = grown["appends"][0]["drift"]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
+import shutil
 import socket
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -27,7 +30,7 @@ from react_ray.data.synthetic import generate_corpus
 from react_ray.embed.outputs import load_embeddings
 from react_ray.embed.pipeline import run_embedding
 from react_ray.evaluate.zeroshot import zero_shot_classifier
-from react_ray.index.build import build_index
+from react_ray.index.build import append_to_index, build_index
 from react_ray.index.sharded import ShardedIndex
 from react_ray.models import build_model, export_react_checkpoint
 
@@ -66,6 +69,12 @@ def served(ray_local, tmp_path_factory, s3_server):
     for keys in ("image", "text"):
         build_index(IndexConfig(embeddings=str(root / "emb"), output=str(root / f"index-{keys}"), keys=keys,
                                 factory="IDMap,Flat", num_shards=2, tune_queries=10, task_num_cpus=0.5))
+    # A "living" index over the first embedding file only; a test appends the second while serving.
+    (root / "emb-living").mkdir()
+    for path in [root / "emb" / "_embedding.json", *(root / "emb").glob("part-000000.*")]:
+        shutil.copy(path, root / "emb-living" / path.name)
+    build_index(IndexConfig(embeddings=str(root / "emb-living"), output=str(root / "index-living"),
+                            factory="IDMap,Flat", tune_queries=10, task_num_cpus=0.5))
     # A second "customized" model: the base with one weight changed, stored on S3.
     custom = build_model(MODEL)
     with torch.no_grad():
@@ -74,8 +83,9 @@ def served(ray_local, tmp_path_factory, s3_server):
     export_react_checkpoint(custom.model, "s3://models/react.pt")
     port = _free_port()
     config = ServeConfig(port=port, retrieval=RetrievalAppConfig(
-        indices={"demo": {"image": str(root / "index-image"), "text": str(root / "index-text")}}, model=MODEL,
-        shard_groups=2, max_k=50, max_request_bytes=200_000, image_url_timeout_s=1.0, replica_num_cpus=0.25),
+        indices={"demo": {"image": str(root / "index-image"), "text": str(root / "index-text")},
+                 "living": {"image": str(root / "index-living")}}, model=MODEL, shard_groups=2, max_k=50,
+        max_request_bytes=200_000, image_url_timeout_s=1.0, replica_num_cpus=0.25, reload_interval_s=None),
         zeroshot=ZeroShotAppConfig(models={"base": MODEL, "react": ModelConfig(name="react-micro",
                                                                                checkpoint="s3://models/react.pt")},
                                    default_model="base", max_images=8, replica_num_cpus=0.25))
@@ -102,6 +112,80 @@ def test_text_and_vector_queries_equal_direct_index_search(served):
     vector = clip.encode_texts(["a green heart"])[0].numpy()
     by_vector = _search(url, queries=[{"vector": (vector * 3).tolist()}], index="demo", k=5).json()["results"][0]
     assert [h["id"] for h in by_vector] == index.search(vector[None], 5)[1][0].tolist()
+
+
+def test_a_new_index_version_is_swapped_in_under_load_without_errors(served):
+    """Append the second embedding file while vector queries keep coming; reload; nothing fails, every
+    answer is exactly version 1's or version 2's, and after the reload every answer is version 2's."""
+    url, root = served["urls"]["retrieval"], served["root"]
+    living = str(root / "index-living")
+    queries = load_embeddings(str(root / "emb"))[1][::7][:8].astype(np.float32)
+    v1 = ShardedIndex(living).search(queries, 10)[1]
+    answers, stop, reloaded_at = [], threading.Event(), []
+
+    def load():
+        while not stop.is_set():
+            for q, vector in enumerate(queries):
+                sent = time.monotonic()
+                response = _search(url, queries=[{"vector": vector.tolist()}], index="living", k=10)
+                ids = [h["id"] for h in response.json()["results"][0]] if response.ok else None
+                answers.append((q, sent, response.status_code, ids))
+
+    def wait_for_answers(count: int, deadline_s: float = 60) -> None:
+        deadline = time.monotonic() + deadline_s
+        while len(answers) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(answers) >= count, "the load stopped getting answers"
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for_answers(10)
+        for path in (root / "emb").glob("part-000001.*"):  # what `react-ray embed` writes for a new input shard
+            shutil.copy(path, root / "emb-living" / path.name)
+        grown = append_to_index(IndexConfig(embeddings=str(root / "emb-living"), output=living, append=True,
+                                            task_num_cpus=0.25), progress=False)
+        assert grown["version"] == 2
+        response = requests.post(f"{url}/admin/reload", timeout=60)
+        assert response.status_code == 200, response.text
+        assert all(versions["living/image"] == 2 for versions in response.json()["versions"])
+        reloaded_at.append(time.monotonic())
+        wait_for_answers(len(answers) + 16)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    v2 = ShardedIndex(living).search(queries, 10)[1]
+    assert not np.array_equal(v1, v2)  # the new half changes the answers
+    assert [status for _, _, status, _ in answers] == [200] * len(answers)
+    versions = [1 if ids == v1[q].tolist() else 2 if ids == v2[q].tolist() else None for q, _, _, ids in answers]
+    assert None not in versions and 1 in versions
+    assert all(v == 2 for v, (_, sent, _, _) in zip(versions, answers) if sent > reloaded_at[0])
+    assert requests.get(f"{url}/readyz", timeout=60).json()["versions"] == [{"demo/image": 1, "demo/text": 1,
+                                                                            "living/image": 2}] * 2
+
+
+def test_shard_groups_check_for_new_versions_on_their_own(served, tmp_path):
+    from serve_apps.retrieval import IndexShardGroup
+
+    emb, output = tmp_path / "emb", str(tmp_path / "index")
+    emb.mkdir()
+    for path in [served["root"] / "emb" / "_embedding.json", *(served["root"] / "emb").glob("part-000000.*")]:
+        shutil.copy(path, emb / path.name)
+    build_index(IndexConfig(embeddings=str(emb), output=output, factory="IDMap,Flat", tune_queries=5,
+                            task_num_cpus=0.25), progress=False)
+    group = IndexShardGroup.func_or_class({"x": {"image": output}}, 0, 1, batching=True, max_batch_size=8,
+                                          batch_wait_timeout_s=0.001, reload_interval_s=0.5)
+    assert group.versions() == {"x/image": 1}
+    for path in (served["root"] / "emb").glob("part-000001.*"):
+        shutil.copy(path, emb / path.name)
+    append_to_index(IndexConfig(embeddings=str(emb), output=output, append=True, task_num_cpus=0.25), progress=False)
+    deadline = time.monotonic() + 30
+    while (check := group._reload_if_due()) is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # not due yet: the interval runs from construction
+    check.join(timeout=60)
+    assert group.versions() == {"x/image": 2} and group._reload_if_due() is None  # checked just now
 
 
 def test_concurrent_requests_with_different_k_are_never_mixed(served):
@@ -144,7 +228,7 @@ def test_image_query_and_laion_knn_api(served):
     ours = _search(url, queries=[{"image": _b64(image)}], index="demo", k=4).json()["results"][0]
     expected = index.search(clip.encode_images(clip.preprocess(Image.open(io.BytesIO(image)))[None]).numpy(), 4)
     assert [h["id"] for h in ours] == expected[1][0].tolist()
-    assert requests.get(f"{url}/indices-list", timeout=30).json() == ["demo"]
+    assert requests.get(f"{url}/indices-list", timeout=30).json() == ["demo", "living"]
     knn = requests.post(f"{url}/knn-service", json={"text": "a red star", "modality": "text", "num_images": 3,
                                                     "indice_name": "demo", "deduplicate": True,
                                                     "use_safety_model": True}, timeout=30)
@@ -234,8 +318,9 @@ def test_bad_classify_requests_get_precise_4xx(served, body, status, message):
 
 
 def test_search_page_in_headless_chromium(served):
-    from playwright import sync_api as playwright
     import shutil
+
+    from playwright import sync_api as playwright
 
     browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
     assert browser_path, "Debian's chromium package is required (apt-get install chromium)"

@@ -112,3 +112,29 @@ def test_generates_all_formats_to_s3(s3_bucket):
     assert len(storage.list_files(f"{out}/images", ".jpg")) == 120
     table = pq.read_table(storage.open_uri(f"{out}/parquet/00001.parquet"))
     assert table.num_rows == 60 and table["key"][0].as_py() == "000010000"
+
+
+def test_planted_eval_copies_are_near_copies_and_change_nothing_else(tmp_path):
+    """planted_eval_copies: N corpus rows become re-encoded / resized / cropped eval images; the rest is unchanged."""
+    planted = SMALL.model_copy(update={"planted_eval_copies": 6})
+    generate_corpus(GenerateConfig(output=str(tmp_path / "p"), corpus=planted), progress=False)
+    generate_corpus(GenerateConfig(output=str(tmp_path / "c"), corpus=SMALL), progress=False)
+    truth = pq.read_table(tmp_path / "p" / "ground_truth.parquet").to_pandas()
+    copies = truth[truth["planted_from"].notna()]
+    assert len(copies) == 6 and sorted(copies["plant_transform"]) == sorted(["reencoded", "resized", "cropped"] * 2)
+    assert copies["planted_from"].is_unique and set(copies["key"].str[:5]) == {"00000", "00001"}
+    evals = _tar_members(str(tmp_path / "p" / "eval" / "eval-00000.tar"))
+    for shard in ("00000", "00001"):
+        with_copies, without = (_tar_members(str(tmp_path / d / "webdataset" / f"{shard}.tar")) for d in "pc")
+        changed = {name.split(".")[0] for name in with_copies if with_copies[name] != without[name]}
+        assert changed == set(copies.loc[copies["key"].str.startswith(shard), "key"])
+    pixels = lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((48, 48)), np.float32)
+    eval_keys = sorted({name.split(".")[0] for name in evals})
+    eval_pixels = np.stack([pixels(evals[f"{k}.jpg"]) for k in eval_keys])
+    for row in copies.itertuples():
+        data = _tar_members(f"{tmp_path}/p/webdataset/{row.key[:5]}.tar")[f"{row.key}.jpg"]
+        assert data != evals[f"{row.planted_from}.jpg"]
+        assert (Image.open(io.BytesIO(data)).size == (72, 72)) == (row.plant_transform == "resized")
+        distance = np.abs(eval_pixels - pixels(data)).mean(axis=(1, 2, 3))
+        assert eval_keys[int(np.argmin(distance))] == row.planted_from  # of all eval images, closest to its source
+        assert row.shape == SHAPES[int(evals[f"{row.planted_from}.cls"])]

@@ -14,6 +14,9 @@ Written under ``output`` (local path or ``s3://``):
   ``WIDTH``, ``HEIGHT``, ``similarity``, ``punsafe``, ``pwatermark``, ``hash``)
 - ``ground_truth.parquet``: per key the true shape, colour, background and caption kind
 - ``eval/eval-00000.tar`` + ``eval/task.json``: a held-out labeled set for the shapes task
+- with ``planted_eval_copies: N``, N corpus pairs are near-copies of eval images (re-encoded,
+  resized or slightly cropped), as web crawls hold copies of benchmark images; ground truth
+  names each one's eval key (``planted_from``) and transform, for decontamination tests
 - ``images/KEY.jpg`` when ``write_images`` (for serving the URLs over HTTP in tests)
 - ``preview.html`` and ``corpus.json`` (what was written, with counts)
 """
@@ -27,6 +30,7 @@ import math
 import tarfile
 import time
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import pyarrow as pa
@@ -61,6 +65,7 @@ CAPTION_KINDS = ("descriptive", "short", "alt-text", "noise", "wrong")
 CAPTION_KIND_WEIGHTS = (0.35, 0.2, 0.25, 0.15, 0.05)
 NO_SHAPE_FRACTION = 0.08
 EVAL_SEED_OFFSET = 1_000_003  # the eval set never shares a random stream with the corpus
+PLANT_TRANSFORMS = ("reencoded", "resized", "cropped")
 
 
 @dataclass(frozen=True)
@@ -214,18 +219,24 @@ LAION_SCORES = ("similarity", "punsafe", "pwatermark")
 def shard_samples(corpus: CorpusConfig, shard: int) -> list[dict]:
     """All pairs of one shard; the same (seed, shard) always gives the same bytes."""
     rng = np.random.default_rng([corpus.seed, shard])
+    planted = planted_rows(corpus)
     samples = []
     for row in range(corpus.samples_per_shard):
         image, truth = render(rng, corpus.image_size)
         text, kind = caption(rng, truth)
         key = f"{shard:05d}{row:04d}"
         jpg = _jpeg(image)
+        eval_key, transform = planted.get((shard, row), (None, None))
+        if eval_key is not None:  # drawn above all the same, so the other rows do not change
+            jpg, truth, text = _planted_copy(corpus, eval_key, transform, key)
+            image, kind = Image.open(io.BytesIO(jpg)), "planted"
         samples.append({
             "key": key, "url": f"{corpus.url_base}/{key}.jpg", "caption": text, "jpg": jpg,
             "width": image.width, "height": image.height, "sha256": hashlib.sha256(jpg).hexdigest(),
             "similarity": float(rng.uniform(0.28, 0.42)), "punsafe": float(rng.beta(0.5, 12)),
             "pwatermark": float(rng.beta(0.8, 6)), "shape": truth.shape, "color": truth.color,
-            "background": truth.background, "caption_kind": kind,
+            "background": truth.background, "caption_kind": kind, "planted_from": eval_key,
+            "plant_transform": transform,
         })
     return samples
 
@@ -256,19 +267,60 @@ def write_shard(output: str, corpus: CorpusConfig, shard: int) -> list[dict]:
     return samples
 
 
+@cache
+def eval_samples(seed: int, image_size: int, per_class: int) -> dict[str, tuple[bytes, Truth]]:
+    """The held-out labeled images, key -> (jpeg, truth); every image shows one of SHAPES."""
+    rng = np.random.default_rng([seed + EVAL_SEED_OFFSET])
+    samples = {}
+    for label, shape in enumerate(SHAPES):
+        for i in range(per_class):
+            image, truth = render(rng, image_size)
+            while truth.shape != shape:
+                image, truth = render(rng, image_size)
+            samples[f"{label:03d}{i:05d}"] = (_jpeg(image), truth)
+    return samples
+
+
+def planted_rows(corpus: CorpusConfig) -> dict[tuple[int, int], tuple[str, str]]:
+    """(shard, row) -> (eval key, transform) of each planted copy: spread over the eval set's
+    classes and the corpus shards, from the end of each shard, cycling through the transforms."""
+    if not corpus.planted_eval_copies:
+        return {}
+    keys = sorted(eval_samples(corpus.seed, corpus.image_size, corpus.eval_samples_per_class))
+    per_shard = -(-corpus.planted_eval_copies // corpus.num_shards)
+    if per_shard > corpus.samples_per_shard or corpus.planted_eval_copies > len(keys):
+        raise ValueError(f"planted_eval_copies={corpus.planted_eval_copies}: more than the eval set "
+                         f"({len(keys)}) or the corpus shards can hold")
+    return {(j % corpus.num_shards, corpus.samples_per_shard - 1 - j // corpus.num_shards):
+            (keys[j * len(keys) // corpus.planted_eval_copies], PLANT_TRANSFORMS[j % len(PLANT_TRANSFORMS)])
+            for j in range(corpus.planted_eval_copies)}
+
+
+def _planted_copy(corpus: CorpusConfig, eval_key: str, transform: str, key: str) -> tuple[bytes, Truth, str]:
+    """A web copy of an eval image: re-encoded at low quality, resized, or cropped by a few percent."""
+    jpg, truth = eval_samples(corpus.seed, corpus.image_size, corpus.eval_samples_per_class)[eval_key]
+    rng = np.random.default_rng([corpus.seed, int(key)])
+    image = Image.open(io.BytesIO(jpg)).convert("RGB")
+    size = image.width
+    if transform == "resized":
+        image = image.resize((round(size * 1.5), round(size * 1.5)), Image.BICUBIC)
+    elif transform == "cropped":
+        left, top = rng.integers(0, size - round(size * 0.95) + 1, size=2)
+        crop = round(size * 0.95)
+        image = image.crop((left, top, left + crop, top + crop)).resize((size, size), Image.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=55 if transform == "reencoded" else 85)
+    return buffer.getvalue(), truth, caption(rng, truth)[0]
+
+
 def write_eval_set(output: str, corpus: CorpusConfig) -> int:
     """Held-out labeled images for the shapes task (every image shows one of SHAPES)."""
-    rng = np.random.default_rng([corpus.seed + EVAL_SEED_OFFSET])
     members, count = [], 0
-    for label, shape in enumerate(SHAPES):
-        for i in range(corpus.eval_samples_per_class):
-            image, truth = render(rng, corpus.image_size)
-            while truth.shape != shape:
-                image, truth = render(rng, corpus.image_size)
-            key = f"{label:03d}{i:05d}"
-            members += [(f"{key}.jpg", _jpeg(image)), (f"{key}.cls", str(label).encode()),
-                        (f"{key}.json", json.dumps({"key": key, "label": label, "classname": shape}).encode())]
-            count += 1
+    for key, (jpg, truth) in eval_samples(corpus.seed, corpus.image_size, corpus.eval_samples_per_class).items():
+        label = SHAPES.index(truth.shape)
+        members += [(f"{key}.jpg", jpg), (f"{key}.cls", str(label).encode()),
+                    (f"{key}.json", json.dumps({"key": key, "label": label, "classname": truth.shape}).encode())]
+        count += 1
     storage.write_bytes_atomic(storage.join(output, "eval", "eval-00000.tar"), _tar_bytes(members))
     task = {"name": "shapes", "classnames": list(SHAPES), "num_samples": count}
     storage.write_text_atomic(storage.join(output, "eval", "task.json"), json.dumps(task, indent=2))
@@ -297,7 +349,8 @@ def generate_corpus(config: GenerateConfig, progress: bool = True) -> CorpusSumm
     truth_rows, preview = [], []
     for shard in tqdm(range(corpus.num_shards), desc="generate shards", unit="shard", disable=not progress):
         for s in write_shard(output, corpus, shard):
-            truth_rows.append({k: s[k] for k in ("key", "shape", "color", "background", "caption_kind", "caption")})
+            truth_rows.append({k: s[k] for k in ("key", "shape", "color", "background", "caption_kind", "caption",
+                                                 "planted_from", "plant_transform")})
             if len(preview) < 60:
                 preview.append((s["jpg"], [s["caption"], f"truth: {s['shape'] or 'no shape'}"]))
     truth = pa.Table.from_pylist(truth_rows)

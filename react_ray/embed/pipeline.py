@@ -78,7 +78,8 @@ def build_dataset(config: EmbedConfig, shards: list[InputShard], run_id: str, im
     return (
         ray.data.from_items(items, override_num_blocks=len(items))
         .map_batches(read_blocks, batch_size=1, fn_kwargs={
-            "source": config.source_id, "block_rows": config.read_block_rows, "then": decode_on_node,
+            "source": config.source_id, "block_rows": config.read_block_rows,
+            "caption_required": config.caption_required, "then": decode_on_node,
             "image_size": image_size, "max_pixels": config.max_image_pixels}, **cpu_task)
         .map_batches(
             ClipEmbedder,

@@ -19,7 +19,11 @@ import pyarrow.parquet as pq
 from react_ray import ids, storage
 
 SUFFIX = {"webdataset": ".tar", "parquet": ".parquet", "laion-embeddings": ".npy"}
+IMAGE_FORMATS = ("webdataset", "parquet", "image-folder")  # the input formats that hold image bytes
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# An image folder (any depth, e.g. CLASS/*.jpg) is read as shards of this many files in sorted
+# path order; its ids are stable while the folder's contents are.
+IMAGE_FOLDER_SHARD_FILES = 1000
 IMAGE_COLUMNS = ("jpg", "image", "img", "image_bytes", "bytes", "png")
 CAPTION_COLUMNS = ("caption", "TEXT", "txt", "text")
 URL_COLUMNS = ("url", "URL")
@@ -41,6 +45,11 @@ class InputShard:
 
 def list_input_shards(input_uri: str, input_format: str) -> list[InputShard]:
     """All input shards, by shard number; raises if there are none or two share a number."""
+    if input_format == "image-folder":
+        count = len(image_folder_files(input_uri))
+        if not count:
+            raise FileNotFoundError(f"input: no {'/'.join(IMAGE_EXTENSIONS)} files under {input_uri}")
+        return [InputShard(input_uri, k, input_format) for k in range(-(-count // IMAGE_FOLDER_SHARD_FILES))]
     folder = storage.join(input_uri, "img_emb") if input_format == "laion-embeddings" else input_uri
     files = storage.list_files(folder, SUFFIX[input_format])
     if not files:
@@ -74,8 +83,12 @@ def metadata_json(source: dict, columns: tuple[str, ...] = METADATA_COLUMNS) -> 
     return json.dumps(picked, default=str) if picked else ""
 
 
-def _caption_error(caption: str | None) -> tuple[str, str]:
-    if caption is None or not caption.strip():
+def image_folder_files(uri: str) -> list[str]:
+    return storage.find_files(uri, tuple("." + e for e in IMAGE_EXTENSIONS))
+
+
+def _caption_error(caption: str | None, required: bool) -> tuple[str, str]:
+    if required and (caption is None or not caption.strip()):
         return "missing_caption", "empty or absent caption"
     return "", ""
 
@@ -98,7 +111,7 @@ def webdataset_samples(fileobj) -> Iterator[dict[str, bytes]]:
         yield {"__key__": current_key, **sample}
 
 
-def _read_webdataset(shard: InputShard, source: int) -> Iterator[dict]:
+def _read_webdataset(shard: InputShard, source: int, caption_required: bool) -> Iterator[dict]:
     row = 0
     try:
         with storage.open_uri(shard.uri) as f:
@@ -111,7 +124,7 @@ def _read_webdataset(shard: InputShard, source: int) -> Iterator[dict]:
                         meta = {}
                 caption = sample["txt"].decode("utf-8", "replace") if "txt" in sample else meta.get("caption")
                 image = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
-                error, message = _caption_error(caption)
+                error, message = _caption_error(caption, caption_required)
                 if image is None:
                     error, message = "missing_image", f"no {'/'.join(IMAGE_EXTENSIONS)} member"
                 yield _record(shard, row, source, key=str(meta.get("key", sample["__key__"])), url=meta.get("url"),
@@ -127,7 +140,7 @@ def _pick(columns: list[str], candidates: tuple[str, ...]) -> str | None:
     return next((c for c in candidates if c in columns), None)
 
 
-def _read_parquet(shard: InputShard, source: int, block_rows: int) -> Iterator[dict]:
+def _read_parquet(shard: InputShard, source: int, block_rows: int, caption_required: bool) -> Iterator[dict]:
     row = 0
     try:
         with storage.open_uri(shard.uri) as f:
@@ -145,7 +158,7 @@ def _read_parquet(shard: InputShard, source: int, block_rows: int) -> Iterator[d
                     if isinstance(image, dict):  # Hugging Face datasets store {"bytes": ..., "path": ...}
                         image = image.get("bytes")
                     caption = data[caption_col][i] if caption_col else None
-                    error, message = _caption_error(caption)
+                    error, message = _caption_error(caption, caption_required)
                     if image is None:
                         error, message = "missing_image", f"null {image_col!r} value"
                     key = data["key"][i] if "key" in data else f"{shard.number:05d}{row:04d}"
@@ -159,12 +172,31 @@ def _read_parquet(shard: InputShard, source: int, block_rows: int) -> Iterator[d
     yield end_row(shard, row, None)
 
 
-def read_shard(shard: InputShard, source: int = 0, block_rows: int = 1000) -> Iterator[list[dict]]:
-    """Blocks of at most ``block_rows`` records of one shard, then its end row."""
+def _read_image_folder(shard: InputShard, source: int, caption_required: bool) -> Iterator[dict]:
+    """Files [k * IMAGE_FOLDER_SHARD_FILES, ...) of the folder; the key is the path inside it."""
+    start = shard.number * IMAGE_FOLDER_SHARD_FILES
+    files = image_folder_files(shard.uri)[start:start + IMAGE_FOLDER_SHARD_FILES]
+    root = shard.uri.rstrip("/") + "/"
+    for row, path in enumerate(files):
+        key = path.removeprefix(root)
+        try:
+            image, (error, message) = storage.read_bytes(path), _caption_error(None, caption_required)
+        except OSError as failure:
+            image, error, message = None, "unreadable_file", f"{path}: {failure}"
+        yield _record(shard, row, source, key=key, url=path, image=image, error=error, message=message)
+    yield end_row(shard, len(files), None)
+
+
+def read_shard(shard: InputShard, source: int = 0, block_rows: int = 1000,
+               caption_required: bool = True) -> Iterator[list[dict]]:
+    """Blocks of at most ``block_rows`` records of one shard, then its end row. Without
+    ``caption_required`` a record with no caption is embedded all the same (evaluation images)."""
     if shard.format == "webdataset":
-        rows = _read_webdataset(shard, source)
+        rows = _read_webdataset(shard, source, caption_required)
     elif shard.format == "parquet":
-        rows = _read_parquet(shard, source, block_rows)
+        rows = _read_parquet(shard, source, block_rows, caption_required)
+    elif shard.format == "image-folder":
+        rows = _read_image_folder(shard, source, caption_required)
     else:
         raise ValueError(f"read_shard: {shard.format!r} shards are ingested, not read as images")
     block = []
@@ -177,14 +209,14 @@ def read_shard(shard: InputShard, source: int = 0, block_rows: int = 1000) -> It
         yield block
 
 
-def read_blocks(batch: dict, source: int, block_rows: int, then=None, **then_kwargs):
+def read_blocks(batch: dict, source: int, block_rows: int, caption_required: bool = True, then=None, **then_kwargs):
     """Ray Data generator UDF: a batch of shard descriptions (uri, number, format) -> record blocks,
     each passed through ``then(block, **then_kwargs)`` (decoding) before it leaves the task.
 
     Decoding here, not in a following ``map_batches(batch_size=N)``, keeps one shard per task:
     Ray Data fuses such a step into this one and would then hand N shards to every task."""
     for uri, number, fmt in zip(batch["uri"], batch["number"], batch["format"]):
-        for block in read_shard(InputShard(str(uri), int(number), str(fmt)), source, block_rows):
+        for block in read_shard(InputShard(str(uri), int(number), str(fmt)), source, block_rows, caption_required):
             columns = {k: np.array([r[k] for r in block], dtype=object) for k in block[0]}
             yield then(columns, **then_kwargs) if then else columns
 

@@ -8,6 +8,7 @@ every model, so the images are decoded once for all of them.
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import time
@@ -21,8 +22,9 @@ from PIL import Image
 from react_ray import storage
 from react_ray.config import EvaluateConfig, ModelConfig
 from react_ray.embed.decode import decode_image
-from react_ray.embed.readers import IMAGE_EXTENSIONS, webdataset_samples
+from react_ray.embed.readers import IMAGE_EXTENSIONS, image_folder_files, webdataset_samples
 from react_ray.models import ClipModel, build_model
+from react_ray.retrieve.decontaminate import decontamination_statement
 from react_ray.report import page, table
 from react_ray.retrieve.task import TaskSpec, load_task
 
@@ -48,10 +50,10 @@ def _label_files(uri: str) -> tuple[str, list[str]]:
     tars = storage.list_files(uri, ".tar")
     if tars:
         return "webdataset", tars
-    images = [f for ext in IMAGE_EXTENSIONS for f in storage.list_files(uri, "." + ext)]
+    images = image_folder_files(uri)
     if not images:
         raise FileNotFoundError(f"eval_set: {uri} has no .tar shards and no CLASS/*.jpg images")
-    return "folder", sorted(images)
+    return "folder", images
 
 
 def labeled_samples(uri: str, classnames: list[str]) -> Iterator[tuple[str, bytes | None, int]]:
@@ -140,6 +142,7 @@ class EvalReport:
     results: dict[str, dict]  # model label -> metrics
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # e.g. whether the training set was decontaminated
 
     def rows(self) -> list[list[str]]:
         k = min(5, len(self.classnames))
@@ -154,7 +157,8 @@ class EvalReport:
         widths = [max(len(str(x)) for x in col) for col in zip(self.headers, *self.rows())]
         lines = ["  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in [self.headers, *self.rows()]]
         skipped = f"; skipped {sum(self.skipped.values())} images {self.skipped}" if self.skipped else ""
-        return f"zero-shot on {self.task} ({len(self.classnames)} classes){skipped}\n" + "\n".join(lines)
+        return (f"zero-shot on {self.task} ({len(self.classnames)} classes){skipped}\n" + "\n".join(lines)
+                + "".join(f"\n{note}" for note in self.notes))
 
 
 def _score_local(config: EvaluateConfig, task: TaskSpec) -> tuple[dict, list[int], list[str | None]]:
@@ -213,7 +217,8 @@ def run_evaluation(config: EvaluateConfig) -> EvalReport:
             skipped[reason] = skipped.get(reason, 0) + 1
             log.warning("eval image skipped: %s", reason)
     results = {label: accuracy_metrics(value[good], labels[good], len(task.classes)) for label, value in logits.items()}
-    report = EvalReport(task.name, task.classes, results, skipped, time.perf_counter() - start)
+    notes = [decontamination_statement(config.training_set, config.eval_set)] if config.training_set else []
+    report = EvalReport(task.name, task.classes, results, skipped, time.perf_counter() - start, notes)
     write_report(config.output, report)
     return report
 
@@ -222,6 +227,7 @@ def write_report(output: str, report: EvalReport) -> None:
     storage.write_text_atomic(storage.join(output, "evaluation.json"), json.dumps(asdict(report), indent=1))
     per_class = [[name, *(f"{100 * m['per_class'][i]:.1f}" for m in report.results.values())]
                  for i, name in enumerate(report.classnames)]
-    body = (table(report.headers, report.rows()) + "<h2>Per-class top-1 %</h2>"
+    body = ("".join(f"<p>{html.escape(note)}</p>" for note in report.notes)
+            + table(report.headers, report.rows()) + "<h2>Per-class top-1 %</h2>"
             + table(["class", *report.results], per_class))
     storage.write_text_atomic(storage.join(output, "evaluation.html"), page(f"Zero-shot: {report.task}", body))

@@ -85,7 +85,7 @@ def _sample_file(uri: str, column: str, positions: np.ndarray) -> np.ndarray:
     return read_vectors(uri, column, positions)[1]
 
 
-def training_sample(files: list[EmbeddingFile], column: str, size: int, seed: int) -> np.ndarray:
+def training_sample(files: list[EmbeddingFile], column: str, size: int, seed: int, num_cpus: float = 1) -> np.ndarray:
     """A uniform random sample across all files (never the first N rows), read in parallel."""
     total = sum(f.rows for f in files)
     picks = np.sort(np.random.default_rng(seed).choice(total, size=min(size, total), replace=False))
@@ -94,7 +94,7 @@ def training_sample(files: list[EmbeddingFile], column: str, size: int, seed: in
     for i, f in enumerate(files):
         local = picks[(picks >= bounds[i]) & (picks < bounds[i + 1])] - bounds[i]
         if len(local):
-            refs.append(_sample_file.remote(f.uri, column, local))
+            refs.append(_sample_file.options(num_cpus=num_cpus).remote(f.uri, column, local))
     return np.concatenate(ray.get(refs))
 
 
@@ -158,12 +158,12 @@ def _check_fingerprint(output: str, fingerprint: dict) -> None:
         storage.write_text_atomic(uri, json.dumps(fingerprint, indent=1))
 
 
-def _text_queries(files: list[EmbeddingFile], count: int, seed: int) -> tuple[np.ndarray, str]:
+def _text_queries(files: list[EmbeddingFile], count: int, seed: int, num_cpus: float) -> tuple[np.ndarray, str]:
     """Caption embeddings of random pairs: the text queries retrieval really sends."""
     try:
-        return training_sample(files, "txt_emb", count, seed + 1), "caption embeddings (txt_emb)"
+        return training_sample(files, "txt_emb", count, seed + 1, num_cpus), "caption embeddings (txt_emb)"
     except ValueError:
-        return training_sample(files, "img_emb", count, seed + 1), "image embeddings (no captions were embedded)"
+        return training_sample(files, "img_emb", count, seed + 1, num_cpus), "image embeddings (no captions were embedded)"
 
 
 def _trained_index(config: IndexConfig, files: list[EmbeddingFile], column: str, factory: str) -> bytes:
@@ -171,7 +171,7 @@ def _trained_index(config: IndexConfig, files: list[EmbeddingFile], column: str,
     trained_uri = storage.join(config.output, "_trained.index")
     if storage.exists(trained_uri):
         return storage.read_bytes(trained_uri)
-    sample = training_sample(files, column, config.train_samples, config.seed)
+    sample = training_sample(files, column, config.train_samples, config.seed, config.task_num_cpus)
     trained = faiss.serialize_index(train(factory, sample, config.use_gpu)).tobytes()
     storage.write_bytes_atomic(trained_uri, trained)
     return trained
@@ -201,7 +201,7 @@ def _build_shards(config: IndexConfig, shard_files: list[list[EmbeddingFile]], c
         pending = []
         for tasks, uris, shard_uri in merges:  # every partial task is already running
             ray.get(tasks)
-            pending.append(_merge_shard.remote(uris, shard_uri))
+            pending.append(_merge_shard.options(num_cpus=config.task_num_cpus).remote(uris, shard_uri))
         while pending:
             done, pending = ray.wait(pending)
             ray.get(done)
@@ -255,7 +255,7 @@ def build_index(config: IndexConfig, progress: bool = True) -> dict:
     }
     t = time.perf_counter()
     index = ShardedIndex(config.output, manifest=manifest, verify=False)
-    queries, query_kind = _text_queries(files, config.tune_queries, config.seed)
+    queries, query_kind = _text_queries(files, config.tune_queries, config.seed, config.task_num_cpus)
     truth = exact_ground_truth(queries, files, column, config.recall_k)
     tuning = tune_search_params(index, factory, queries, truth, config.recall_k, config.target_recall)
     tuning["queries"] = f"{len(queries)} {query_kind} against {column} keys"
@@ -339,8 +339,8 @@ def append_to_index(config: IndexConfig, progress: bool = True) -> dict:
     trained = storage.read_bytes(storage.join(config.output, "_trained.index"))
     old_files = [f for f in files if f.uri in indexed]
     sample = min(config.train_samples, 20_000)
-    drift = quantization_drift(trained, training_sample(old_files, column, sample, config.seed),
-                               training_sample(new, column, sample, config.seed))
+    drift = quantization_drift(trained, training_sample(old_files, column, sample, config.seed, config.task_num_cpus),
+                               training_sample(new, column, sample, config.seed, config.task_num_cpus))
     count = min(config.num_shards, len(new))
     shard_files = [new[k::count] for k in range(count)]
     names = _build_shards(config, shard_files, column, factory, trained, progress, first=len(manifest["shards"]))

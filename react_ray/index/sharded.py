@@ -103,7 +103,7 @@ class MetadataStore:
 
     def __init__(self, metadata_uri: str, max_open: int = 256):
         self.root, self.max_open = metadata_uri, max_open
-        self._open: OrderedDict[int, pa.Table | None] = OrderedDict()
+        self._open: OrderedDict[int, pa.Table] = OrderedDict()
 
     @staticmethod
     def file_name(shard: int) -> str:
@@ -114,9 +114,9 @@ class MetadataStore:
             self._open.move_to_end(shard)
             return self._open[shard]
         uri = storage.join(self.root, self.file_name(shard))
-        table = None
-        if storage.exists(uri):
-            table = pa.ipc.open_file(pa.memory_map(storage.local_copy(uri))).read_all()
+        if not storage.exists(uri):
+            return None  # not remembered: an append may add this file later
+        table = pa.ipc.open_file(pa.memory_map(storage.local_copy(uri))).read_all()
         self._open[shard] = table
         if len(self._open) > self.max_open:
             self._open.popitem(last=False)
@@ -160,7 +160,9 @@ class ShardedIndex:
     """All shards of an index behind one ``search``; refuses a model or dim other than expected."""
 
     def __init__(self, index_uri: str, expect_model: str | None = None, expect_dim: int | None = None,
-                 verify: bool = True, manifest: dict | None = None, shard_ids: list[int] | None = None):
+                 verify: bool = True, manifest: dict | None = None, group: tuple[int, int] | None = None,
+                 loaded: dict[str, faiss.Index] | None = None):
+        self.index_uri, self.verify, self.group = index_uri, verify, group
         self.root = index_root(index_uri)
         self.manifest = manifest or read_manifest(index_uri)
         if expect_model is not None and self.manifest["model"] != expect_model:
@@ -168,9 +170,12 @@ class ShardedIndex:
                              f"not {expect_model!r}: its vectors are not comparable to this model's")
         if expect_dim is not None and self.manifest["dim"] != expect_dim:
             raise ValueError(f"index {self.root} holds {self.manifest['dim']}-d vectors; the queries are {expect_dim}-d")
-        # shard_ids: a subset, for one replica group of an index too large for one node
-        self.shards = [load_shard(storage.join(self.root, s["file"]), s, verify)
-                       for i, s in enumerate(self.manifest["shards"]) if shard_ids is None or i in shard_ids]
+        # group (g, G): every G-th shard from the g-th, for one replica group of an index too large for a node.
+        # Appended shards go to the end of the list, so a shard keeps its group across versions.
+        chosen = [s for i, s in enumerate(self.manifest["shards"]) if group is None or i % group[1] == group[0]]
+        self.files = [s["file"] for s in chosen]
+        self.shards = [(loaded or {}).get(s["file"]) or load_shard(storage.join(self.root, s["file"]), s, verify)
+                       for s in chosen]
         self.params = dict(self.manifest.get("search_params") or {})
         for shard in self.shards:
             set_search_params(shard, self.params)
@@ -180,6 +185,19 @@ class ShardedIndex:
     @property
     def dim(self) -> int:
         return int(self.manifest["dim"])
+
+    @property
+    def version(self) -> int:
+        return int(self.manifest.get("version", 1))
+
+    def reloaded(self) -> ShardedIndex | None:
+        """The index at its current manifest version, sharing the shards already loaded; None if unchanged.
+        Searches running on this object finish on it (shard files are immutable once listed)."""
+        manifest = read_manifest(self.index_uri)
+        if int(manifest.get("version", 1)) == self.version:
+            return None
+        return ShardedIndex(self.index_uri, self.manifest["model"], self.dim, self.verify, manifest, self.group,
+                            dict(zip(self.files, self.shards)))
 
     @property
     def ntotal(self) -> int:

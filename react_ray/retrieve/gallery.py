@@ -8,14 +8,14 @@ import json
 import pandas as pd
 
 from react_ray import ids, storage
-from react_ray.embed.readers import InputShard, read_shard
+from react_ray.embed.readers import IMAGE_FORMATS, InputShard, read_shard
 from react_ray.report import grid, page, table
 
 
 def corpus_images(embeddings: str, wanted: pd.DataFrame) -> dict[int, bytes]:
     """Image bytes of the wanted ids, read from the input shards the embedding stage recorded."""
     info = json.loads(storage.read_bytes(storage.join(embeddings, "_embedding.json")))
-    if info.get("input_format") not in ("webdataset", "parquet"):
+    if info.get("input_format") not in IMAGE_FORMATS:
         return {}  # metadata-only corpora: the page links the URLs instead
     images = {}
     _, shards, _ = ids.decode(wanted["id"].to_numpy())

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from react_ray import ids, storage
 from react_ray.config import MaterializeConfig
 from react_ray.embed.outputs import read_parquet, write_parquet
-from react_ray.embed.readers import InputShard, read_shard
+from react_ray.embed.readers import IMAGE_FORMATS, InputShard, read_shard
 from react_ray.ray_utils import connect
 from react_ray.retrieve.fetch import FetchPolicy, download, resize
 
@@ -44,7 +44,7 @@ def shard_uri(output: str, k: int, suffix: str) -> str:
 def corpus_bytes(embeddings: str, id_list) -> dict[int, tuple[bytes | None, str | None]]:
     """Image bytes per id from the corpus input shards recorded in the embedding set's stats."""
     info = json.loads(storage.read_bytes(storage.join(embeddings, "_embedding.json")))
-    if info.get("input_format") not in ("webdataset", "parquet"):
+    if info.get("input_format") not in IMAGE_FORMATS:
         raise ValueError(f"source=corpus: the corpus behind {embeddings} holds no image bytes "
                          f"({info.get('input_format')}); use source=download")
     wanted = set(int(i) for i in id_list)

@@ -6,8 +6,9 @@ Steps, each reported with counts before/after:
 3. score threshold, id blocklist, metadata filters;
 4. within a class, one row per pair (best score and query kept, every matching query listed);
 5. across classes, a pair claimed by several goes to the best-scoring class, or is dropped;
-6. near-duplicates (image embeddings closer than the threshold) removed, best score first;
-7. per-class cap or balance.
+6. decontamination (optional): near-copies of evaluation images removed (see decontaminate.py);
+7. near-duplicates (image embeddings closer than the threshold) removed, best score first;
+8. per-class cap or balance.
 All sorting is total (score, then id), so the same task gives the same output every time.
 """
 
@@ -22,6 +23,7 @@ import pandas as pd
 from react_ray import storage
 from react_ray.embed.outputs import fetch_vectors
 from react_ray.index.sharded import ShardedIndex
+from react_ray.retrieve.decontaminate import Decontaminator
 from react_ray.retrieve.task import TaskSpec
 
 BASE_FIELDS = ("id", "key", "url", "caption")  # the rest of a metadata record is the source's columns
@@ -134,7 +136,8 @@ def read_blocklist(uri: str | None) -> set[int]:
     return {int(line) for line in storage.read_bytes(uri).decode().split() if line.strip()}
 
 
-def retrieve(spec: TaskSpec, indices: dict[str, ShardedIndex], encode_texts) -> tuple[pd.DataFrame, StepLog]:
+def retrieve(spec: TaskSpec, indices: dict[str, ShardedIndex], encode_texts,
+             decontaminate: Decontaminator | None = None) -> tuple[pd.DataFrame, StepLog]:
     """Run the steps above. ``indices`` maps "image"/"text" to a loaded index; ``encode_texts``
     turns prompts into L2-normalised vectors with the indices' model."""
     missing = [s for s in SOURCES[spec.mode] if s not in indices]
@@ -163,8 +166,13 @@ def retrieve(spec: TaskSpec, indices: dict[str, ShardedIndex], encode_texts) -> 
         log.record("metadata filters", pairs)
     pairs = resolve_across_classes(pairs, spec.cross_class)
     log.record(f"across classes ({spec.cross_class})", pairs)
+    vectors = fetch_vectors(index.manifest["embeddings"], pairs["id"].to_numpy()) if len(pairs) else None
+    if decontaminate is not None and len(pairs):
+        captions = [(m or {}).get("caption") for m in index.lookup(pairs["id"].to_numpy())]
+        keep = decontaminate(pairs, vectors, captions)
+        pairs, vectors = pairs[keep].reset_index(drop=True), vectors[keep]
+        log.record("decontaminated (eval sets)", pairs)
     if spec.near_duplicate_threshold is not None and len(pairs):
-        vectors = fetch_vectors(index.manifest["embeddings"], pairs["id"].to_numpy())
         pairs = remove_near_duplicates(pairs, vectors, spec.near_duplicate_threshold)
         log.record(f"near-duplicates (cos >= {spec.near_duplicate_threshold})", pairs)
     if spec.per_class_cap or spec.balance:
@@ -185,7 +193,8 @@ def summary_table(log: StepLog) -> pd.DataFrame:
     return pd.DataFrame({step: counts for step, _, counts in log.steps}, index=log.classes)
 
 
-def write_outputs(output: str, spec: TaskSpec, pairs: pd.DataFrame, log: StepLog) -> None:
+def write_outputs(output: str, spec: TaskSpec, pairs: pd.DataFrame, log: StepLog,
+                  decontamination: dict | None = None) -> None:
     import pyarrow as pa
 
     from react_ray.embed.outputs import write_parquet
@@ -195,12 +204,14 @@ def write_outputs(output: str, spec: TaskSpec, pairs: pd.DataFrame, log: StepLog
     storage.write_text_atomic(storage.join(output, "summary.csv"), table.to_csv(index_label="class"))
     storage.write_text_atomic(storage.join(output, "retrieval.json"), json.dumps({
         "task": spec.model_dump(mode="json"), "steps": [{"step": s, "pairs": n} for s, n, _ in log.steps],
-        "pairs": len(pairs)}, indent=1))
+        "pairs": len(pairs), "decontamination": decontamination}, indent=1))
 
 
 def run_retrieval(config) -> tuple[pd.DataFrame, StepLog]:
     """The stage as a job: load task, model and indices, retrieve, write parquet, summary, gallery."""
+    from react_ray.embed.outputs import write_parquet
     from react_ray.models import build_model
+    from react_ray.retrieve.decontaminate import embed_eval_sets
     from react_ray.retrieve.gallery import gallery_html
     from react_ray.retrieve.task import load_task
 
@@ -208,12 +219,26 @@ def run_retrieval(config) -> tuple[pd.DataFrame, StepLog]:
     clip = build_model(config.model)
     indices = {source: ShardedIndex(uri, expect_model=config.model.name, expect_dim=clip.embed_dim)
                for source, uri in (("image", config.image_index), ("text", config.text_index)) if uri}
-    pairs, log = retrieve(spec, indices, lambda texts: clip.encode_texts(texts).numpy())
-    write_outputs(config.output, spec, pairs, log)
+    embeddings = next(iter(indices.values())).manifest["embeddings"]
+    decontaminator = None
+    if config.decontaminate:
+        work = config.decontaminate.embeddings or storage.join(config.output, "eval-embeddings")
+        decontaminator = Decontaminator(config.decontaminate, embed_eval_sets(
+            config.decontaminate, config.model, embeddings, work, config.ray_address), spec.classes)
+    pairs, log = retrieve(spec, indices, lambda texts: clip.encode_texts(texts).numpy(), decontaminator)
+    record = decontaminator.record() if decontaminator else None
+    write_outputs(config.output, spec, pairs, log, record)
+    if decontaminator:
+        write_parquet(storage.join(config.output, "decontamination.parquet"), decontaminator.removed_table())
+        storage.write_text_atomic(storage.join(config.output, "decontamination.html"),
+                                  decontaminator.html(spec.name, embeddings))
     if config.gallery_per_class:
-        embeddings = next(iter(indices.values())).manifest["embeddings"]
         storage.write_text_atomic(storage.join(config.output, "gallery.html"), gallery_html(
             spec.name, pairs, summary_table(log), embeddings, config.gallery_per_class))
     print(f"retrieve {spec.name}: {len(spec.classes)} classes x {len(spec.template_list)} templates, "
           f"k={spec.k_per_prompt}, {spec.mode}\n{log}\n-> {config.output}")
+    if record:
+        print(f"decontamination: removed {record['removed']:,} pairs {record['removed_by_reason']} within cosine "
+              f"{record['threshold']} of {record['eval_images']:,} eval images; closest kept "
+              f"{record['closest_kept_cosine']}; see decontamination.html")
     return pairs, log
