@@ -74,10 +74,14 @@ class DemoConfig(StrictModel):
 
     output: str = "runs/demo"
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(name="react-mini"))
-    corpus: CorpusConfig = Field(default_factory=lambda: CorpusConfig(num_shards=20, eval_samples_per_class=100))
+    corpus: CorpusConfig = Field(default_factory=lambda: CorpusConfig(num_shards=20, eval_samples_per_class=100,
+                                                                      planted_eval_copies=50))
     pretrain: DemoTrainingConfig = Field(default_factory=lambda: DemoTrainingConfig(steps=450, lr=2e-3))
     tune: DemoTrainingConfig = Field(default_factory=lambda: DemoTrainingConfig(steps=300, lr=5e-3))
     tuning_mode: TuningMode = "gated-image"
+    decontamination_threshold: float | None = Field(
+        default=0.995, gt=0, le=1, description="remove retrieved pairs this close to an eval image (None: keep all); "
+                                              "the demo's tiny CLIP needs more than the 0.95 default (docs)")
     ray_address: str | None = Field(default="local", description="'local' starts a private Ray for the demo")
 
 
@@ -265,6 +269,9 @@ class TrainConfig(StrictModel):
         default="stream", description="stream: Ray Data splits the stream over workers; slice: every worker reads "
         "the whole ordered stream and keeps its slice of each global batch (reproducible, costs N x reading)")
     cache_decoded: bool = Field(default=False, description="decode once and keep pixels in the object store")
+    augment_in_worker: bool = Field(
+        default=False, description="augment + tokenize in the training workers, not in Ray Data tasks: for CPU "
+                                   "workers, whose own cores would do it anyway; GPU workers leave it to CPU tasks")
     shuffle_buffer: int = Field(default=2000, ge=0, description="local shuffle buffer per worker (0: off)")
     decode_num_cpus: float = Field(default=1, gt=0)
     max_image_pixels: int = Field(default=40_000_000, ge=1)

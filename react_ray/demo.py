@@ -10,11 +10,13 @@ training curves, retrieved examples, parameter counts).
 
 from __future__ import annotations
 
+import html
 import time
 from pathlib import Path
 
 from react_ray import storage
 from react_ray.config import (
+    DecontaminateConfig,
     DemoConfig,
     DemoTrainingConfig,
     EmbedConfig,
@@ -114,8 +116,12 @@ def run_demo(config: DemoConfig) -> int:
         print(f"      {score:.3f}  {meta['key']}  {meta['caption']}")
 
     _say(5, f"retrieving the shapes task ({TASK}) -> {out('retrieved')}")
+    decontaminate = None if config.decontamination_threshold is None else DecontaminateConfig(
+        eval_sets=[storage.join(corpus_dir, "eval")], threshold=config.decontamination_threshold)
     run_retrieval(RetrieveConfig(task=TASK, image_index=out("index"), text_index=out("index-text"), model=base,
-                                 output=out("retrieved")))
+                                 output=out("retrieved"), decontaminate=decontaminate, ray_address=config.ray_address))
+    if decontaminate:
+        print("   ", planted_copies_found(corpus_dir, out("retrieved"), index))
     _say(6, f"materializing the retrieved pairs from the corpus bytes -> {out('train-shards')}")
     run_materialize(MaterializeConfig(retrieved=out("retrieved"), output=out("train-shards"), source="corpus",
                                       embeddings=out("embeddings"), resize_mode="no", ray_address=config.ray_address))
@@ -128,7 +134,8 @@ def run_demo(config: DemoConfig) -> int:
 
     _say(8, "zero-shot evaluation of base vs REACT on the held-out labeled set")
     report = run_evaluation(EvaluateConfig(eval_set=storage.join(corpus_dir, "eval"), task=TASK,
-                                           models={"base": base, "react": react}, output=out("evaluation")))
+                                           models={"base": base, "react": react}, output=out("evaluation"),
+                                           training_set=out("retrieved")))
     print("   ", str(report).replace("\n", "\n    "))
     base_top1, react_top1 = (100 * report.results[k]["top1"] for k in ("base", "react"))
     verdict = (f"REACT {config.tuning_mode} {'beats' if react_top1 > base_top1 else 'does NOT beat'} its base "
@@ -144,6 +151,22 @@ def run_demo(config: DemoConfig) -> int:
     return 0
 
 
+def planted_copies_found(corpus_dir: str, retrieved: str, index: ShardedIndex) -> str:
+    """How decontamination did on the copies of eval images the generator planted (ground truth)."""
+    import pyarrow.parquet as pq
+
+    truth = pq.read_table(storage.local_copy(storage.join(corpus_dir, "ground_truth.parquet"))).to_pandas()
+    planted = set(truth.loc[truth["planted_from"].notna(), "key"])
+    removed = pq.read_table(storage.local_copy(storage.join(retrieved, "decontamination.parquet"))).to_pandas()
+    removed_keys = {m["key"] for m in index.lookup(removed["id"].to_numpy()) if m}
+    kept_keys = set(pq.read_table(storage.local_copy(storage.join(retrieved, "retrieved.parquet")),
+                                  columns=["key"]).column("key").to_pylist())
+    caught, missed = len(planted & removed_keys), len(planted & kept_keys)
+    return (f"planted copies of eval images that retrieval found: {caught + missed}; removed {caught}, missed "
+            f"{missed}; other pairs removed (look-alikes the model cannot tell from copies): "
+            f"{len(removed_keys - planted)} of {len(removed_keys - planted) + len(kept_keys - planted)}")
+
+
 def _write_report(config: DemoConfig, report: EvalReport, verdict: str, base_run: TrainSummary,
                   react_run: TrainSummary, parameter_rows: list[list[str]]) -> None:
     out = lambda *parts: storage.join(config.output, *parts)
@@ -151,11 +174,13 @@ def _write_report(config: DemoConfig, report: EvalReport, verdict: str, base_run
     storage.write_bytes_atomic(out("accuracy.png"), accuracy_png)
     curves = "".join(f"<h3>{title}</h3><img src='{data_uri(storage.read_bytes(storage.join(run, 'training.png')), 'image/png')}'>"
                      for title, run in (("pre-training the base", out("base")), ("REACT tuning", out("react"))))
-    body = (f"<p><b>{verdict}</b></p>" + table(report.headers, report.rows())
+    body = (f"<p><b>{verdict}</b></p>" + "".join(f"<p>{html.escape(n)}</p>" for n in report.notes)
+            + table(report.headers, report.rows())
             + f"<p><img src='{data_uri(accuracy_png, 'image/png')}'></p>"
             + f"<h2>Training</h2><p>Base: {base_run}.<br>REACT: {react_run}.</p>{curves}"
             + "<h2>Data</h2><p><a href='corpus/preview.html'>corpus preview</a> · "
             + "<a href='retrieved/gallery.html'>retrieved pairs per class</a> · "
+            + "<a href='retrieved/decontamination.html'>decontamination</a> · "
             + "<a href='evaluation/evaluation.html'>per-class accuracy</a></p>"
             + "<h2>REACT parameter counts</h2>" + table(REPORT_HEADERS, parameter_rows))
     storage.write_text_atomic(out("report.html"), page("react-ray demo: REACT vs its base CLIP", body))

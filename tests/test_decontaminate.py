@@ -58,6 +58,9 @@ def test_copies_are_removed_and_unrelated_pairs_of_the_class_kept():
     brute = vectors @ images.vectors.T
     assert brute[np.arange(30), np.arange(30)].min() > 0.9 > brute[30:].max()  # the world is what it claims
     decontaminate = Decontaminator(DecontaminateConfig(eval_sets=images.sets, report_pairs=5), images, CLASSES)
+    untouched = decontaminate.record()  # nothing retrieved: an empty record and page, not an error
+    assert untouched["removed"] == 0 and untouched["removed_per_class"] == {"cat": 0, "dog": 0, "fish": 0}
+    assert decontaminate.html("t", "unused").count("<p>none</p>") == 2
     keep = decontaminate(pairs, vectors, [f"caption {i}" for i in range(60)])
     assert keep.tolist() == [False] * 30 + [True] * 30
     removed = decontaminate.removed
@@ -130,6 +133,7 @@ def test_planted_copies_of_eval_images_are_removed_and_the_rest_kept(ray_local, 
     from react_ray.embed.pipeline import run_embedding
     from react_ray.evaluate.zeroshot import labeled_samples
     from react_ray.index.build import build_index
+    from react_ray.report import data_uri
     from react_ray.retrieve.retrieval import run_retrieval
 
     model = ModelConfig(name="react-thumbnail")
@@ -171,6 +175,9 @@ def test_planted_copies_of_eval_images_are_removed_and_the_rest_kept(ray_local, 
     assert record["closest_kept_cosine"] < 0.95
     page = (tmp_path / "retrieved" / "decontamination.html").read_text()
     assert page.count("<img") == 2 * (min(len(removed), 30) + 30)  # each removed and closest kept pair, both images
+    evals = {key.rsplit(":", 1)[1]: image for key, image, _ in labeled_samples(str(corpus / "eval"), list(SHAPES))}
+    for source in truth.loc[sorted(planted), "planted_from"]:  # shown beside the very image it copies
+        assert f"<img src='{data_uri(evals[source])}' width=128><br><small>" in page
     assert f"<b>{len(removed)} pairs removed</b>" in page
     assert "decontaminated (eval sets)" in capsys.readouterr().out
     statement = decontamination_statement(str(tmp_path / "retrieved"), str(corpus / "eval" / "eval-00000.tar"))

@@ -37,6 +37,8 @@ def _verdict(stdout: str) -> tuple[float, float]:
 def test_demo_runs_every_stage_and_reports(tmp_path):
     """The demo's whole path on a small corpus with few steps (the full run is the slow test below)."""
     stdout = _demo(tmp_path, "corpus.num_shards=2", "corpus.samples_per_shard=120", "corpus.eval_samples_per_class=4",
+                   # A 12-step base puts every image within ~0.99 cosine of every other: only exact copies go.
+                   "corpus.planted_eval_copies=10", "decontamination_threshold=0.9995",
                    "pretrain.steps=12", "pretrain.batch_size=32", "tune.steps=6", "tune.batch_size=32", timeout=600)
     assert "corpus: 240 pairs" in stdout
     assert re.search(r"full: 12 steps on 1 worker\(s\).*trainable 3,478,913 of 3,478,913", stdout)
@@ -45,6 +47,9 @@ def test_demo_runs_every_stage_and_reports(tmp_path):
     assert "index: 240 vectors in 2 shards" in stdout and (tmp_path / "index" / "manifest.json").exists()
     assert len(re.findall(r"^\s+-?\d\.\d{3}  \d{9}  ", stdout, re.MULTILINE)) == 5  # five hits with metadata
     assert "retrieve shapes: 10 classes x 5 templates" in stdout
+    removed = re.search(r"decontamination: removed (\d+) pairs .* within cosine 0.9995 of 40 eval images", stdout)
+    assert removed and re.search(r"removed (\d+), missed (\d+); other pairs removed .*: \d+ of \d+", stdout)
+    assert "training set" in stdout and "was decontaminated against this eval set" in stdout
     assert re.search(r"materialize: \d+ of \d+ pairs in 1 shards; failed none", stdout)
     assert re.search(r"gated-image: 6 steps on 1 worker\(s\)", stdout)
     base, react = _verdict(stdout)
@@ -53,7 +58,7 @@ def test_demo_runs_every_stage_and_reports(tmp_path):
     report = (tmp_path / "report.html").read_text()
     assert "REACT gated-image" in report and report.count("data:image/png;base64") == 3
     for name in ("base/model.pt", "react/model.pt", "react/training.png", "evaluation/evaluation.json",
-                 "retrieved/gallery.html", "accuracy.png"):
+                 "retrieved/gallery.html", "retrieved/decontamination.html", "accuracy.png"):
         assert (tmp_path / name).exists(), name
 
 

@@ -93,8 +93,10 @@ def _ray_config(root, name, **overrides) -> TrainConfig:
 
 @pytest.mark.ray
 def test_two_workers_follow_the_one_worker_loss_trajectory(ray_local, train_corpus):
+    """Same global batch on 1 or 2 workers, the same losses; the two workers augment (here: the eval
+    transform) their own halves themselves (augment_in_worker), the one worker gets Ray Data's."""
     one = run_training(_ray_config(train_corpus, "one"))
-    two = run_training(_ray_config(train_corpus, "two", workers=2))
+    two = run_training(_ray_config(train_corpus, "two", workers=2, augment_in_worker=True))
     losses = [[r["loss"] for r in read_history(s.output) if "loss" in r] for s in (one, two)]
     assert len(losses[0]) == len(losses[1]) == 6
     assert losses[0][0] != losses[0][-1]  # it trained

@@ -149,10 +149,10 @@ class Decontaminator:
         caption_row = np.array([self.eval_captions.get(normalized_text(c), -1) for c in captions], np.int64)
         by_caption = ~by_image & (caption_row >= 0)
         matched = np.where(by_caption, caption_row, row)
-        frame = pairs.assign(
-            **{"class": [self.classes[label] for label in pairs["label"]]}, cosine=cosine, eval_row=matched, reason=np.where(by_image, "image", np.where(by_caption, "caption", "")),
-            eval_set=[self.eval.sets[self.eval.set_of[r]] for r in matched], eval_id=self.eval.ids[matched],
-            eval_key=[self.eval.keys[r] for r in matched], caption=captions)
+        frame = pairs.assign(**{"class": [self.classes[label] for label in pairs["label"]]}).assign(
+            caption=captions, cosine=cosine, reason=np.where(by_image, "image", np.where(by_caption, "caption", "")),
+            eval_row=matched, eval_set=[self.eval.sets[self.eval.set_of[r]] for r in matched],
+            eval_id=self.eval.ids[matched], eval_key=[self.eval.keys[r] for r in matched])
         keep = ~(by_image | by_caption)
         self.removed = frame[~keep].sort_values(["cosine", "id"], ascending=[False, True]).reset_index(drop=True)
         self.closest_kept = (frame[keep].sort_values(["cosine", "id"], ascending=[False, True])
@@ -161,14 +161,13 @@ class Decontaminator:
 
     def record(self) -> dict:
         """The decision, for retrieval.json (and so for the evaluation report)."""
-        per_class = np.bincount(self.removed["label"].to_numpy(int), minlength=len(self.classes))
+        removed = self.removed.reindex(columns=["label", "reason"])  # no columns when nothing was retrieved
+        per_class = np.bincount(removed["label"].to_numpy(int), minlength=len(self.classes))
         return {
             "eval_sets": self.eval.sets, "embedding_sets": self.eval.embedding_sets,
             "eval_images": len(self.eval.ids), "eval_images_not_embedded": self.eval.skipped,
-            "threshold": self.config.threshold, "captions": self.config.captions,
-            "removed": len(self.removed),
-            "removed_by_reason": {r: int((self.removed["reason"] == r).sum()) for r in ("image", "caption")}
-            if len(self.removed) else {"image": 0, "caption": 0},
+            "threshold": self.config.threshold, "captions": self.config.captions, "removed": len(removed),
+            "removed_by_reason": {r: int((removed["reason"] == r).sum()) for r in ("image", "caption")},
             "removed_per_class": dict(zip(self.classes, per_class.tolist())),
             "closest_kept_cosine": float(self.closest_kept["cosine"].iloc[0]) if len(self.closest_kept) else None,
         }
@@ -183,11 +182,14 @@ class Decontaminator:
 
         shown = self.removed.head(self.config.report_pairs)
         both = pd.concat([shown, self.closest_kept], ignore_index=True)
-        pair_images = corpus_images(corpus_embeddings, both) if len(both) else {}
-        eval_images: dict[int, bytes] = {}
-        for uri in self.eval.embedding_sets:
-            if len(both):
-                eval_images |= corpus_images(uri, pd.DataFrame({"id": both["eval_id"].unique()}))
+        pair_images, eval_images = {}, {}  # eval images by eval row: ids repeat across eval sets
+        if len(both):
+            pair_images = corpus_images(corpus_embeddings, both)
+            wanted = np.unique(both["eval_row"].to_numpy())
+            for i, uri in enumerate(self.eval.embedding_sets):
+                rows = wanted[self.eval.set_of[wanted] == i]
+                by_id = corpus_images(uri, pd.DataFrame({"id": self.eval.ids[rows]}))
+                eval_images |= {int(r): by_id[self.eval.ids[r]] for r in rows if self.eval.ids[r] in by_id}
         record = self.record()
         summary = (f"<p>Eval sets: {html.escape(', '.join(self.eval.sets))} ({record['eval_images']:,} images embedded"
                    f"{'; not embedded: ' + html.escape(str(record['eval_images_not_embedded'])) if record['eval_images_not_embedded'] else ''})."
@@ -233,6 +235,6 @@ def _pairs_html(frame: pd.DataFrame, pair_images: dict[int, bytes], eval_images:
         f"<tr><td>{r['cosine']:.4f}<br>{r['reason'] or 'kept'}</td>"
         f"<td>{image(pair_images.get(r['id']), str(r['id']))}<br>{html.escape(str(r['caption'] or ''))}<br>"
         f"<small>id {r['id']} &middot; {html.escape(r['class'])}</small></td>"
-        f"<td>{image(eval_images.get(r['eval_id']), r['eval_key'])}<br><small>{html.escape(r['eval_key'])}</small></td></tr>"
+        f"<td>{image(eval_images.get(r['eval_row']), r['eval_key'])}<br><small>{html.escape(r['eval_key'])}</small></td></tr>"
         for r in frame.to_dict("records"))
     return f"<table><tr><th>cosine / reason</th><th>retrieved pair</th><th>eval image</th></tr>{rows}</table>"

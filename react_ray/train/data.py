@@ -2,7 +2,8 @@
 
 ```
 shards --read (CPU tasks)--> records --decode (safe, to image_size)--> uint8 pixels [cache]
-    --augment + tokenize (CPU tasks, fresh randomness every epoch)--> {"image", "text"} batches
+    --augment + tokenize (CPU tasks, or the workers themselves: augment_in_worker; fresh
+      randomness every epoch)--> {"image", "text"} batches
 ```
 
 The materialized training set and a raw corpus read the same way (``KEY.jpg`` + ``KEY.txt``).
@@ -104,9 +105,13 @@ def training_dataset(config: TrainConfig) -> ray.data.Dataset:
     augment = {"model_name": config.model.name, "augment_json": config.augment.model_dump_json()}
     dataset.context.enable_progress_bars = False  # the training loop prints its own progress
     read = {"source": 0, "block_rows": 256}
-    if not config.cache_decoded:  # one task reads, decodes and augments one shard
+    if not config.cache_decoded and not config.augment_in_worker:  # one task reads, decodes and augments a shard
         return dataset.map_batches(read_blocks, batch_size=1, fn_kwargs=read | {
             "then": decode_and_augment, **decode, **augment}, **cpu_task)
     decoded = dataset.map_batches(read_blocks, batch_size=1, fn_kwargs=read | {"then": decode_for_training, **decode},
-                                  **cpu_task).materialize()
+                                  **cpu_task)
+    if config.cache_decoded:
+        decoded = decoded.materialize()
+    if config.augment_in_worker:  # the workers call augment_and_tokenize on each batch
+        return decoded
     return decoded.map_batches(augment_and_tokenize, batch_size=256, fn_kwargs=augment, **cpu_task)

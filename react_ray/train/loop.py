@@ -29,6 +29,7 @@ from react_ray.models import (
 )
 from react_ray.models.factory import ClipModel
 from react_ray.models.gated import set_gated_grad_checkpointing
+from react_ray.train.data import augment_and_tokenize
 from react_ray.train.loss import clip_loss
 
 MAX_LOGIT_SCALE = math.log(100)
@@ -164,21 +165,28 @@ def _batches(config: TrainConfig, rank: int, world: int, device: torch.device):
     """Endless (image, text) batches for this worker from the Ray Data shard, pass after pass."""
     import ray.train
 
-    per_worker = config.batch_size // world
-    if config.data_sharding == "slice":  # every worker reads the same ordered stream
-        source, size, shuffle = ray.train.get_dataset_shard("train"), config.batch_size, None
-    else:
-        source, size, shuffle = ray.train.get_dataset_shard("train"), per_worker, config.shuffle_buffer or None
+    source, per_worker = ray.train.get_dataset_shard("train"), config.batch_size // world
+    slicing = config.data_sharding == "slice"  # every worker reads the same ordered stream and takes its part
+    size, shuffle = (config.batch_size, None) if slicing else (per_worker, config.shuffle_buffer or None)
+    part = slice(rank * per_worker, (rank + 1) * per_worker) if slicing else slice(None)
+
+    def batches():
+        if config.augment_in_worker:  # Ray Data brings decoded pixels; this worker augments its part
+            for batch in source.iter_batches(batch_size=size, batch_format="numpy", drop_last=True,
+                                             local_shuffle_buffer_size=shuffle):
+                mine = augment_and_tokenize({k: v[part] for k, v in batch.items()}, config.model.name,
+                                            config.augment.model_dump_json())
+                yield torch.from_numpy(mine["image"]).to(device), torch.from_numpy(mine["text"]).to(device)
+        else:
+            for batch in source.iter_torch_batches(batch_size=size, drop_last=True, local_shuffle_buffer_size=shuffle,
+                                                   dtypes={"image": torch.float32, "text": torch.long}, device=device):
+                yield batch["image"][part], batch["text"][part]
+
     while True:
         produced = 0
-        for batch in source.iter_torch_batches(batch_size=size, drop_last=True, local_shuffle_buffer_size=shuffle,
-                                               dtypes={"image": torch.float32, "text": torch.long}, device=device):
+        for images, texts in batches():
             produced += 1
-            if config.data_sharding == "slice":
-                part = slice(rank * per_worker, (rank + 1) * per_worker)
-                yield batch["image"][part], batch["text"][part]
-            else:
-                yield batch["image"], batch["text"]
+            yield images, texts
         if not produced:
             raise ValueError(f"train: {config.data} yields fewer than {size} samples per worker, not one batch; "
                              "lower batch_size or add data")
