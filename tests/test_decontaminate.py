@@ -20,7 +20,6 @@ from react_ray.retrieve.decontaminate import (
     normalized_text,
 )
 
-
 CLASSES = ["cat", "dog", "fish"]
 
 
@@ -128,7 +127,14 @@ def test_planted_copies_of_eval_images_are_removed_and_the_rest_kept(ray_local, 
     import pyarrow.parquet as pq
     import yaml
 
-    from react_ray.config import CorpusConfig, EmbedConfig, GenerateConfig, IndexConfig, ModelConfig, RetrieveConfig
+    from react_ray.config import (
+        CorpusConfig,
+        EmbedConfig,
+        GenerateConfig,
+        IndexConfig,
+        ModelConfig,
+        RetrieveConfig,
+    )
     from react_ray.data.synthetic import SHAPES, generate_corpus
     from react_ray.embed.pipeline import run_embedding
     from react_ray.evaluate.zeroshot import labeled_samples

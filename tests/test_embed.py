@@ -89,7 +89,7 @@ def test_listing_rejects_empty_inputs_and_colliding_shard_numbers(tmp_path):
 def test_image_folders_are_read_in_sorted_shards_with_optional_captions(tmp_path, monkeypatch):
     """An image folder (CLASS/*.jpg, any depth): shards of N files in path order, keys are the paths inside
     it, no caption needed when ``caption_required`` is off; the zero-shot loader reads the same folder."""
-    import react_ray.embed.readers as readers
+    from react_ray.embed import readers
     from react_ray.evaluate.zeroshot import labeled_samples
 
     monkeypatch.setattr(readers, "IMAGE_FOLDER_SHARD_FILES", 3)
