@@ -86,30 +86,34 @@ def test_listing_rejects_empty_inputs_and_colliding_shard_numbers(tmp_path):
         list_input_shards(str(tmp_path), "webdataset")
 
 
-def test_image_folders_are_read_in_sorted_shards_with_optional_captions(tmp_path, monkeypatch):
-    """An image folder (CLASS/*.jpg, any depth): shards of N files in path order, keys are the paths inside
-    it, no caption needed when ``caption_required`` is off; the zero-shot loader reads the same folder."""
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_image_folders_are_read_in_sorted_shards_with_optional_captions(tmp_path, monkeypatch, request, where):
+    """An image folder (CLASS/*.jpg, any depth; local or s3://): shards of N files in path order, keys are
+    the paths inside it, no caption needed when ``caption_required`` is off; the zero-shot loader reads the
+    same folder."""
     from react_ray.embed import readers
     from react_ray.evaluate.zeroshot import labeled_samples
 
+    root = str(tmp_path) if where == "local" else f"{request.getfixturevalue('s3_bucket')}/eval"
     monkeypatch.setattr(readers, "IMAGE_FOLDER_SHARD_FILES", 3)
     jpeg = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 10, 10)).save(jpeg, format="JPEG")
     names = ["cat/a.jpg", "cat/b.JPG", "dog/c.png", "dog/deeper/d.jpeg", "fish/e.webp"]
     for name in names:
-        storage.write_bytes_atomic(str(tmp_path / name), jpeg.getvalue())
-    (tmp_path / "notes.txt").write_text("not an image")
-    shards = list_input_shards(str(tmp_path), "image-folder")
-    assert [(s.number, s.uri) for s in shards] == [(0, str(tmp_path)), (1, str(tmp_path))]
+        storage.write_bytes_atomic(f"{root}/{name}", jpeg.getvalue())
+    storage.write_text_atomic(f"{root}/notes.txt", "not an image")
+    shards = list_input_shards(root, "image-folder")
+    assert [(s.number, s.uri) for s in shards] == [(0, root), (1, root)]
     records = [r for s in shards for block in read_shard(s, caption_required=False) for r in block if r["kind"] == "record"]
     assert [r["key"] for r in records] == names and not any(r["error"] for r in records)
     assert [r["id"] for r in records] == [int(ids.encode(k // 3, k % 3)) for k in range(5)]
+    assert all(r["image"] == jpeg.getvalue() for r in records)
     strict = [r for block in read_shard(shards[0]) for r in block if r["kind"] == "record"]
     assert {r["error"] for r in strict} == {"missing_caption"}
-    labels = [label for _, _, label in labeled_samples(str(tmp_path), ["cat", "dog", "fish", "deeper"])]
+    labels = [label for _, _, label in labeled_samples(root, ["cat", "dog", "fish", "deeper"])]
     assert labels == [0, 0, 1, 3, 2]  # the folder holding each image names its class
     with pytest.raises(FileNotFoundError, match="no jpg/jpeg/png/webp files under"):
-        list_input_shards(str(tmp_path / "cat" / "missing"), "image-folder")
+        list_input_shards(f"{root}/cat/missing", "image-folder")
 
 
 def test_config_rejects_half_precision_on_cpu_actors():
