@@ -305,8 +305,8 @@ def _planted_copy(corpus: CorpusConfig, eval_key: str, transform: str, key: str)
     if transform == "resized":
         image = image.resize((round(size * 1.5), round(size * 1.5)), Image.BICUBIC)
     elif transform == "cropped":
-        left, top = rng.integers(0, size - round(size * 0.95) + 1, size=2)
         crop = round(size * 0.95)
+        left, top = rng.integers(0, size - crop + 1, size=2)
         image = image.crop((left, top, left + crop, top + crop)).resize((size, size), Image.BICUBIC)
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=55 if transform == "reencoded" else 85)

@@ -30,7 +30,7 @@ from react_ray.config import DecontaminateConfig, EmbedConfig, ModelConfig
 from react_ray.embed.outputs import column_matrix, read_parquet, summarize
 from react_ray.report import data_uri, page, table
 
-MATCHED_FIELDS = ("id", "eval_set", "eval_id", "eval_key", "cosine", "reason")
+REMOVED_COLUMNS = ("id", "label", "class", "score", "caption", "eval_set", "eval_id", "eval_key", "cosine", "reason")
 MODEL_FIELDS = ("model", "pretrained", "checkpoint", "dim")
 
 
@@ -47,10 +47,8 @@ def eval_input_format(uri: str) -> str:
     return "image-folder"
 
 
-def embedding_set_for(uri: str, work: str) -> str:
-    """Where an eval set's embeddings live: itself, or a folder under ``work`` named after it."""
-    if eval_input_format(uri) == "embeddings":
-        return uri
+def _work_folder(uri: str, work: str) -> str:
+    """Where an eval set is embedded: a folder under ``work`` named after it (and its full URI's hash)."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", uri.rstrip("/").rsplit("/", 1)[-1])
     return storage.join(work, f"{name}-{hashlib.sha1(uri.encode()).hexdigest()[:8]}")
 
@@ -101,9 +99,10 @@ def embed_eval_sets(config: DecontaminateConfig, model: ModelConfig, corpus_embe
     corpus = json.loads(storage.read_bytes(storage.join(corpus_embeddings, "_embedding.json")))
     targets = []
     for uri in config.eval_sets:
-        target = embedding_set_for(uri, work)
-        if target != uri:
-            run_embedding(EmbedConfig(input=uri, input_format=eval_input_format(uri), output=target, model=model,
+        input_format, target = eval_input_format(uri), uri
+        if input_format != "embeddings":
+            target = _work_folder(uri, work)
+            run_embedding(EmbedConfig(input=uri, input_format=input_format, output=target, model=model,
                                       caption_required=False, batch_size=config.batch_size, pool=config.pool,
                                       precision=config.precision, ray_address=ray_address), progress)
         info = json.loads(storage.read_bytes(storage.join(target, "_embedding.json")))
@@ -173,8 +172,7 @@ class Decontaminator:
         }
 
     def removed_table(self) -> pa.Table:
-        columns = ["id", "label", "class", "score", "caption", *MATCHED_FIELDS[1:]]
-        return pa.Table.from_pandas(self.removed.reindex(columns=columns), preserve_index=False)
+        return pa.Table.from_pandas(self.removed.reindex(columns=list(REMOVED_COLUMNS)), preserve_index=False)
 
     def html(self, task_name: str, corpus_embeddings: str) -> str:
         """Each removed pair beside the eval image it matched; then the closest pairs kept."""

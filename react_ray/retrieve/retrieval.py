@@ -166,7 +166,8 @@ def retrieve(spec: TaskSpec, indices: dict[str, ShardedIndex], encode_texts,
         log.record("metadata filters", pairs)
     pairs = resolve_across_classes(pairs, spec.cross_class)
     log.record(f"across classes ({spec.cross_class})", pairs)
-    vectors = fetch_vectors(index.manifest["embeddings"], pairs["id"].to_numpy()) if len(pairs) else None
+    needs_vectors = len(pairs) and (decontaminate is not None or spec.near_duplicate_threshold is not None)
+    vectors = fetch_vectors(index.manifest["embeddings"], pairs["id"].to_numpy()) if needs_vectors else None
     if decontaminate is not None and len(pairs):
         captions = [(m or {}).get("caption") for m in index.lookup(pairs["id"].to_numpy())]
         keep = decontaminate(pairs, vectors, captions)
