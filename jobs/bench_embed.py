@@ -1,9 +1,10 @@
 """Embedding benchmark: the Ray Data pipeline against a bare loop and the model-only ceiling.
 
-python jobs/bench_embed.py [--shards 2 --rows 500 --scale 10 --model react-tiny --cpus 2]
+python jobs/bench_embed.py [--shards 2 --rows 500 --scale 10 --model react-tiny --cpus 2 --repeats 2]
 
-Prints, measured side by side in one run on the same cores, model and data:
-- pipeline images/s / bare single-process loop (read + decode + forward) images/s (goal >= 0.9)
+Prints, measured side by side in one run on the same cores, model and data (the bare loop and the
+pipeline in turns, ``--repeats`` times, each pair's ratio and their median):
+- pipeline images/s / bare single-process loop (read + decode + tokenize + forward) (goal >= 0.9)
 - model-forward-only images/s on pre-decoded tensors (the ceiling) / pipeline
 - peak memory (PSS of the driver + every Ray process) as the corpus grows ``scale`` x (goal <= 1.3x)
 """
@@ -16,6 +17,7 @@ import shutil
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import ray
@@ -58,51 +60,71 @@ class PeakMemory:
         self._thread.join()
 
 
-def bare_loop(input_dir: str, model: str, batch_size: int, threads: int) -> tuple[int, float, list]:
-    """What one would write without Ray: read, decode, embed, in one process. Returns (n, seconds, batches)."""
-    start, n, kept = time.perf_counter(), 0, []
+@dataclass
+class Rate:
+    """Pairs per second of one run: ``wall`` from start (model load included), ``steady`` after the first batch."""
+
+    pairs: int
+    wall: float
+    steady: float
+
+
+def bare_loop(input_dir: str, model: str, batch_size: int, threads: int) -> tuple[Rate, ClipEmbedder, list]:
+    """What one would write without Ray: read, decode, tokenize, embed, in one process."""
+    start, n, kept, first = time.perf_counter(), 0, [], None
     embedder = ClipEmbedder({"name": model}, "fp32", "cpu", output="", run_id="", threads=threads)
     size = embedder.clip.image_size
+
+    def embed(pixels: list, captions: list) -> None:
+        nonlocal n, first
+        batch = (np.stack(pixels), embedder.clip.tokenizer(captions).numpy())
+        embedder.embed(*batch)
+        kept.append(batch)
+        n += len(captions)
+        first = first or (time.perf_counter(), n)
+
     for shard in list_input_shards(input_dir, "webdataset"):
         pixels, captions = [], []
         for block in read_shard(shard, block_rows=batch_size):
             for record in block:
                 if record["kind"] != "record":
                     continue
-                array, reason, _ = decode_image(record["image"], size, 40_000_000)
+                array, _, _ = decode_image(record["image"], size, 40_000_000)
                 if array is not None and not record["error"]:
                     pixels.append(array)
                     captions.append(record["caption"])
                 if len(pixels) == batch_size:
-                    embedder.embed(np.stack(pixels), captions)
-                    kept.append((np.stack(pixels), captions))
-                    n, pixels, captions = n + len(captions), [], []
+                    embed(pixels, captions)
+                    pixels, captions = [], []
         if pixels:
-            embedder.embed(np.stack(pixels), captions)
-            n += len(captions)
-    return n, time.perf_counter() - start, (embedder, kept[:8])
+            embed(pixels, captions)
+    end = time.perf_counter()
+    return Rate(n, n / (end - start), (n - first[1]) / (end - first[0])), embedder, kept[:8]
 
 
 def model_ceiling(embedder: ClipEmbedder, batches: list, repeats: int = 3) -> float:
+    """Model forward only, on batches already decoded and tokenized."""
     start, n = time.perf_counter(), 0
     for _ in range(repeats):
-        for pixels, captions in batches:
-            embedder.embed(pixels, captions)
-            n += len(captions)
+        for pixels, tokens in batches:
+            embedder.embed(pixels, tokens)
+            n += len(tokens)
     return n / (time.perf_counter() - start)
 
 
-def pipeline(input_dir: str, output: str, args):
+def pipeline(input_dir: str, output: str, args) -> EmbedConfig:
     # The CPUs split between the model actors and the read/decode tasks (all fit, nothing waits).
     decode_cpus = 0.25 * args.cpus
-    config = EmbedConfig(
+    return EmbedConfig(
         input=input_dir, output=output, model=ModelConfig(name=args.model), batch_size=args.batch_size,
         read_block_rows=args.batch_size, decode_num_cpus=decode_cpus,
         pool={"min_actors": args.actors, "max_actors": args.actors, "num_cpus": (args.cpus - decode_cpus) / args.actors},
     )
-    with PeakMemory() as memory:
-        summary = run_embedding(config, progress=False)
-    return summary, memory.peak
+
+
+def start_ray(cpus: int) -> None:
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def main() -> None:
@@ -114,6 +136,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--actors", type=int, default=1, help="model actors sharing the CPUs")
+    parser.add_argument("--repeats", type=int, default=2, help="bare loop / pipeline pairs, run alternately")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="bench-embed-")
     small, large = os.path.join(work, "small"), os.path.join(work, "large")
@@ -128,31 +151,45 @@ def main() -> None:
                 shutil.copy(os.path.join(work, "corpus", "webdataset", name),
                             os.path.join(folder, f"{copy * len(shards) + i:05d}.tar"))
 
-    n_bare, bare_seconds, (embedder, batches) = bare_loop(large, args.model, args.batch_size, args.cpus)
-    ceiling = model_ceiling(embedder, batches)
-    del embedder
-
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    small, small_peak = pipeline(small, os.path.join(work, "emb-small"), args)
-    large, large_peak = pipeline(large, os.path.join(work, "emb-large"), args)
-    wall_rate, steady_rate = large.this_run_rows / large.this_run_seconds, large.this_run_steady_rows_per_s
+    # This machine's speed drifts by a fifth from minute to minute, so the two run in turns and
+    # each pair gives its own ratio. Ray is down while the bare loop runs.
+    pairs, ceilings = [], []
+    for repeat in range(args.repeats):
+        bare, embedder, batches = bare_loop(large, args.model, args.batch_size, args.cpus)
+        ceilings.append(model_ceiling(embedder, batches))
+        del embedder
+        start_ray(args.cpus)
+        summary = run_embedding(pipeline(large, os.path.join(work, f"emb-large-{repeat}"), args), progress=False)
+        ray.shutdown()
+        ours = Rate(summary.this_run_rows, summary.this_run_rows / summary.this_run_seconds,
+                    summary.this_run_steady_rows_per_s)
+        pairs.append((bare, ours, summary.this_run_startup_seconds))
+    # Memory in runs of its own: reading every process's PSS takes CPU from the pipeline.
+    peaks = {}
+    start_ray(args.cpus)
+    for name, folder in (("small", small), ("large", large)):
+        with PeakMemory() as memory:
+            run_embedding(pipeline(folder, os.path.join(work, f"emb-memory-{name}"), args), progress=False)
+        peaks[name] = memory.peak
     ray.shutdown()
     shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\nembedding benchmark: {args.model}, batch {args.batch_size}, {args.cpus} CPUs, {args.actors} actors, fp32")
-    print(f"  bare loop (model load + read + decode + forward, 1 process): {n_bare} pairs, "
-          f"{n_bare / bare_seconds:.1f} pairs/s")
-    print(f"  model forward only (pre-decoded tensors, the ceiling): {ceiling:.1f} pairs/s")
-    print(f"  Ray Data pipeline, {large.this_run_rows} pairs: {wall_rate:.1f} pairs/s wall "
-          f"({large.this_run_startup_seconds:.1f}s to the first batch: Ray workers + model load), "
-          f"{steady_rate:.1f} pairs/s after it")
-    print(f"  ratio pipeline / bare loop: {wall_rate * bare_seconds / n_bare:.2f} wall, "
-          f"{steady_rate * bare_seconds / n_bare:.2f} steady state  (goal >= 0.9)")
-    print(f"  ratio ceiling / pipeline (steady): {ceiling / steady_rate:.2f}")
-    print(f"  peak memory {small.this_run_rows} pairs: {small_peak / 2**20:.0f} MiB; {large.this_run_rows} pairs: "
-          f"{large_peak / 2**20:.0f} MiB; "
-          f"growth for {args.scale}x the corpus: {large_peak / small_peak:.2f}x  (goal <= 1.3)")
+    print(f"\nembedding benchmark: {args.model}, batch {args.batch_size}, {args.cpus} CPUs, {args.actors} actors, "
+          f"fp32, {pairs[0][0].pairs} pairs per run")
+    print(f"{'run':>4} {'bare wall/s':>11} {'bare steady/s':>13} {'pipeline wall/s':>15} {'pipeline steady/s':>17} "
+          f"{'start-up s':>10} {'ratio wall':>10} {'ratio steady':>12} {'ceiling/s':>9}")
+    for i, ((bare, ours, startup), ceiling) in enumerate(zip(pairs, ceilings)):
+        print(f"{i + 1:>4} {bare.wall:11.1f} {bare.steady:13.1f} {ours.wall:15.1f} {ours.steady:17.1f} {startup:10.1f} "
+              f"{ours.wall / bare.wall:10.2f} {ours.steady / bare.steady:12.2f} {ceiling:9.1f}")
+    wall = float(np.median([ours.wall / bare.wall for bare, ours, _ in pairs]))
+    steady = float(np.median([ours.steady / bare.steady for bare, ours, _ in pairs]))
+    top = float(np.median([c / ours.steady for c, (_, ours, _) in zip(ceilings, pairs)]))
+    print(f"  median ratio pipeline / bare loop: {wall:.2f} wall (start-up included), {steady:.2f} steady state "
+          f"(goal >= 0.9)")
+    print(f"  median ratio model-forward ceiling (pre-decoded, pre-tokenized) / pipeline steady: {top:.2f}")
+    print(f"  peak memory (PSS, driver + Ray): {peaks['small'] / 2**20:.0f} MiB for {args.shards * args.rows} pairs, "
+          f"{peaks['large'] / 2**20:.0f} MiB for {args.scale}x that: growth {peaks['large'] / peaks['small']:.2f}x "
+          f"(goal <= 1.3)")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ import torch
 from react_ray.config import CorpusConfig, GenerateConfig, ModelConfig, TrainConfig
 from react_ray.data.synthetic import generate_corpus
 from react_ray.embed.readers import list_input_shards, read_shard
-from react_ray.train.data import _tokenizer, _transform, decode_for_training, model_image_size
+from react_ray.models import get_tokenizer
+from react_ray.train.data import _transform, decode_for_training, model_image_size
 from react_ray.train.loop import Stepper, build_for_training, make_optimizer
 from react_ray.train.trainer import read_history, run_training
 
@@ -31,7 +32,7 @@ def _plain_batches(config: TrainConfig):
     """The same records, decoded and augmented in this process, batch after batch, pass after pass."""
     size = model_image_size(config.model.name)
     transform = _transform(config.model.name, config.augment.model_dump_json())
-    tokenizer = _tokenizer(config.model.name)
+    tokenizer = get_tokenizer(config.model.name)
     from PIL import Image
 
     while True:
@@ -68,7 +69,7 @@ def ceiling(config: TrainConfig, steps: int, device: str = "cpu") -> float:
     stepper = Stepper(clip.model, make_optimizer(clip.model, config), config, torch.device(device))
     size = model_image_size(config.model.name)
     images = torch.randn(config.batch_size, 3, size, size, device=device)
-    texts = _tokenizer(config.model.name)([f"a photo of thing {i}" for i in range(config.batch_size)]).to(device)
+    texts = get_tokenizer(config.model.name)([f"a photo of thing {i}" for i in range(config.batch_size)]).to(device)
     for step in range(3):
         stepper(images, texts, step)
     if device == "cuda":

@@ -28,8 +28,14 @@ REPORT_COLUMNS = ("shard", "records", "embedded", "end_count", "shard_error", "p
 
 class ClipEmbedder:
     def __init__(self, model: dict, precision: str, device: str, output: str, run_id: str, threads: int | None = None):
-        if threads:  # Ray pins OMP threads to int(num_cpus); CPU actors with 1.5 CPUs should use 2
-            torch.set_num_threads(threads)
+        # CPU intra-op threads (Ray pins them to int(num_cpus); an actor with 1.5 CPUs should use 2).
+        # libgomp keeps a thread team per calling thread and, once a process has more team threads
+        # than CPUs, stops spinning at barriers, so every op waits for wake-ups (15% slower,
+        # measured). Ray Data calls this object from another thread than the one building it: build
+        # with one thread, and start the team on the thread that runs the model (``embed``).
+        self.threads = threads
+        if threads:
+            torch.set_num_threads(1)
         self.clip = build_model(ModelConfig.model_validate(model), device=device)
         self.precision, self.output, self.run_id = precision, output, run_id
         self.device = torch.device(device)
@@ -43,13 +49,15 @@ class ClipEmbedder:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
 
-    def embed(self, pixels: np.ndarray, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (N, S, S, 3) + N captions -> (img_emb, txt_emb), float16, L2-normalised."""
+    def embed(self, pixels: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (N, S, S, 3) + N tokenized captions -> (img_emb, txt_emb), float16, L2-normalised."""
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         images = torch.from_numpy(pixels).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         images = (images / 255.0 - self.mean) / self.std
         with torch.inference_mode(), self._autocast():
             img = self.clip.model.encode_image(images, normalize=True)
-            txt = self.clip.model.encode_text(self.clip.tokenizer(captions).to(self.device), normalize=True)
+            txt = self.clip.model.encode_text(torch.as_tensor(tokens).to(self.device), normalize=True)
         return img.float().cpu().numpy().astype(np.float16), txt.float().cpu().numpy().astype(np.float16)
 
     def __call__(self, batch: dict) -> dict:
@@ -58,7 +66,7 @@ class ClipEmbedder:
         good = np.array([k == "record" and not e for k, e in zip(kinds, errors)], bool)
         img_emb = txt_emb = None
         if good.any():
-            img_emb, txt_emb = self.embed(batch["pixels"][good], [str(c) for c in batch["caption"][good]])
+            img_emb, txt_emb = self.embed(batch["pixels"][good], batch["tokens"][good])
         report = {c: [] for c in REPORT_COLUMNS}
         good_index = np.cumsum(good) - 1  # row i's position among the embedded rows
         for shard in sorted(set(int(s) for s in batch["shard"])):

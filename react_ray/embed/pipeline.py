@@ -1,7 +1,7 @@
-"""Wiring the embedding stage on Ray Data: read shards -> decode on CPU -> embed on an actor pool.
+"""Wiring the embedding stage on Ray Data: read shards -> decode + tokenize on CPU -> embed on an actor pool.
 
 ```
-shards (one task each) --read--> records --decode (CPU tasks)--> uint8 pixels
+shards (one task each) --read--> records --decode, tokenize (CPU tasks)--> uint8 pixels + tokens
     --ClipEmbedder (ActorPoolStrategy(min, max), num_gpus from config)--> part files + report rows
 driver: tally report rows per shard -> commit complete shards (Ray task: merge, marker)
 ```
@@ -24,7 +24,7 @@ from react_ray.embed import outputs
 from react_ray.embed.decode import decode_batch
 from react_ray.embed.embedder import ClipEmbedder, ShardTally
 from react_ray.embed.readers import InputShard, list_input_shards, read_blocks, shard_items
-from react_ray.models.factory import register_tiny_models
+from react_ray.models.factory import get_tokenizer, register_tiny_models
 from react_ray.ray_utils import connect
 
 
@@ -61,10 +61,14 @@ def _commit(output: str, name: str, parts: list[str], stats: outputs.ShardStats)
     return outputs.commit_shard(output, name, parts, stats)
 
 
-def decode_on_node(batch: dict, image_size: int, max_pixels: int) -> dict:
-    """decode_batch, with each row tagged by the node that decoded it (the shard stats list the nodes)."""
+def decode_and_tokenize(batch: dict, image_size: int, max_pixels: int, model_name: str) -> dict:
+    """decode_batch plus caption tokens, so the model actor (on a GPU, its one Python thread feeds
+    the device) only runs the model; each row is tagged with the node that prepared it (the shard
+    stats list the nodes)."""
     out = decode_batch(batch, image_size, max_pixels)
-    return out | {"decode_node": np.full(len(out["kind"]), ray.get_runtime_context().get_node_id(), object)}
+    tokens = get_tokenizer(model_name)([str(c) for c in out["caption"]]).numpy()
+    return out | {"tokens": tokens,
+                  "decode_node": np.full(len(out["kind"]), ray.get_runtime_context().get_node_id(), object)}
 
 
 def build_dataset(config: EmbedConfig, shards: list[InputShard], run_id: str, image_size: int) -> ray.data.Dataset:
@@ -79,8 +83,9 @@ def build_dataset(config: EmbedConfig, shards: list[InputShard], run_id: str, im
         ray.data.from_items(items, override_num_blocks=len(items))
         .map_batches(read_blocks, batch_size=1, fn_kwargs={
             "source": config.source_id, "block_rows": config.read_block_rows,
-            "caption_required": config.caption_required, "then": decode_on_node,
-            "image_size": image_size, "max_pixels": config.max_image_pixels}, **cpu_task)
+            "caption_required": config.caption_required, "then": decode_and_tokenize,
+            "image_size": image_size, "max_pixels": config.max_image_pixels, "model_name": config.model.name},
+            **cpu_task)
         .map_batches(
             ClipEmbedder,
             fn_constructor_kwargs={"model": config.model.model_dump(), "precision": config.precision,

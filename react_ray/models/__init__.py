@@ -6,6 +6,7 @@ from react_ray.models.factory import (
     available_models,
     build_model,
     export_react_checkpoint,
+    get_tokenizer,
     react_gated_layers,
     read_state_dict,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "export_react_checkpoint",
     "gate_values",
     "gated_blocks",
+    "get_tokenizer",
     "insert_gated_blocks",
     "is_trainable",
     "no_weight_decay",

@@ -35,6 +35,13 @@ def register_tiny_models() -> None:
     open_clip.add_model_config(CONFIG_DIR)
 
 
+@cache
+def get_tokenizer(name: str) -> Callable:
+    """The model's tokenizer, once per process (CPU tasks tokenize captions before the model actor)."""
+    register_tiny_models()
+    return open_clip.get_tokenizer(name)
+
+
 def available_models() -> list[str]:
     register_tiny_models()
     return open_clip.list_models()
@@ -168,7 +175,7 @@ def build_model(spec: ModelConfig | str, device: str | torch.device = "cpu") -> 
     model.eval()
     return ClipModel(
         model=model,
-        tokenizer=open_clip.get_tokenizer(spec.name),
+        tokenizer=get_tokenizer(spec.name),
         preprocess=preprocess,
         train_preprocess=train_preprocess,
         spec=spec,

@@ -24,15 +24,9 @@ from PIL import Image
 from react_ray.config import AugmentConfig, TrainConfig
 from react_ray.embed.decode import decode_image
 from react_ray.embed.readers import list_input_shards, read_blocks, shard_items
-from react_ray.models.factory import register_tiny_models
+from react_ray.models.factory import get_tokenizer, register_tiny_models
 
 log = logging.getLogger(__name__)
-
-
-@cache
-def _tokenizer(model_name: str):
-    register_tiny_models()
-    return open_clip.get_tokenizer(model_name)
 
 
 def model_image_size(model_name: str) -> int:
@@ -89,7 +83,7 @@ def augment_and_tokenize(batch: dict, model_name: str, augment_json: str) -> dic
     transform = _transform(model_name, augment_json)
     size = model_image_size(model_name)
     images = [transform(Image.fromarray(p)).numpy() for p in batch["pixels"]]
-    tokens = _tokenizer(model_name)(list(batch["caption"]))
+    tokens = get_tokenizer(model_name)(list(batch["caption"]))
     return {"image": np.array(images, np.float32).reshape(-1, 3, size, size), "text": tokens.numpy()}
 
 
