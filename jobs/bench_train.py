@@ -1,9 +1,10 @@
 """Training benchmark: the Ray Train stage against a plain single-process PyTorch loop.
 
-python jobs/bench_train.py [--model react-mini --steps 60 --batch 64 --cpus 2]
+python jobs/bench_train.py [--model react-mini --steps 60 --batch 64 --cpus 2 --repeats 2]
 
 Prints, measured side by side in one run on the same cores, model and data (generated shards):
-- Ray Train steady samples/s / plain loop samples/s (goal >= 0.9); the plain loop reads the same
+- Ray Train steady samples/s / plain loop samples/s (goal >= 0.9), the two in turns ``--repeats``
+  times, each turn's ratio and their median; the plain loop reads the same
   shards, decodes and augments in-process and runs the same optimizer step (``Stepper``);
 - the model-step ceiling on pre-decoded tensors;
 - gated-image vs locked-text step time and trainable-parameter fraction.
@@ -88,6 +89,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="plain loop / Ray Train turns")
     parser.add_argument("--gpu", action="store_true", help="only the per-GPU AMP figure (needs CUDA)")
     args = parser.parse_args()
     torch.set_num_threads(args.cpus)
@@ -113,24 +115,33 @@ def main() -> None:
         rows.append((mode, share, plain_loop(config), ceiling(config, 20)))
     import ray
 
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-    ray_rates = {}
-    for in_worker in (False, True):
-        config = TrainConfig(output=f"{root}/ray-gated-image-{int(in_worker)}", mode="gated-image",
-                             augment_in_worker=in_worker, **common)
-        run_training(config)
-        history = [r for r in read_history(config.output) if "loss" in r]
-        ray_rates[in_worker] = float(np.mean([r["samples_per_s"] for r in history if r["step"] > args.steps // 5]))
+    # This machine's speed drifts by a fifth from minute to minute, so the plain loop and Ray Train
+    # run in turns and each turn gives its own ratios. Ray is down while the plain loop runs.
+    turns = []
+    for turn in range(args.repeats):
+        plain = plain_loop(TrainConfig(output=f"{root}/plain-{turn}", mode="gated-image", **common))
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        rates = []
+        for in_worker in (False, True):
+            config = TrainConfig(output=f"{root}/ray-{turn}-{int(in_worker)}", mode="gated-image",
+                                 augment_in_worker=in_worker, **common)
+            run_training(config)
+            history = [r for r in read_history(config.output) if "loss" in r]
+            rates.append(float(np.mean([r["samples_per_s"] for r in history if r["step"] > args.steps // 5])))
+        ray.shutdown()
+        turns.append((plain, *rates))
     print(f"\nmodel {args.model}, global batch {args.batch}, {args.steps} steps, {args.cpus} CPUs")
     print(f"{'mode':12} {'trainable':>9} {'plain loop/s':>12} {'ceiling/s':>10}")
     for mode, share, plain, top in rows:
         print(f"{mode:12} {share:9.1%} {plain:12.1f} {top:10.1f}")
-    plain_gated = rows[0][2]
-    for in_worker, rate in ray_rates.items():
-        where = "in the worker (augment_in_worker)" if in_worker else "in Ray Data tasks"
-        print(f"Ray Train gated-image, augmenting {where}: {rate:.1f} samples/s steady; ratio to the plain loop: "
-              f"{rate / plain_gated:.2f} (goal >= 0.9); to the model-step ceiling: {rate / rows[0][3]:.2f}")
     print(f"gated-image / locked-text plain step time: {rows[1][2] / rows[0][2]:.2f}")
+    print(f"{'turn':>4} {'plain loop/s':>12} {'Ray Train/s':>11} {'ratio':>5} {'augment_in_worker/s':>19} {'ratio':>5}")
+    for i, (plain, tasks, worker) in enumerate(turns):
+        print(f"{i + 1:>4} {plain:12.1f} {tasks:11.1f} {tasks / plain:5.2f} {worker:19.1f} {worker / plain:5.2f}")
+    for column, where in ((1, "in Ray Data tasks"), (2, "in the worker (augment_in_worker)")):
+        ratio = float(np.median([t[column] / t[0] for t in turns]))
+        print(f"Ray Train gated-image, augmenting {where}: median ratio to the plain loop {ratio:.2f} (goal >= 0.9); "
+              f"to the model-step ceiling {float(np.median([t[column] for t in turns])) / rows[0][3]:.2f}")
 
 
 if __name__ == "__main__":
