@@ -112,7 +112,7 @@ def model_ceiling(embedder: ClipEmbedder, batches: list, repeats: int = 3) -> fl
     return n / (time.perf_counter() - start)
 
 
-def pipeline(input_dir: str, output: str, args) -> EmbedConfig:
+def pipeline_config(input_dir: str, output: str, args) -> EmbedConfig:
     # The CPUs split between the model actors and the read/decode tasks (all fit, nothing waits).
     decode_cpus = 0.25 * args.cpus
     return EmbedConfig(
@@ -159,7 +159,7 @@ def main() -> None:
         ceilings.append(model_ceiling(embedder, batches))
         del embedder
         start_ray(args.cpus)
-        summary = run_embedding(pipeline(large, os.path.join(work, f"emb-large-{repeat}"), args), progress=False)
+        summary = run_embedding(pipeline_config(large, os.path.join(work, f"emb-large-{repeat}"), args), progress=False)
         ray.shutdown()
         ours = Rate(summary.this_run_rows, summary.this_run_rows / summary.this_run_seconds,
                     summary.this_run_steady_rows_per_s)
@@ -169,7 +169,7 @@ def main() -> None:
     start_ray(args.cpus)
     for name, folder in (("small", small), ("large", large)):
         with PeakMemory() as memory:
-            run_embedding(pipeline(folder, os.path.join(work, f"emb-memory-{name}"), args), progress=False)
+            run_embedding(pipeline_config(folder, os.path.join(work, f"emb-memory-{name}"), args), progress=False)
         peaks[name] = memory.peak
     ray.shutdown()
     shutil.rmtree(work, ignore_errors=True)
