@@ -26,8 +26,9 @@ def is_remote(uri: str) -> bool:
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem holding ``uri`` and the path inside it (no scheme for local files)."""
-    return url_to_fs(uri)
+    """The filesystem holding ``uri`` and the path inside it (no scheme for local files). Object
+    stores without a listing cache: other processes (Ray workers) write where this one looks."""
+    return url_to_fs(uri, **({"use_listings_cache": False} if is_remote(uri) else {}))
 
 
 def join(uri: str, *parts: str) -> str:
@@ -51,7 +52,8 @@ def makedirs(uri: str) -> None:
 
 
 def open_uri(uri: str, mode: str = "rb") -> IO:
-    return fsspec.open(uri, mode).open()
+    fs, path = filesystem(uri)
+    return fs.open(path, mode)
 
 
 def read_bytes(uri: str) -> bytes:

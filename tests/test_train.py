@@ -120,12 +120,17 @@ def _train_workers() -> list:
     return found
 
 
-def _kill_a_worker_after_first_checkpoint(run_dir: str, killed: list) -> None:
+def _checkpoints(output: str) -> int:
+    fs, path = storage.filesystem(output)
+    return sum(p.rsplit("/", 1)[-1].startswith("checkpoint_") for p in fs.ls(path)) if fs.exists(path) else 0
+
+
+def _kill_a_worker_after_first_checkpoint(output: str, killed: list) -> None:
     deadline = time.time() + 300
     while time.time() < deadline and not killed:
         # Two checkpoint folders: the first one's report has surely reached the controller
         # (a folder appears before its report is registered).
-        if os.path.isdir(run_dir) and sum(n.startswith("checkpoint_") for n in os.listdir(run_dir)) >= 2:
+        if _checkpoints(output) >= 2:
             for process in _train_workers():  # the run's worker (and any of an earlier run still exiting)
                 os.kill(process.pid, signal.SIGKILL)
                 killed.append(process.pid)
@@ -135,29 +140,35 @@ def _kill_a_worker_after_first_checkpoint(run_dir: str, killed: list) -> None:
 
 
 @pytest.mark.ray
-def test_killed_worker_resumes_from_checkpoint_and_a_rerun_continues(ray_local, train_corpus):
-    config = _ray_config(train_corpus, "killed", steps=30, checkpoint_every=5, data_sharding="stream",
+@pytest.mark.s3
+def test_killed_worker_resumes_from_checkpoint_and_a_rerun_continues(ray_local, train_corpus, s3_bucket):
+    """The run directory is on S3: checkpoints, both resumes and the exported model go through it.
+    The worker is killed at the second checkpoint (step 10) of 60: 50 steps of margin."""
+    output = f"{s3_bucket}/runs/killed"
+    config = _ray_config(train_corpus, "unused", output=output, steps=60, checkpoint_every=5, data_sharding="stream",
                          shuffle_buffer=64, max_failures=2)
     killed: list[int] = []
-    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(config.output, killed))
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(output, killed))
     killer.start()
     summary = run_training(config)
     killer.join()
     assert killed, "no worker was killed: the run ended before its first checkpoint"
-    history = read_history(config.output)
+    history = read_history(output)
     resumed = [r["step"] for r in history if r.get("event") == "resumed"]
     assert summary.resumes == 1 and resumed[0] >= 5 and resumed[0] % 5 == 0
-    assert [r["step"] for r in history if "loss" in r][-1] == 30
+    assert [r["step"] for r in history if "loss" in r][-1] == 60
 
-    longer = run_training(config.model_copy(update={"steps": 36}))  # the same job run again, with more steps
-    history = read_history(config.output)
-    assert [r["step"] for r in history if r.get("event") == "resumed"][-1] == 30
-    assert longer.steps == 36 and longer.resumes == 2
+    longer = run_training(config.model_copy(update={"steps": 66}))  # the same job run again, with more steps
+    history = read_history(output)
+    assert [r["step"] for r in history if r.get("event") == "resumed"][-1] == 60
+    assert longer.steps == 66 and longer.resumes == 2
+    names = {p.rsplit("/", 1)[-1] for p in storage.filesystem(output)[0].ls(storage.filesystem(output)[1])}
+    assert {"model.pt", "metrics.jsonl", "training.png", "train.json"} <= names
 
     # The exported model reloads strictly and evaluates identically, locally and on Ray Data.
     task = train_corpus / "task.yaml"
     task.write_text(yaml.safe_dump({"name": "shapes", "classnames": list(SHAPES), "templates": ["a {}.", "a {} shape."]}))
-    models = {"react": ModelConfig(name="react-micro", checkpoint=str(train_corpus / "killed" / "model.pt")),
+    models = {"react": ModelConfig(name="react-micro", checkpoint=f"{output}/model.pt"),
               "base": ModelConfig(name="react-micro")}
     eval_set = str(train_corpus / "corpus" / "eval")
     local = run_evaluation(EvaluateConfig(eval_set=eval_set, task=str(task), models=models,
@@ -168,21 +179,6 @@ def test_killed_worker_resumes_from_checkpoint_and_a_rerun_continues(ray_local, 
     assert local.results["react"]["n"] == 30
     saved = json.loads(storage.read_bytes(str(train_corpus / "eval-local" / "evaluation.json")))
     assert saved["results"]["react"]["top1"] == local.results["react"]["top1"]
-
-
-@pytest.mark.ray
-@pytest.mark.s3
-def test_checkpoints_and_export_on_s3(ray_local, train_corpus, s3_bucket):
-    output = f"{s3_bucket}/runs/react"
-    config = _ray_config(train_corpus, "unused", output=output, steps=4, checkpoint_every=2)
-    first = run_training(config)
-    assert first.steps == 4 and first.resumes == 0
-    names = [p.rsplit("/", 1)[-1] for p in storage.filesystem(output)[0].ls(storage.filesystem(output)[1])]
-    assert {"model.pt", "metrics.jsonl", "training.png", "train.json"} <= set(names)
-    assert sum(n.startswith("checkpoint_") for n in names) >= 1
-    again = run_training(config.model_copy(update={"steps": 6}))  # resumes from the S3 checkpoint
-    assert again.resumes == 1 and [r["step"] for r in read_history(output) if r.get("event")] == [4]
-    build_model(ModelConfig(name="react-micro", checkpoint=f"{output}/model.pt", gated_layers=None))
 
 
 def test_accuracy_metrics_by_hand():

@@ -231,7 +231,12 @@ def train_worker(config_data: dict) -> None:
             print(f"step {state.step}/{config.steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
                   f"logit scale {metrics['logit_scale']:.1f}  gates {metrics['gate_mean']:.3f}  {rate:.0f} samples/s",
                   flush=True)
-        if checkpoint_now and rank == 0:
+        # Ray Train only hears of checkpoints: V2 holds a worker's report until the controller polls
+        # it (every 2 s), so a report per logged step stalls the loop. The steps' metrics live in
+        # the run's history (checkpointed with it, metrics.jsonl at the end).
+        if not checkpoint_now:
+            continue
+        if rank == 0:
             with tempfile.TemporaryDirectory() as directory:
                 save_checkpoint(directory, model, optimizer, state)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))

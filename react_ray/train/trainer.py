@@ -63,7 +63,7 @@ def _run_config(config: TrainConfig):
 
 
 def make_trainer(config: TrainConfig):
-    from ray.train import DataConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     resources = {"CPU": config.cpus_per_worker} | ({"GPU": 1} if config.use_gpu else {}) | config.worker_resources
@@ -74,8 +74,20 @@ def make_trainer(config: TrainConfig):
                                      resources_per_worker=resources),
         run_config=_run_config(config),
         datasets={"train": training_dataset(config)},
-        dataset_config=DataConfig(datasets_to_split=[] if config.data_sharding == "slice" else "all"),
+        dataset_config=_data_config(config),
     )
+
+
+def _data_config(config: TrainConfig):
+    from ray.train import DataConfig
+
+    if config.data_sharding == "stream":
+        return DataConfig(datasets_to_split="all")
+    # Slice: every worker reads the whole stream, so all must see it in the same order. Train applies its
+    # own execution options to each shard (not the dataset's), so the order is asked for here.
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(datasets_to_split=[], execution_options=options)
 
 
 def read_history(output: str) -> list[dict]:
