@@ -1,10 +1,11 @@
 """Embedding benchmark: the Ray Data pipeline against a bare loop and the model-only ceiling.
 
-python jobs/bench_embed.py [--shards 2 --rows 500 --scale 10 --model react-tiny --cpus 2 --repeats 2]
+python jobs/bench_embed.py [--shards 2 --rows 500 --scale 10 --model react-tiny --cpus 2 --repeats 2 --no-memory]
 
 Prints, measured side by side in one run on the same cores, model and data (the bare loop and the
 pipeline in turns, ``--repeats`` times, each pair's ratio and their median):
-- pipeline images/s / bare single-process loop (read + decode + tokenize + forward) (goal >= 0.9)
+- pipeline images/s / bare single-process loop (read + decode + tokenize + forward) (goal >= 0.9),
+  decoding in CPU tasks (the default, for GPU actors) and in the model actors (``decode_in_actor``)
 - model-forward-only images/s on pre-decoded tensors (the ceiling) / pipeline
 - peak memory (PSS of the driver + every Ray process) as the corpus grows ``scale`` x (goal <= 1.3x)
 """
@@ -112,13 +113,13 @@ def model_ceiling(embedder: ClipEmbedder, batches: list, repeats: int = 3) -> fl
     return n / (time.perf_counter() - start)
 
 
-def pipeline_config(input_dir: str, output: str, args) -> EmbedConfig:
-    # The CPUs split between the model actors and the read/decode tasks (all fit, nothing waits).
-    decode_cpus = 0.25 * args.cpus
+def pipeline_config(input_dir: str, output: str, args, decode_in_actor: bool = False) -> EmbedConfig:
+    # The CPUs split between the model actors and the read (+ decode) tasks: all fit, nothing waits.
+    task_cpus = 0.125 * args.cpus if decode_in_actor else 0.25 * args.cpus
     return EmbedConfig(
         input=input_dir, output=output, model=ModelConfig(name=args.model), batch_size=args.batch_size,
-        read_block_rows=args.batch_size, decode_num_cpus=decode_cpus,
-        pool={"min_actors": args.actors, "max_actors": args.actors, "num_cpus": (args.cpus - decode_cpus) / args.actors},
+        read_block_rows=args.batch_size, decode_num_cpus=task_cpus, decode_in_actor=decode_in_actor,
+        pool={"min_actors": args.actors, "max_actors": args.actors, "num_cpus": (args.cpus - task_cpus) / args.actors},
     )
 
 
@@ -135,9 +136,12 @@ def main() -> None:
     parser.add_argument("--model", default="react-tiny")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--cpus", type=int, default=2)
-    parser.add_argument("--actors", type=int, default=1, help="model actors sharing the CPUs")
-    parser.add_argument("--repeats", type=int, default=2, help="bare loop / pipeline pairs, run alternately")
+    parser.add_argument("--actors", type=int, help="model actors sharing the CPUs (default: one per CPU, each "
+                        "with one thread)")
+    parser.add_argument("--repeats", type=int, default=2, help="turns of bare loop and pipelines, run alternately")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory runs")
     args = parser.parse_args()
+    args.actors = args.actors or args.cpus
     work = tempfile.mkdtemp(prefix="bench-embed-")
     small, large = os.path.join(work, "small"), os.path.join(work, "large")
     generate_corpus(GenerateConfig(output=os.path.join(work, "corpus"), corpus=CorpusConfig(
@@ -153,43 +157,50 @@ def main() -> None:
 
     # This machine's speed drifts by a fifth from minute to minute, so the two run in turns and
     # each pair gives its own ratio. Ray is down while the bare loop runs.
-    pairs, ceilings = [], []
-    for repeat in range(args.repeats):
+    turns, ceilings = [], []
+    for turn in range(args.repeats):
         bare, embedder, batches = bare_loop(large, args.model, args.batch_size, args.cpus)
         ceilings.append(model_ceiling(embedder, batches))
         del embedder
         start_ray(args.cpus)
-        summary = run_embedding(pipeline_config(large, os.path.join(work, f"emb-large-{repeat}"), args), progress=False)
+        runs = []
+        for in_actor in (False, True):
+            output = os.path.join(work, f"emb-large-{turn}-{int(in_actor)}")
+            summary = run_embedding(pipeline_config(large, output, args, in_actor), progress=False)
+            runs.append((Rate(summary.this_run_rows, summary.this_run_rows / summary.this_run_seconds,
+                              summary.this_run_steady_rows_per_s), summary.this_run_startup_seconds))
         ray.shutdown()
-        ours = Rate(summary.this_run_rows, summary.this_run_rows / summary.this_run_seconds,
-                    summary.this_run_steady_rows_per_s)
-        pairs.append((bare, ours, summary.this_run_startup_seconds))
+        turns.append((bare, *runs))
     # Memory in runs of its own: reading every process's PSS takes CPU from the pipeline.
     peaks = {}
-    start_ray(args.cpus)
-    for name, folder in (("small", small), ("large", large)):
-        with PeakMemory() as memory:
-            run_embedding(pipeline_config(folder, os.path.join(work, f"emb-memory-{name}"), args), progress=False)
-        peaks[name] = memory.peak
-    ray.shutdown()
+    if not args.no_memory:
+        start_ray(args.cpus)
+        for name, folder in (("small", small), ("large", large)):
+            with PeakMemory() as memory:
+                run_embedding(pipeline_config(folder, os.path.join(work, f"emb-memory-{name}"), args), progress=False)
+            peaks[name] = memory.peak
+        ray.shutdown()
     shutil.rmtree(work, ignore_errors=True)
 
     print(f"\nembedding benchmark: {args.model}, batch {args.batch_size}, {args.cpus} CPUs, {args.actors} actors, "
-          f"fp32, {pairs[0][0].pairs} pairs per run")
-    print(f"{'run':>4} {'bare wall/s':>11} {'bare steady/s':>13} {'pipeline wall/s':>15} {'pipeline steady/s':>17} "
-          f"{'start-up s':>10} {'ratio wall':>10} {'ratio steady':>12} {'ceiling/s':>9}")
-    for i, ((bare, ours, startup), ceiling) in enumerate(zip(pairs, ceilings)):
-        print(f"{i + 1:>4} {bare.wall:11.1f} {bare.steady:13.1f} {ours.wall:15.1f} {ours.steady:17.1f} {startup:10.1f} "
-              f"{ours.wall / bare.wall:10.2f} {ours.steady / bare.steady:12.2f} {ceiling:9.1f}")
-    wall = float(np.median([ours.wall / bare.wall for bare, ours, _ in pairs]))
-    steady = float(np.median([ours.steady / bare.steady for bare, ours, _ in pairs]))
-    top = float(np.median([c / ours.steady for c, (_, ours, _) in zip(ceilings, pairs)]))
-    print(f"  median ratio pipeline / bare loop: {wall:.2f} wall (start-up included), {steady:.2f} steady state "
-          f"(goal >= 0.9)")
-    print(f"  median ratio model-forward ceiling (pre-decoded, pre-tokenized) / pipeline steady: {top:.2f}")
-    print(f"  peak memory (PSS, driver + Ray): {peaks['small'] / 2**20:.0f} MiB for {args.shards * args.rows} pairs, "
-          f"{peaks['large'] / 2**20:.0f} MiB for {args.scale}x that: growth {peaks['large'] / peaks['small']:.2f}x "
-          f"(goal <= 1.3)")
+          f"fp32, {turns[0][0].pairs} pairs per run; pairs/s wall (start-up included) / steady (after the first batch)")
+    print(f"{'turn':>4} {'bare loop':>13} {'pipeline':>13} {'start-up s':>10} {'ratio':>11} "
+          f"{'decode_in_actor':>15} {'start-up s':>10} {'ratio':>11} {'ceiling':>7}")
+    for i, ((bare, (tasks, tasks_startup), (actor, actor_startup)), ceiling) in enumerate(zip(turns, ceilings)):
+        print(f"{i + 1:>4} {bare.wall:6.1f}/{bare.steady:6.1f} {tasks.wall:6.1f}/{tasks.steady:6.1f} "
+              f"{tasks_startup:10.1f} {tasks.wall / bare.wall:5.2f}/{tasks.steady / bare.steady:5.2f} "
+              f"{actor.wall:7.1f}/{actor.steady:7.1f} {actor_startup:10.1f} "
+              f"{actor.wall / bare.wall:5.2f}/{actor.steady / bare.steady:5.2f} {ceiling:7.1f}")
+    for column, where in ((1, "in CPU tasks"), (2, "in the model actor (decode_in_actor)")):
+        wall = float(np.median([t[column][0].wall / t[0].wall for t in turns]))
+        steady = float(np.median([t[column][0].steady / t[0].steady for t in turns]))
+        top = float(np.median([c / t[column][0].steady for c, t in zip(ceilings, turns)]))
+        print(f"  decoding {where}: median ratio pipeline / bare loop {wall:.2f} wall, {steady:.2f} steady "
+              f"(goal >= 0.9); model-forward ceiling / pipeline steady {top:.2f}")
+    if peaks:
+        print(f"  peak memory (PSS, driver + Ray): {peaks['small'] / 2**20:.0f} MiB for {args.shards * args.rows} pairs, "
+              f"{peaks['large'] / 2**20:.0f} MiB for {args.scale}x that: growth {peaks['large'] / peaks['small']:.2f}x "
+              f"(goal <= 1.3)")
 
 
 if __name__ == "__main__":

@@ -120,6 +120,10 @@ class EmbedConfig(StrictModel):
     decode_resources: dict[str, float] = Field(
         default_factory=dict, description="custom Ray resources per read / decode task, e.g. {cpu_node: 1} to keep "
                                           "decoding on the CPU node group (cluster/)")
+    decode_in_actor: bool = Field(
+        default=False, description="decode + tokenize in the model actors, not in CPU tasks: for CPU-only pools, "
+        "whose own cores would decode anyway (no pixels between processes, no decode process preempting the "
+        "model's threads); GPU actors leave it to CPU tasks")
     read_block_rows: int = Field(default=256, ge=1, description="records per block out of a read + decode task "
                                                                 "(decoded: rows x S x S x 3 bytes)")
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="larger images are skipped (bombs)")

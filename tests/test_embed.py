@@ -149,7 +149,8 @@ def test_readers_keep_the_sources_laion_columns(corpus, fmt):
 
 
 @pytest.mark.ray
-def test_pipeline_counts_every_fault_and_embeds_the_rest(ray_local, tmp_path, corpus):
+@pytest.mark.parametrize("decode_in_actor", [False, True], ids=["decode-tasks", "decode-in-actor"])
+def test_pipeline_counts_every_fault_and_embeds_the_rest(ray_local, tmp_path, corpus, decode_in_actor):
     inputs = tmp_path / "wds"
     inputs.mkdir()
     (inputs / "00000.tar").write_bytes(storage.read_bytes(f"{corpus}/webdataset/00000.tar"))
@@ -158,7 +159,8 @@ def test_pipeline_counts_every_fault_and_embeds_the_rest(ray_local, tmp_path, co
     (inputs / "00002.tar").write_bytes(whole[: len(whole) // 3])  # truncated mid-file
     (inputs / "00003.tar").write_bytes(b"garbage, not a tar at all" * 40)
     out = str(tmp_path / "emb")
-    summary = run_embedding(_config(str(inputs), out, pool={"min_actors": 1, "max_actors": 2}), progress=False)
+    summary = run_embedding(_config(str(inputs), out, pool={"min_actors": 1, "max_actors": 2},
+                                    decode_in_actor=decode_in_actor), progress=False)
 
     faulty = json.loads(storage.read_bytes(f"{out}/part-000001.stats.json"))
     expected = Counter(reason for _, _, reason in FAULTY_SHARD.values() if reason)

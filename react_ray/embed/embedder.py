@@ -19,6 +19,7 @@ import torch
 
 from react_ray import storage
 from react_ray.config import ModelConfig
+from react_ray.embed.decode import decode_and_tokenize
 from react_ray.embed.outputs import batch_parts_dir, embedding_table, write_parquet
 from react_ray.models import build_model
 
@@ -27,13 +28,14 @@ REPORT_COLUMNS = ("shard", "records", "embedded", "end_count", "shard_error", "p
 
 
 class ClipEmbedder:
-    def __init__(self, model: dict, precision: str, device: str, output: str, run_id: str, threads: int | None = None):
+    def __init__(self, model: dict, precision: str, device: str, output: str, run_id: str, threads: int | None = None,
+                 prepare: dict | None = None):
         # CPU intra-op threads (Ray pins them to int(num_cpus); an actor with 1.5 CPUs should use 2).
         # libgomp keeps a thread team per calling thread and, once a process has more team threads
         # than CPUs, stops spinning at barriers, so every op waits for wake-ups (15% slower,
         # measured). Ray Data calls this object from another thread than the one building it: build
         # with one thread, and start the team on the thread that runs the model (``embed``).
-        self.threads = threads
+        self.threads, self.prepare = threads, prepare  # prepare: decode_and_tokenize's arguments, to run it here
         if threads:
             torch.set_num_threads(1)
         self.clip = build_model(ModelConfig.model_validate(model), device=device)
@@ -62,6 +64,8 @@ class ClipEmbedder:
 
     def __call__(self, batch: dict) -> dict:
         start = time.perf_counter()
+        if self.prepare:
+            batch = decode_and_tokenize(batch, **self.prepare)
         kinds, errors = batch["kind"], batch["error"]
         good = np.array([k == "record" and not e for k, e in zip(kinds, errors)], bool)
         img_emb = txt_emb = None

@@ -1,7 +1,8 @@
 """Wiring the embedding stage on Ray Data: read shards -> decode + tokenize on CPU -> embed on an actor pool.
 
 ```
-shards (one task each) --read--> records --decode, tokenize (CPU tasks)--> uint8 pixels + tokens
+shards (one task each) --read--> records --decode, tokenize (CPU tasks; or in the actors:
+    decode_in_actor)--> uint8 pixels + tokens
     --ClipEmbedder (ActorPoolStrategy(min, max), num_gpus from config)--> part files + report rows
 driver: tally report rows per shard -> commit complete shards (Ray task: merge, marker)
 ```
@@ -14,17 +15,16 @@ import math
 import time
 import uuid
 
-import numpy as np
 import ray
 from tqdm.auto import tqdm
 
 from react_ray import storage
 from react_ray.config import EmbedConfig
 from react_ray.embed import outputs
-from react_ray.embed.decode import decode_batch
+from react_ray.embed.decode import decode_and_tokenize
 from react_ray.embed.embedder import ClipEmbedder, ShardTally
 from react_ray.embed.readers import InputShard, list_input_shards, read_blocks, shard_items
-from react_ray.models.factory import get_tokenizer, register_tiny_models
+from react_ray.models.factory import register_tiny_models
 from react_ray.ray_utils import connect
 
 
@@ -61,16 +61,6 @@ def _commit(output: str, name: str, parts: list[str], stats: outputs.ShardStats)
     return outputs.commit_shard(output, name, parts, stats)
 
 
-def decode_and_tokenize(batch: dict, image_size: int, max_pixels: int, model_name: str) -> dict:
-    """decode_batch plus caption tokens, so the model actor (on a GPU, its one Python thread feeds
-    the device) only runs the model; each row is tagged with the node that prepared it (the shard
-    stats list the nodes)."""
-    out = decode_batch(batch, image_size, max_pixels)
-    tokens = get_tokenizer(model_name)([str(c) for c in out["caption"]]).numpy()
-    return out | {"tokens": tokens,
-                  "decode_node": np.full(len(out["kind"]), ray.get_runtime_context().get_node_id(), object)}
-
-
 def build_dataset(config: EmbedConfig, shards: list[InputShard], run_id: str, image_size: int) -> ray.data.Dataset:
     items = shard_items(shards)
     device = config.pool.device or ("cuda" if config.pool.num_gpus > 0 else "cpu")
@@ -79,18 +69,19 @@ def build_dataset(config: EmbedConfig, shards: list[InputShard], run_id: str, im
     cpu_task = {"num_cpus": config.decode_num_cpus, "scheduling_strategy": "SPREAD"}
     if config.decode_resources:
         cpu_task["resources"] = config.decode_resources
+    read = {"source": config.source_id, "block_rows": config.read_block_rows, "caption_required": config.caption_required}
+    prepare = {"image_size": image_size, "max_pixels": config.max_image_pixels, "model_name": config.model.name}
+    if not config.decode_in_actor:
+        read |= {"then": decode_and_tokenize, **prepare}
     return (
         ray.data.from_items(items, override_num_blocks=len(items))
-        .map_batches(read_blocks, batch_size=1, fn_kwargs={
-            "source": config.source_id, "block_rows": config.read_block_rows,
-            "caption_required": config.caption_required, "then": decode_and_tokenize,
-            "image_size": image_size, "max_pixels": config.max_image_pixels, "model_name": config.model.name},
-            **cpu_task)
+        .map_batches(read_blocks, batch_size=1, fn_kwargs=read, **cpu_task)
         .map_batches(
             ClipEmbedder,
             fn_constructor_kwargs={"model": config.model.model_dump(), "precision": config.precision,
                                    "device": device, "output": config.output, "run_id": run_id,
-                                   "threads": None if config.pool.num_gpus else math.ceil(config.pool.num_cpus)},
+                                   "threads": None if config.pool.num_gpus else math.ceil(config.pool.num_cpus),
+                                   "prepare": prepare if config.decode_in_actor else None},
             compute=ray.data.ActorPoolStrategy(min_size=config.pool.min_actors, max_size=config.pool.max_actors),
             num_gpus=config.pool.num_gpus, num_cpus=config.pool.num_cpus, batch_size=config.batch_size,
             scheduling_strategy="DEFAULT", **({"resources": config.pool.resources} if config.pool.resources else {}),
