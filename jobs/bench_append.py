@@ -23,6 +23,7 @@ from react_ray.data.synthetic_embeddings import write_clustered_embedding_set
 from react_ray.embed.outputs import load_embeddings
 from react_ray.index.build import append_to_index, build_index
 from react_ray.index.sharded import ShardedIndex
+from react_ray.ray_utils import start_local
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
     markers = {name: (emb / name).read_bytes() for name in later}
     for name in later:  # the second half "arrives later"
         (emb / name).unlink()
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    start_local(args.cpus)
 
     def config(output: str) -> IndexConfig:
         return IndexConfig(embeddings=str(emb), output=str(root / output), factory=args.factory, num_shards=2,

@@ -26,6 +26,7 @@ from react_ray import ids
 from react_ray.config import CorpusConfig, MaterializeConfig
 from react_ray.data.synthetic import shard_samples
 from react_ray.embed.outputs import write_parquet
+from react_ray.ray_utils import start_local
 from react_ray.retrieve.materialize import run_materialize
 
 
@@ -66,7 +67,7 @@ def main() -> None:
         urllib.request.urlopen(url, timeout=10).read()
     sequential = len(sample) / (time.perf_counter() - start)
 
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    start_local(args.cpus)
     summary = run_materialize(MaterializeConfig(
         retrieved=work, output=os.path.join(work, "out"), source="download", resize_mode="keep_ratio",
         image_size=224, resize_only_if_bigger=False, samples_per_shard=max(1, args.images // (2 * args.cpus)),

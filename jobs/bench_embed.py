@@ -29,6 +29,7 @@ from react_ray.embed.decode import decode_image
 from react_ray.embed.embedder import ClipEmbedder
 from react_ray.embed.pipeline import run_embedding
 from react_ray.embed.readers import list_input_shards, read_shard
+from react_ray.ray_utils import start_local
 
 
 class PeakMemory:
@@ -124,7 +125,7 @@ def pipeline_config(input_dir: str, output: str, args, decode_in_actor: bool = F
 
 
 def start_ray(cpus: int) -> None:
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    start_local(cpus)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 

@@ -18,6 +18,7 @@ import ray
 from react_ray.config import CorpusConfig, EmbedConfig, GenerateConfig, ModelConfig
 from react_ray.data.synthetic import generate_corpus
 from react_ray.embed.pipeline import run_embedding
+from react_ray.ray_utils import start_local
 
 PUBLISHED = {"ViT-B-32": 2500, "ViT-L-14": 312}  # clip-retrieval, images/s per A100
 
@@ -35,7 +36,7 @@ def main() -> None:
     generate_corpus(GenerateConfig(output=corpus, corpus=CorpusConfig(
         num_shards=args.shards, samples_per_shard=args.rows, image_size=256, eval_samples_per_class=1,
         formats=["webdataset"])))
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    start_local()
     cpus = int(ray.cluster_resources().get("CPU", 1))
     for model in args.models:
         config = EmbedConfig(

@@ -30,6 +30,7 @@ from react_ray.embed.outputs import column_matrix, read_parquet
 from react_ray.index.build import build_index, embedding_set
 from react_ray.index.sharded import ShardedIndex, set_search_params
 from react_ray.index.tune import exact_ground_truth, knob_for, recall_at_k
+from react_ray.ray_utils import start_local
 
 AUTOFAISS_SCRIPT = """
 import json, sys, time
@@ -92,7 +93,7 @@ def main() -> None:
 
     results = {}
     for workers in args.workers:
-        ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        start_local(workers)
         out = os.path.join(work, f"ours-{workers}")
         start = time.perf_counter()
         manifest = build_index(IndexConfig(embeddings=emb, output=out, memory_budget_gb=args.budget_mb / 1024,

@@ -67,20 +67,20 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--cpus", type=int, default=2)
     args = parser.parse_args()
-    import ray
     from PIL import Image
     from ray import serve
 
     from react_ray.config import IndexConfig, ModelConfig, RetrievalAppConfig, ServeConfig, ZeroShotAppConfig
     from react_ray.data.synthetic_embeddings import write_clustered_embedding_set
     from react_ray.index.build import build_index
+    from react_ray.ray_utils import start_local
     from serve_apps.run import start_apps
 
     root = tempfile.mkdtemp(prefix="bench-serve-")
     files = max(1, args.vectors // 100_000)
     write_clustered_embedding_set(f"{root}/emb", num_files=files, rows_per_file=args.vectors // files, dim=32,
                                   model="react-micro")
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    start_local(args.cpus)
     build_index(IndexConfig(embeddings=f"{root}/emb", output=f"{root}/index", num_shards=2, memory_budget_gb=2,
                             tune_queries=200, task_num_cpus=1))
     words = ["red", "blue", "green", "star", "circle", "square", "heart", "ring", "cross", "moon"]

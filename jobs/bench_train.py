@@ -24,6 +24,7 @@ from react_ray.config import CorpusConfig, GenerateConfig, ModelConfig, TrainCon
 from react_ray.data.synthetic import generate_corpus
 from react_ray.embed.readers import list_input_shards, read_shard
 from react_ray.models import get_tokenizer
+from react_ray.ray_utils import start_local
 from react_ray.train.data import _transform, decode_for_training, model_image_size
 from react_ray.train.loop import Stepper, build_for_training, make_optimizer
 from react_ray.train.trainer import read_history, run_training
@@ -120,7 +121,7 @@ def main() -> None:
     turns = []
     for turn in range(args.repeats):
         plain = plain_loop(TrainConfig(output=f"{root}/plain-{turn}", mode="gated-image", **common))
-        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        start_local(args.cpus)
         rates = []
         for in_worker in (False, True):
             config = TrainConfig(output=f"{root}/ray-{turn}-{int(in_worker)}", mode="gated-image",

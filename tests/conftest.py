@@ -53,7 +53,9 @@ def ray_local(s3_server):
     """
     import ray
 
+    from react_ray.ray_utils import start_local
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local(2)
     yield ray
     ray.shutdown()

@@ -109,6 +109,13 @@ def test_versions_are_pinned_to_pyprojects_ray():
     assert base == f"rayproject/ray:{RAY_PIN}.0-py311-gpu"
 
 
+def test_the_image_sets_the_raylet_settings_of_local_rays():
+    from react_ray.ray_utils import RAYLET_ENV
+
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert dict(re.findall(r"^ENV (RAY_\w+)=(\S+)$", dockerfile, re.MULTILINE)) == RAYLET_ENV
+
+
 def test_autoscaling_gpu_group_and_cpu_decode_group():
     cluster = yaml.safe_load((CLUSTER / "raycluster.yaml").read_text())["spec"]
     assert cluster["enableInTreeAutoscaling"] is True

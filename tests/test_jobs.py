@@ -19,6 +19,7 @@ import pytest
 from react_ray import ids
 from react_ray.embed.outputs import load_embeddings
 from react_ray.index.sharded import ShardedIndex
+from react_ray.ray_utils import RAYLET_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -49,7 +50,8 @@ def ray_head():
     """A head of our own; yields (dashboard address, environment for the CLI)."""
     temp_dir = tempfile.mkdtemp(prefix="rr-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     dashboard = _free_port()
-    env = os.environ | {"RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    # The head runs as in our image (cluster/Dockerfile sets RAYLET_ENV).
+    env = RAYLET_ENV | os.environ | {"RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}", "--node-ip-address=127.0.0.1",
