@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 
 import pytest
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ports import free_port
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +14,7 @@ def s3_server():
     """Start moto's S3 server on a free loopback port; point every AWS client at it via env."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

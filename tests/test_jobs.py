@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 from react_ray import ids
 from react_ray.embed.outputs import load_embeddings
@@ -23,12 +23,6 @@ from react_ray.ray_utils import RAYLET_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _processes_of(temp_dir: str) -> list:
@@ -49,13 +43,13 @@ def _processes_of(temp_dir: str) -> list:
 def ray_head():
     """A head of our own; yields (dashboard address, environment for the CLI)."""
     temp_dir = tempfile.mkdtemp(prefix="rr-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    dashboard = _free_port()
+    dashboard = free_port()
     # The head runs as in our image (cluster/Dockerfile sets RAYLET_ENV).
     env = RAYLET_ENV | os.environ | {"RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={_free_port()}",
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
          "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     address = f"http://127.0.0.1:{dashboard}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import shutil
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +14,7 @@ import pytest
 import requests
 import torch
 from PIL import Image
+from ports import free_port
 
 from react_ray.config import (
     CorpusConfig,
@@ -36,12 +36,6 @@ from react_ray.models import build_model, export_react_checkpoint
 
 pytestmark = pytest.mark.ray
 MODEL = ModelConfig(name="react-micro")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _jpeg(color=(200, 40, 40), size=(48, 48)) -> bytes:
@@ -81,7 +75,7 @@ def served(ray_local, tmp_path_factory, s3_server):
         custom.model.visual.proj.mul_(-1)
     boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="models")
     export_react_checkpoint(custom.model, "s3://models/react.pt")
-    port = _free_port()
+    port = free_port()
     config = ServeConfig(port=port, retrieval=RetrievalAppConfig(
         indices={"demo": {"image": str(root / "index-image"), "text": str(root / "index-text")},
                  "living": {"image": str(root / "index-living")}}, model=MODEL, shard_groups=2, max_k=50,
