@@ -1,4 +1,4 @@
-"""Safe image decoding on CPU workers: bytes -> square uint8 RGB, or a reason why not; captions -> tokens.
+"""Safe image decoding on CPU workers: bytes -> square uint8 RGB, or a reason why not.
 
 Resizing follows open_clip's eval transform exactly (shortest side to S, bicubic, centre
 crop), so embeddings match ``model.preprocess``. Pixels travel as uint8 (4x smaller than
@@ -11,10 +11,7 @@ import io
 import warnings
 
 import numpy as np
-import ray
 from PIL import Image
-
-from react_ray.models.factory import get_tokenizer
 
 Image.MAX_IMAGE_PIXELS = None  # we apply our own limit before decoding, with a counted reason
 
@@ -74,13 +71,3 @@ def decode_batch(batch: dict, image_size: int, max_pixels: int) -> dict:
             pixels[i] = array
     out = {k: v for k, v in batch.items() if k != "image"}
     return out | {"pixels": pixels, "error": np.array(errors, object), "message": np.array(messages, object)}
-
-
-def decode_and_tokenize(batch: dict, image_size: int, max_pixels: int, model_name: str) -> dict:
-    """decode_batch plus caption tokens, so the model actor (on a GPU, its one Python thread feeds
-    the device) only runs the model; each row is tagged with the node that prepared it (the shard
-    stats list the nodes)."""
-    out = decode_batch(batch, image_size, max_pixels)
-    tokens = get_tokenizer(model_name)([str(c) for c in out["caption"]]).numpy()
-    return out | {"tokens": tokens,
-                  "decode_node": np.full(len(out["kind"]), ray.get_runtime_context().get_node_id(), object)}

@@ -3,7 +3,9 @@
 ``ClipEmbedder`` is a callable class (model loaded once in ``__init__``), so Ray Data runs it
 on an actor pool; called directly it is plain PyTorch. It writes each batch's embeddings
 as a part file next to the output and returns only small report rows, so embeddings never
-travel through the driver.
+travel through the driver. ``decode_and_tokenize`` prepares its batches (in CPU tasks, or in
+the actor: ``decode_in_actor``); it lives here because tokenizing imports open_clip and torch,
+which ``decode`` (also run by download tasks and Serve replicas) does not need.
 """
 
 from __future__ import annotations
@@ -19,12 +21,22 @@ import torch
 
 from react_ray import storage
 from react_ray.config import ModelConfig
-from react_ray.embed.decode import decode_and_tokenize
+from react_ray.embed.decode import decode_batch
 from react_ray.embed.outputs import batch_parts_dir, embedding_table, write_parquet
-from react_ray.models import build_model
+from react_ray.models import build_model, get_tokenizer
 
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 REPORT_COLUMNS = ("shard", "records", "embedded", "end_count", "shard_error", "part", "skipped", "seconds", "nodes")
+
+
+def decode_and_tokenize(batch: dict, image_size: int, max_pixels: int, model_name: str) -> dict:
+    """decode_batch plus caption tokens, so the model actor (on a GPU, its one Python thread feeds
+    the device) only runs the model; each row is tagged with the node that prepared it (the shard
+    stats list the nodes)."""
+    out = decode_batch(batch, image_size, max_pixels)
+    tokens = get_tokenizer(model_name)([str(c) for c in out["caption"]]).numpy()
+    return out | {"tokens": tokens,
+                  "decode_node": np.full(len(out["kind"]), ray.get_runtime_context().get_node_id(), object)}
 
 
 class ClipEmbedder:

@@ -21,8 +21,7 @@ from tqdm.auto import tqdm
 from react_ray import storage
 from react_ray.config import EmbedConfig
 from react_ray.embed import outputs
-from react_ray.embed.decode import decode_and_tokenize
-from react_ray.embed.embedder import ClipEmbedder, ShardTally
+from react_ray.embed.embedder import ClipEmbedder, ShardTally, decode_and_tokenize
 from react_ray.embed.readers import InputShard, list_input_shards, read_blocks, shard_items
 from react_ray.models.factory import register_tiny_models
 from react_ray.ray_utils import connect
