@@ -7,10 +7,11 @@ the field, the bad value and what is allowed.
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+import os
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -18,7 +19,31 @@ class ConfigError(ValueError):
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+
+
+def absolute_uri(uri: str) -> str:
+    """A local path (relative, ``~``, ``file://``) as an absolute plain path; other URIs (``s3://``) as given.
+
+    Paths are resolved once, where a config is built, against the current directory: Ray Train,
+    Ray Data workers and Serve replicas run elsewhere, and Ray Train refuses relative storage paths.
+    """
+    if "://" in uri and not uri.startswith("file://"):
+        return uri
+    return os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
+
+
+def is_weights_path(pretrained: str) -> bool:
+    """``pretrained`` names a weights file (else it is an OpenCLIP tag such as ``laion2b_s34b_b79k``)."""
+    return "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+def _weights_or_tag(pretrained: str) -> str:
+    return absolute_uri(pretrained) if is_weights_path(pretrained) else pretrained
+
+
+# Every field that names a file or directory: local paths become absolute when the config is built.
+Uri = Annotated[str, AfterValidator(absolute_uri)]
 
 
 Precision = Literal["fp32", "fp16", "bf16"]
@@ -31,8 +56,8 @@ class ModelConfig(StrictModel):
     weights file; ``checkpoint`` is a REACT-format state_dict (local, ``file://`` or ``s3://``)."""
 
     name: str = "react-tiny"
-    pretrained: str | None = None
-    checkpoint: str | None = None
+    pretrained: Annotated[str, AfterValidator(_weights_or_tag)] | None = None
+    checkpoint: Uri | None = None
     gated_layers: int | None = Field(
         default=None, ge=0, description="gated blocks before the last K ViT blocks; None = REACT's K"
     )
@@ -45,6 +70,9 @@ class CorpusConfig(StrictModel):
     samples_per_shard: int = Field(default=500, ge=1, le=10_000)  # img2dataset keys: 4 row digits
     image_size: int = Field(default=64, ge=16, le=1024)
     seed: int = 0
+    backgrounds: list[Literal["plain", "striped", "dotted", "checkered", "noisy", "gradient"]] = Field(
+        default_factory=lambda: ["plain", "striped", "dotted", "checkered", "noisy", "gradient"], min_length=1,
+        description="the backgrounds images are drawn on (the eval set always uses all of them)")
     formats: list[Literal["webdataset", "parquet", "laion-metadata"]] = Field(
         default_factory=lambda: ["webdataset", "parquet", "laion-metadata"], min_length=1
     )
@@ -58,7 +86,7 @@ class CorpusConfig(StrictModel):
 
 
 class GenerateConfig(StrictModel):
-    output: str = "runs/demo/corpus"
+    output: Uri = "runs/demo/corpus"
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
 
 
@@ -70,12 +98,21 @@ class DemoTrainingConfig(StrictModel):
 
 
 class DemoConfig(StrictModel):
-    """The end-to-end demo: pre-train a small base CLIP, then REACT it for the shapes task."""
+    """The end-to-end demo: pre-train a small base CLIP on one corpus, then REACT it for the shapes task
+    with pairs retrieved from another, larger one (REACT: CLIP pre-trained on WIT-400M, retrieval from
+    LAION-400M, which the base never saw)."""
 
-    output: str = "runs/demo"
+    output: Uri = "runs/demo"
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(name="react-mini"))
+    base_corpus: CorpusConfig = Field(
+        default_factory=lambda: CorpusConfig(num_shards=20, seed=1, backgrounds=["plain", "gradient"],
+                                             eval_samples_per_class=1, formats=["webdataset"]),
+        description="the base CLIP's pre-training pairs: clean icon-like images on plain or gradient backgrounds; "
+                    "the task's images (and much of the retrieval corpus) are cluttered")
     corpus: CorpusConfig = Field(default_factory=lambda: CorpusConfig(num_shards=20, eval_samples_per_class=100,
-                                                                      planted_eval_copies=50))
+                                                                      planted_eval_copies=50),
+                                 description="the retrieval corpus (LAION's role) and the held-out eval set")
+    seed: int = Field(default=0, ge=0, description="training seed: the same config gives the same numbers")
     pretrain: DemoTrainingConfig = Field(default_factory=lambda: DemoTrainingConfig(steps=450, lr=2e-3))
     tune: DemoTrainingConfig = Field(default_factory=lambda: DemoTrainingConfig(steps=300, lr=5e-3))
     tuning_mode: TuningMode = "gated-image"
@@ -83,6 +120,13 @@ class DemoConfig(StrictModel):
         default=0.995, gt=0, le=1, description="remove retrieved pairs this close to an eval image (None: keep all); "
                                               "the demo's tiny CLIP needs more than the 0.95 default (docs)")
     ray_address: str | None = Field(default="local", description="'local' starts a private Ray for the demo")
+
+    @model_validator(mode="after")
+    def _distinct_corpora(self) -> DemoConfig:
+        if self.base_corpus.seed == self.corpus.seed:
+            raise ValueError(f"base_corpus.seed and corpus.seed are both {self.corpus.seed}: the base must not be "
+                             "pre-trained on the pairs retrieval draws from (REACT's base never saw LAION)")
+        return self
 
 
 class ActorPoolConfig(StrictModel):
@@ -109,9 +153,9 @@ InputFormat = Literal["webdataset", "parquet", "image-folder", "laion-embeddings
 class EmbedConfig(StrictModel):
     """Stage 1: every image-text pair -> image + caption embeddings, per input shard."""
 
-    input: str = Field(description="directory of input shards (local or s3://)")
+    input: Uri = Field(description="directory of input shards (local or s3://)")
     input_format: InputFormat = "webdataset"
-    output: str = Field(description="embedding directory (local or s3://)")
+    output: Uri = Field(description="embedding directory (local or s3://)")
     model: ModelConfig = Field(default_factory=ModelConfig)
     precision: Precision = "fp32"
     batch_size: int = Field(default=256, ge=1, description="images per model forward")
@@ -146,8 +190,8 @@ class EmbedConfig(StrictModel):
 class IndexConfig(StrictModel):
     """Stage 2: an embedding set -> a sharded FAISS index with a manifest."""
 
-    embeddings: str = Field(description="embedding set written by `react-ray embed` (local or s3://)")
-    output: str = Field(description="index directory (local or s3://)")
+    embeddings: Uri = Field(description="embedding set written by `react-ray embed` (local or s3://)")
+    output: Uri = Field(description="index directory (local or s3://)")
     keys: Literal["image", "text"] = Field(
         default="image", description="index image embeddings (text-to-image) or caption embeddings (text-to-text)")
     factory: str | None = Field(default=None, description="FAISS index_factory string; empty: planned from N, dim, budget")
@@ -169,13 +213,13 @@ class IndexConfig(StrictModel):
 class DecontaminateConfig(StrictModel):
     """Remove retrieved pairs that are near-copies of evaluation images (react_ray/retrieve/decontaminate.py)."""
 
-    eval_sets: list[str] = Field(min_length=1, description="evaluation sets (webdataset, image folder or parquet with "
+    eval_sets: list[Uri] = Field(min_length=1, description="evaluation sets (webdataset, image folder or parquet with "
                                                            "image bytes, or their embedding sets), local or s3://")
     threshold: float = Field(default=0.95, gt=0, le=1,
                              description="remove a pair whose image has cosine >= this with any eval image")
     captions: bool = Field(default=False, description="also remove pairs whose caption repeats an eval caption")
     min_caption_chars: int = Field(default=12, ge=1, description="shorter eval captions ('image') are not matched")
-    embeddings: str | None = Field(default=None, description="where eval sets are embedded (default OUTPUT/eval-embeddings)")
+    embeddings: Uri | None = Field(default=None, description="where eval sets are embedded (default OUTPUT/eval-embeddings)")
     batch_size: int = Field(default=256, ge=1, description="eval images per model forward")
     pool: ActorPoolConfig = Field(default_factory=ActorPoolConfig)
     precision: Precision = "fp32"
@@ -186,11 +230,11 @@ class DecontaminateConfig(StrictModel):
 class RetrieveConfig(StrictModel):
     """Stage 3: a task spec + index(es) -> the task's retrieved, deduplicated training pairs."""
 
-    task: str = Field(description="task spec YAML (local or s3://), see react_ray/retrieve/task.py")
-    image_index: str | None = Field(default=None, description="index over image embeddings (text-to-image)")
-    text_index: str | None = Field(default=None, description="index over caption embeddings (text-to-text)")
+    task: Uri = Field(description="task spec YAML (local or s3://), see react_ray/retrieve/task.py")
+    image_index: Uri | None = Field(default=None, description="index over image embeddings (text-to-image)")
+    text_index: Uri | None = Field(default=None, description="index over caption embeddings (text-to-text)")
     model: ModelConfig = Field(default_factory=ModelConfig)
-    output: str = Field(description="directory for retrieved.parquet, summary.csv, gallery.html")
+    output: Uri = Field(description="directory for retrieved.parquet, summary.csv, gallery.html")
     gallery_per_class: int = Field(default=8, ge=0)
     decontaminate: DecontaminateConfig | None = Field(default=None, description="remove near-copies of eval images")
     ray_address: str | None = Field(default=None, description="for embedding eval sets; None: RAY_ADDRESS or local")
@@ -199,10 +243,10 @@ class RetrieveConfig(StrictModel):
 class MaterializeConfig(StrictModel):
     """Stage 3b: a retrieved set -> labeled webdataset training shards (corpus bytes or URL downloads)."""
 
-    retrieved: str = Field(description="retrieved.parquet, or the directory holding it")
-    output: str
+    retrieved: Uri = Field(description="retrieved.parquet, or the directory holding it")
+    output: Uri
     source: Literal["corpus", "download"] = "corpus"
-    embeddings: str | None = Field(default=None, description="embedding set (source=corpus finds images via it)")
+    embeddings: Uri | None = Field(default=None, description="embedding set (source=corpus finds images via it)")
     samples_per_shard: int = Field(default=1000, ge=1, le=10_000)
     resize_mode: Literal["no", "keep_ratio", "center_crop"] = "keep_ratio"
     image_size: int = Field(default=384, ge=8)
@@ -250,8 +294,8 @@ class OptimConfig(StrictModel):
 class TrainConfig(StrictModel):
     """Stage 4: REACT customization (or pre-training, mode=full) on Ray Train from webdataset shards."""
 
-    data: str = Field(description="directory of webdataset training shards (materialized set or a corpus)")
-    output: str = Field(description="run directory: checkpoints, model.pt, metrics.jsonl, training.png")
+    data: Uri = Field(description="directory of webdataset training shards (materialized set or a corpus)")
+    output: Uri = Field(description="run directory: checkpoints, model.pt, metrics.jsonl, training.png")
     model: ModelConfig = Field(default_factory=ModelConfig)
     mode: TuningMode = "gated-image"
     steps: int = Field(default=1000, ge=1, description="optimizer steps")
@@ -279,12 +323,18 @@ class TrainConfig(StrictModel):
     shuffle_buffer: int = Field(default=2000, ge=0, description="local shuffle buffer per worker (0: off)")
     decode_num_cpus: float = Field(default=1, gt=0)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
+    seed: int | None = Field(default=None, ge=0, description="fix model init, data order, shuffle and augmentation "
+                                                             "(a one-worker run, or data_sharding=slice, repeats "
+                                                             "exactly); None: fresh randomness")
     ray_address: str | None = None
 
     @model_validator(mode="after")
     def _checks(self) -> TrainConfig:
         if self.batch_size % self.workers:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of workers ({self.workers})")
+        if self.seed is not None and self.augment.enabled and not self.augment_in_worker:
+            raise ValueError("seed: augmentation in Ray Data tasks draws its own randomness; set "
+                             "augment_in_worker=true (or augment.enabled=false) for a reproducible run")
         if self.precision != "fp32" and not self.use_gpu:
             raise ValueError(f"precision: {self.precision!r} (AMP) needs use_gpu=true; on CPU use fp32")
         return self
@@ -293,22 +343,22 @@ class TrainConfig(StrictModel):
 class EvaluateConfig(StrictModel):
     """Zero-shot classification of a labeled set by any number of models, in one table."""
 
-    eval_set: str = Field(description="webdataset dir/tar (KEY.jpg + KEY.cls) or image folder (CLASS/*.jpg), local or s3://")
-    task: str = Field(description="task spec YAML: class names (in label order) and prompt templates")
+    eval_set: Uri = Field(description="webdataset dir/tar (KEY.jpg + KEY.cls) or image folder (CLASS/*.jpg), local or s3://")
+    task: Uri = Field(description="task spec YAML: class names (in label order) and prompt templates")
     models: dict[str, ModelConfig] = Field(min_length=1, description="label -> model, e.g. base, react")
-    output: str
+    output: Uri
     batch_size: int = Field(default=256, ge=1)
     distributed: Literal["local", "ray"] = Field(
         default="local", description="ray: score on a Ray Data actor pool (large sets); local: in this process")
-    training_set: str | None = Field(
+    training_set: Uri | None = Field(
         default=None, description="the retrieved set the tuned models learned from; the report states whether it "
                                   "was decontaminated against this eval set")
     ray_address: str | None = None
 
 
 class IndexPair(StrictModel):
-    image: str | None = Field(default=None, description="index over image embeddings (text-to-image)")
-    text: str | None = Field(default=None, description="index over caption embeddings (text-to-text)")
+    image: Uri | None = Field(default=None, description="index over image embeddings (text-to-image)")
+    text: Uri | None = Field(default=None, description="index over caption embeddings (text-to-text)")
 
 
 class RetrievalAppConfig(StrictModel):
@@ -337,7 +387,7 @@ class RetrievalAppConfig(StrictModel):
 class ZeroShotAppConfig(StrictModel):
     models: dict[str, ModelConfig] = Field(min_length=1, description="model id -> model (base, react-..., ...)")
     default_model: str | None = None
-    tasks: dict[str, str] = Field(default_factory=dict, description="task name -> task spec YAML")
+    tasks: dict[str, Uri] = Field(default_factory=dict, description="task name -> task spec YAML")
     max_cached_classifiers: int = Field(default=64, ge=1)
     max_images: int = Field(default=64, ge=1)
     max_classes: int = Field(default=2000, ge=1)

@@ -1,7 +1,7 @@
 """The end-to-end demo on generated data: every stage, for real, on a private local Ray.
 
-generate a LAION-style corpus -> pre-train a small base CLIP on it (Ray Train, all weights)
--> embed the corpus with that base (Ray Data) -> build sharded image and caption indices ->
+generate two LAION-style corpora -> pre-train a small base CLIP on the first (Ray Train, all
+weights) -> embed the second, larger one, which the base never saw, with that base (Ray Data) -> build sharded image and caption indices ->
 retrieve the shapes task from its class names -> materialize the retrieved pairs as training
 shards -> REACT gated-image tuning of the base on them (Ray Train) -> zero-shot evaluation of
 base vs REACT on the held-out labeled set -> report.html (accuracy table, per-class chart,
@@ -59,8 +59,8 @@ def _train_config(config: DemoConfig, data: str, output: str, mode: str, recipe:
     # Two CPUs: one Ray CPU for the worker (torch uses both), the data tasks share the rest.
     return TrainConfig(
         data=data, output=output, model=model, mode=mode, steps=recipe.steps, batch_size=recipe.batch_size,
-        threads=2, cpus_per_worker=1, decode_num_cpus=0.5, cache_decoded=True, log_every=25,
-        checkpoint_every=max(50, recipe.steps // 3), ray_address=config.ray_address,
+        threads=2, cpus_per_worker=1, decode_num_cpus=0.5, cache_decoded=True, augment_in_worker=True, log_every=25,
+        checkpoint_every=max(50, recipe.steps // 3), seed=config.seed, ray_address=config.ray_address,
         augment={"scale": (0.8, 1.0), "auto_augment": None, "re_prob": 0.0},
         optim={"lr": recipe.lr, "warmup_steps": min(recipe.warmup_steps, recipe.steps // 2)},
     )
@@ -85,20 +85,38 @@ def _accuracy_png(report: EvalReport) -> bytes:
     return png_bytes(figure)
 
 
+MARKER = "demo.json"  # written first: this folder is a demo's, and may be cleared for the next run
+
+
+def start_fresh(config: DemoConfig) -> None:
+    """Every stage resumes what it finds, so a demo over an earlier one would reuse its results:
+    clear an earlier demo's folder (known by its marker); refuse any other non-empty folder."""
+    output = config.output
+    if storage.exists(storage.join(output, MARKER)):
+        print(f"removing the previous demo run at {output}")
+        storage.remove(output, recursive=True)
+    elif storage.exists(output) and storage.filesystem(output)[0].ls(storage.filesystem(output)[1]):
+        raise SystemExit(f"react-ray demo: {output} is not empty and holds no earlier demo ({MARKER}); "
+                         "choose another output=")
+    storage.write_text_atomic(storage.join(output, MARKER), config.model_dump_json(indent=1))
+
+
 def run_demo(config: DemoConfig) -> int:
     start = time.perf_counter()
     out = lambda *parts: storage.join(config.output, *parts)
-    corpus_dir = out("corpus")
-    _say(1, f"generating the corpus -> {corpus_dir}")
+    start_fresh(config)
+    corpus_dir, base_corpus_dir = out("corpus"), out("base-corpus")
+    _say(1, f"generating the base's pre-training corpus -> {base_corpus_dir} and the retrieval corpus -> {corpus_dir}")
+    print("   ", generate_corpus(GenerateConfig(output=base_corpus_dir, corpus=config.base_corpus)))
     print("   ", generate_corpus(GenerateConfig(output=corpus_dir, corpus=config.corpus)))
 
-    _say(2, f"pre-training the base CLIP ({config.model.name}, all weights) on the corpus -> {out('base')}")
-    base_run = run_training(_train_config(config, storage.join(corpus_dir, "webdataset"), out("base"), "full",
+    _say(2, f"pre-training the base CLIP ({config.model.name}, all weights) on its own corpus -> {out('base')}")
+    base_run = run_training(_train_config(config, storage.join(base_corpus_dir, "webdataset"), out("base"), "full",
                                           config.pretrain, config.model))
     print("   ", base_run)
     base = config.model.model_copy(update={"checkpoint": storage.join(out("base"), "model.pt")})
 
-    _say(3, f"embedding the corpus with the base on a local Ray -> {out('embeddings')}")
+    _say(3, f"embedding the retrieval corpus (never seen by the base) on a local Ray -> {out('embeddings')}")
     summary = run_embedding(EmbedConfig(
         input=storage.join(corpus_dir, "webdataset"), output=out("embeddings"), model=base, batch_size=256,
         decode_num_cpus=0.5, pool={"num_cpus": 1.5}, ray_address=config.ray_address))
@@ -138,8 +156,10 @@ def run_demo(config: DemoConfig) -> int:
                                            training_set=out("retrieved")))
     print("   ", str(report).replace("\n", "\n    "))
     base_top1, react_top1 = (100 * report.results[k]["top1"] for k in ("base", "react"))
-    verdict = (f"REACT {config.tuning_mode} {'beats' if react_top1 > base_top1 else 'does NOT beat'} its base "
-               f"by {react_top1 - base_top1:+.2f} points top-1 ({base_top1:.2f}% -> {react_top1:.2f}%, "
+    gain = report.gains["react"]
+    outcome = ("beats" if gain["low"] > 0 else "does NOT beat" if gain["high"] < 0 else "does not clearly beat")
+    verdict = (f"REACT {config.tuning_mode} {outcome} its base: {gain['gain']:+.2f} points top-1, 95% interval "
+               f"[{gain['low']:+.2f}, {gain['high']:+.2f}] ({base_top1:.2f}% -> {react_top1:.2f}%, "
                f"{report.results['base']['n']} held-out images)")
     print("   ", verdict)
 

@@ -3,7 +3,7 @@ raylets on this machine; nodes that declare ``num_gpus`` stand in for GPU nodes,
 the model on CPU). Scale-up is simulated by adding nodes while a job runs, a lost node by removing
 one. Only the processes of the cluster a test starts are ever stopped.
 
-Slow (minutes): ``./run test-slow tests/test_cluster.py``.
+Slow (minutes): ``./run test tests/test_cluster.py``.
 """
 
 from __future__ import annotations

@@ -82,3 +82,49 @@ def test_job_entrypoint_runs_the_same_cli(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "corpus: 8 pairs in parquet" in out.stdout
     assert (tmp_path / "c" / "parquet" / "00000.parquet").exists()
+
+
+RELATIVE_PATHS = {  # stage -> a config naming every path field it has, relatively (or in another form)
+    "generate": {"output": "runs/c"},
+    "embed": {"input": "file://in", "output": "out", "model": {"checkpoint": "m.pt", "pretrained": "w/o.bin"}},
+    "index": {"embeddings": "emb", "output": "s3://bucket/index"},
+    "retrieve": {"task": "t.yaml", "image_index": "ii", "text_index": "ti", "output": "r",
+                 "decontaminate": {"eval_sets": ["ev", "s3://b/ev"], "embeddings": "ee"}},
+    "materialize": {"retrieved": "r", "output": "~/shards", "embeddings": "emb"},
+    "train": {"data": "d", "output": "run", "model": {"pretrained": "laion2b_s34b_b79k", "name": "ViT-B-32"}},
+    "evaluate": {"eval_set": "ev", "task": "t.yaml", "output": "e", "training_set": "r",
+                 "models": {"base": {"checkpoint": "file:///abs/b.pt"}}},
+    "serve": {"retrieval": {"indices": {"demo": {"image": "ii", "text": "ti"}}},
+              "zeroshot": {"models": {"m": {"checkpoint": "m.pt"}}, "tasks": {"shapes": "t.yaml"}}},
+    "demo": {"output": "runs/demo"},
+}
+
+
+@pytest.mark.parametrize("stage", RELATIVE_PATHS)
+def test_every_path_field_is_resolved_against_the_current_directory_where_configs_load(stage, tmp_path, monkeypatch):
+    """Ray Train, Ray Data workers and Serve replicas run in other directories (and Ray Train refuses
+    a relative storage path): local paths become absolute once, when the config is built."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "preset.yaml").write_text(yaml.safe_dump(RELATIVE_PATHS[stage]))
+    config = load_config(STAGES[stage].config_type, "preset.yaml").model_dump()
+
+    def paths(given, built, where=""):
+        if isinstance(given, dict):
+            for key, value in given.items():
+                yield from paths(value, built[key], f"{where}.{key}")
+        elif isinstance(given, list):
+            for i, value in enumerate(given):
+                yield from paths(value, built[i], f"{where}.{i}")
+        else:
+            yield where, given, built
+
+    for where, given, built in paths(RELATIVE_PATHS[stage], config):
+        if given.startswith("s3://") or where.endswith((".name",)) or given == "laion2b_s34b_b79k":
+            assert built == given, where  # URIs and tags as given
+        elif given.startswith("~"):
+            assert built == str(Path.home() / given[2:]), where
+        else:
+            assert built == str(tmp_path / given.removeprefix("file://")) if not given.startswith("file:///") \
+                else built == given.removeprefix("file://"), where

@@ -17,7 +17,7 @@ from react_ray import storage
 from react_ray.config import CorpusConfig, EvaluateConfig, GenerateConfig, ModelConfig, TrainConfig
 from react_ray.data.synthetic import SHAPES, generate_corpus
 from react_ray.evaluate.zeroshot import ZeroShotScorer, accuracy_metrics, run_evaluation
-from react_ray.models import build_model
+from react_ray.models import build_model, gate_values
 from react_ray.train.loop import Stepper, build_for_training, lr_at, make_optimizer
 from react_ray.train.trainer import read_history, run_training
 
@@ -63,16 +63,25 @@ def test_weight_decay_groups_and_schedule(tmp_path):
     assert lr_at(99, config) < 1e-6 and lr_at(50, config) < lr_at(20, config)
 
 
-def test_loss_decreases_and_logit_scale_stays_clamped(tmp_path):
-    config = _config(tmp_path, mode="full", optim={"lr": 3e-3, "warmup_steps": 0}, steps=30)
+@pytest.mark.parametrize("mode, lr, ratio", [("full", 3e-3, 0.5), ("gated-image", 5e-3, 0.6),
+                                             ("locked-text", 3e-3, 0.5)])
+def test_loss_decreases_in_every_mode_and_logit_scale_stays_clamped(tmp_path, mode, lr, ratio):
+    """Each mode learns a fixed batch; in gated-image only the gated blocks (and logit scale) can, and
+    they do so by opening their gates."""
+    config = _config(tmp_path, mode=mode, optim={"lr": lr, "warmup_steps": 0}, steps=30)
     clip, _ = build_for_training(config)
     with torch.no_grad():
         clip.model.logit_scale.fill_(4.7)  # just above ln 100: the clamp must bring it back
     stepper = Stepper(clip.model, make_optimizer(clip.model, config), config, torch.device("cpu"))
     images, texts = _batch()
     losses = [float(stepper(images, texts, step)) for step in range(30)]
-    assert losses[-1] < 0.5 * losses[0]
+    assert losses[-1] < ratio * losses[0], losses
     assert float(clip.model.logit_scale) <= np.log(100) + 1e-6
+    gates = gate_values(clip.model)
+    if mode == "gated-image":
+        assert gates and max(abs(v) for v in gates.values()) > 0.02, gates  # tanh(0) = 0 at the start
+    else:
+        assert not gates
 
 
 @pytest.fixture(scope="module")

@@ -142,9 +142,10 @@ def _background(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
     return np.where(pattern[..., None], other, base).astype(np.uint8)
 
 
-def render(rng: np.random.Generator, size: int) -> tuple[Image.Image, Truth]:
-    """One image and what is really in it."""
-    background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+def render(rng: np.random.Generator, size: int, backgrounds: tuple[str, ...] = BACKGROUNDS
+           ) -> tuple[Image.Image, Truth]:
+    """One image, on one of ``backgrounds``, and what is really in it."""
+    background = backgrounds[rng.integers(len(backgrounds))]
     color = list(COLORS)[rng.integers(len(COLORS))]
     canvas = Image.fromarray(_background(rng, background, size))
     shape = None if rng.random() < NO_SHAPE_FRACTION else SHAPES[rng.integers(len(SHAPES))]
@@ -222,7 +223,7 @@ def shard_samples(corpus: CorpusConfig, shard: int) -> list[dict]:
     planted = planted_rows(corpus)
     samples = []
     for row in range(corpus.samples_per_shard):
-        image, truth = render(rng, corpus.image_size)
+        image, truth = render(rng, corpus.image_size, tuple(corpus.backgrounds))
         text, kind = caption(rng, truth)
         key = f"{shard:05d}{row:04d}"
         jpg = _jpeg(image)

@@ -126,13 +126,31 @@ class ZeroShotScorer:
 
 
 # ---------------------------------------------------------------- metrics
+def top1_hits(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return logits.argmax(1) == labels
+
+
 def accuracy_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
     k = min(5, num_classes)
     top = np.argsort(-logits, axis=1)[:, :k]
-    top1 = top[:, 0] == labels
+    top1 = top1_hits(logits, labels)
     per_class = [float(top1[labels == c].mean()) if (labels == c).any() else float("nan") for c in range(num_classes)]
     return {"top1": float(top1.mean()), f"top{k}": float((top == labels[:, None]).any(1).mean()),
             "mean_per_class": float(np.nanmean(per_class)), "per_class": per_class, "n": len(labels)}
+
+
+def paired_bootstrap(correct: np.ndarray, baseline: np.ndarray, samples: int = 10_000, seed: int = 0) -> dict:
+    """Top-1 gain of ``correct`` over ``baseline`` (both per-image booleans on the same images), in
+    points, with a 95% percentile interval from resampling the images (the same draw for both)."""
+    difference = correct.astype(np.float64) - baseline.astype(np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.empty(samples)
+    for start in range(0, samples, 1000):  # bounded memory: 1000 resamples of N images at a time
+        draws = rng.integers(0, len(difference), size=(min(1000, samples - start), len(difference)))
+        means[start:start + len(draws)] = difference[draws].mean(1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"gain": 100 * float(difference.mean()), "low": 100 * float(low), "high": 100 * float(high),
+            "samples": samples}
 
 
 @dataclass
@@ -143,6 +161,13 @@ class EvalReport:
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)  # e.g. whether the training set was decontaminated
+    gains: dict[str, dict] = field(default_factory=dict)  # model label -> paired_bootstrap vs the first model
+
+    def gain_lines(self) -> list[str]:
+        baseline = next(iter(self.results))
+        return [f"{label} vs {baseline}: {g['gain']:+.2f} points top-1, 95% interval [{g['low']:+.2f}, "
+                f"{g['high']:+.2f}] (paired bootstrap over the {self.results[label]['n']} images, {g['samples']} "
+                f"resamples)" for label, g in self.gains.items()]
 
     def rows(self) -> list[list[str]]:
         k = min(5, len(self.classnames))
@@ -158,7 +183,7 @@ class EvalReport:
         lines = ["  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in [self.headers, *self.rows()]]
         skipped = f"; skipped {sum(self.skipped.values())} images {self.skipped}" if self.skipped else ""
         return (f"zero-shot on {self.task} ({len(self.classnames)} classes){skipped}\n" + "\n".join(lines)
-                + "".join(f"\n{note}" for note in self.notes))
+                + "".join(f"\n{line}" for line in [*self.gain_lines(), *self.notes]))
 
 
 def _score_local(config: EvaluateConfig, task: TaskSpec) -> tuple[dict, list[int], list[str | None]]:
@@ -217,8 +242,11 @@ def run_evaluation(config: EvaluateConfig) -> EvalReport:
             skipped[reason] = skipped.get(reason, 0) + 1
             log.warning("eval image skipped: %s", reason)
     results = {label: accuracy_metrics(value[good], labels[good], len(task.classes)) for label, value in logits.items()}
+    correct = {label: top1_hits(value[good], labels[good]) for label, value in logits.items()}
+    baseline = next(iter(correct))
+    gains = {label: paired_bootstrap(hits, correct[baseline]) for label, hits in correct.items() if label != baseline}
     notes = [decontamination_statement(config.training_set, config.eval_set)] if config.training_set else []
-    report = EvalReport(task.name, task.classes, results, skipped, time.perf_counter() - start, notes)
+    report = EvalReport(task.name, task.classes, results, skipped, time.perf_counter() - start, notes, gains)
     write_report(config.output, report)
     return report
 
@@ -227,7 +255,7 @@ def write_report(output: str, report: EvalReport) -> None:
     storage.write_text_atomic(storage.join(output, "evaluation.json"), json.dumps(asdict(report), indent=1))
     per_class = [[name, *(f"{100 * m['per_class'][i]:.1f}" for m in report.results.values())]
                  for i, name in enumerate(report.classnames)]
-    body = ("".join(f"<p>{html.escape(note)}</p>" for note in report.notes)
+    body = ("".join(f"<p>{html.escape(note)}</p>" for note in [*report.gain_lines(), *report.notes])
             + table(report.headers, report.rows()) + "<h2>Per-class top-1 %</h2>"
             + table(["class", *report.results], per_class))
     storage.write_text_atomic(storage.join(output, "evaluation.html"), page(f"Zero-shot: {report.task}", body))

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import difflib
 import io
+import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 
 from react_ray import storage
-from react_ray.config import ModelConfig
+from react_ray.config import ModelConfig, is_weights_path
 from react_ray.models.gated import default_gated_layers, insert_gated_blocks
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -39,7 +41,33 @@ def register_tiny_models() -> None:
 def get_tokenizer(name: str) -> Callable:
     """The model's tokenizer, once per process (CPU tasks tokenize captions before the model actor)."""
     register_tiny_models()
-    return open_clip.get_tokenizer(name)
+    with open_clip_quiet():
+        return open_clip.get_tokenizer(name)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+@contextmanager
+def open_clip_quiet(random_weights_expected: bool = False) -> Iterator[None]:
+    """open_clip narrates each build at INFO on the root logger (Ray workers show INFO) and warns of
+    random weights also when they are the point (tiny test models) or a checkpoint replaces them."""
+    root = logging.getLogger()
+    level, drop = root.level, _DropMessage("No pretrained weights loaded")
+    root.setLevel(max(level, logging.WARNING))
+    if random_weights_expected:
+        root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        root.removeFilter(drop)
 
 
 def available_models() -> list[str]:
@@ -105,7 +133,7 @@ def _local_weights(uri: str) -> str:
 def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
     if not pretrained:
         return None
-    if "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+    if is_weights_path(pretrained):
         return _local_weights(pretrained)
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
@@ -157,9 +185,12 @@ def build_model(spec: ModelConfig | str, device: str | torch.device = "cpu") -> 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         try:
-            model, train_preprocess, preprocess = open_clip.create_model_and_transforms(
-                spec.name, pretrained=pretrained, device=device
-            )
+            # Random weights are the point of the tiny models, and a checkpoint replaces them.
+            random_expected = pretrained is None and (state is not None or spec.name in TINY_MODELS)
+            with open_clip_quiet(random_weights_expected=random_expected):
+                model, train_preprocess, preprocess = open_clip.create_model_and_transforms(
+                    spec.name, pretrained=pretrained, device=device
+                )
         except RuntimeError as error:
             raise RuntimeError(
                 f"could not load pretrained weights {spec.pretrained!r} for {spec.name}: {error}. "

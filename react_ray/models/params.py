@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import open_clip
 import torch
 
-from react_ray.models.factory import react_gated_layers, register_tiny_models
+from react_ray.models.factory import open_clip_quiet, react_gated_layers, register_tiny_models
 from react_ray.models.freezing import is_trainable
 from react_ray.models.gated import gated_blocks, insert_gated_blocks
 
@@ -36,7 +36,7 @@ REPORT_HEADERS = ["model", "base params", "K", "params / gated block", "gated-im
 
 def parameter_report(name: str, gated_layers: int | None = None) -> ParameterReport:
     register_tiny_models()
-    with torch.device("meta"):
+    with torch.device("meta"), open_clip_quiet(random_weights_expected=True):  # shapes only, no weights
         model = open_clip.create_model(name, device="meta")
     base = sum(p.numel() for p in model.parameters())
     locked = sum(p.numel() for n, p in model.named_parameters() if is_trainable(n, "locked-text"))

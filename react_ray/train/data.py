@@ -94,10 +94,12 @@ def training_dataset(config: TrainConfig) -> ray.data.Dataset:
     cpu_task = {"num_cpus": config.decode_num_cpus}
     dataset = ray.data.from_items(shard_items(shards), override_num_blocks=len(shards))
     if config.data_sharding == "stream":
-        dataset = dataset.randomize_block_order()
+        dataset = dataset.randomize_block_order(seed=config.seed)
     decode = {"image_size": size, "max_pixels": config.max_image_pixels}
     augment = {"model_name": config.model.name, "augment_json": config.augment.model_dump_json()}
     dataset.context.enable_progress_bars = False  # the training loop prints its own progress
+    if config.seed is not None:  # blocks in input order (a cached set keeps the order it was built in)
+        dataset.context.execution_options.preserve_order = True
     read = {"source": 0, "block_rows": 256}
     if not config.cache_decoded and not config.augment_in_worker:  # one task reads, decodes and augments a shard
         return dataset.map_batches(read_blocks, batch_size=1, fn_kwargs=read | {

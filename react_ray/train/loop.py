@@ -6,13 +6,17 @@ or in a bare single-process benchmark, so their throughputs compare like for lik
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import random
+import sys
 import os
 import tempfile
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -170,26 +174,35 @@ def _batches(config: TrainConfig, rank: int, world: int, device: torch.device):
     size, shuffle = (config.batch_size, None) if slicing else (per_worker, config.shuffle_buffer or None)
     part = slice(rank * per_worker, (rank + 1) * per_worker) if slicing else slice(None)
 
-    def batches():
+    def batches(shuffle_seed: int | None):
         if config.augment_in_worker:  # Ray Data brings decoded pixels; this worker augments its part
             for batch in source.iter_batches(batch_size=size, batch_format="numpy", drop_last=True,
-                                             local_shuffle_buffer_size=shuffle):
+                                             local_shuffle_buffer_size=shuffle, local_shuffle_seed=shuffle_seed):
                 mine = augment_and_tokenize({k: v[part] for k, v in batch.items()}, config.model.name,
                                             config.augment.model_dump_json())
                 yield torch.from_numpy(mine["image"]).to(device), torch.from_numpy(mine["text"]).to(device)
         else:
             for batch in source.iter_torch_batches(batch_size=size, drop_last=True, local_shuffle_buffer_size=shuffle,
-                                                   dtypes={"image": torch.float32, "text": torch.long}, device=device):
+                                                   local_shuffle_seed=shuffle_seed, device=device,
+                                                   dtypes={"image": torch.float32, "text": torch.long}):
                 yield batch["image"][part], batch["text"][part]
 
-    while True:
+    for epoch in itertools.count():
         produced = 0
-        for images, texts in batches():
+        seed = None if config.seed is None else config.seed * 1_000_003 + epoch * world + rank
+        for images, texts in batches(seed):
             produced += 1
             yield images, texts
         if not produced:
             raise ValueError(f"train: {config.data} yields fewer than {size} samples per worker, not one batch; "
                              "lower batch_size or add data")
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's generators (timm's augmentations draw from the first and last)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def train_worker(config_data: dict) -> None:
@@ -203,6 +216,8 @@ def train_worker(config_data: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(config.threads or max(1, int(config.cpus_per_worker)))
+    if config.seed is not None:  # model init (gated blocks, or all weights) and in-worker augmentation
+        seed_everything(config.seed + rank)
     clip, _ = build_for_training(config)
     model = ray.train.torch.prepare_model(clip.model)
     optimizer = make_optimizer(model, config)
@@ -227,10 +242,11 @@ def train_worker(config_data: dict) -> None:
         metrics = step_metrics(model, loss, state.step, config, rate)
         last_time, last_step = now, state.step
         state.history.append(metrics)
-        if rank == 0:
-            print(f"step {state.step}/{config.steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
-                  f"logit scale {metrics['logit_scale']:.1f}  gates {metrics['gate_mean']:.3f}  {rate:.0f} samples/s",
-                  flush=True)
+        if rank == 0:  # not print(): Ray Train patches it to log too, and the driver would show it twice
+            sys.stdout.write(f"step {state.step}/{config.steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
+                             f"logit scale {metrics['logit_scale']:.1f}  gates {metrics['gate_mean']:.3f}  "
+                             f"{rate:.0f} samples/s\n")
+            sys.stdout.flush()
         # Ray Train only hears of checkpoints: V2 holds a worker's report until the controller polls
         # it (every 2 s), so a report per logged step stalls the loop. The steps' metrics live in
         # the run's history (checkpointed with it, metrics.jsonl at the end).

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 from react_ray import storage
 from react_ray.config import TrainConfig
-from react_ray.ray_utils import connect
+from react_ray.ray_utils import LOG_LEVEL, connect
 from react_ray.report import png_bytes, pyplot
 from react_ray.train.data import training_dataset
 from react_ray.train.loop import train_worker
@@ -45,6 +45,7 @@ class TrainSummary:
 
 def _run_config(config: TrainConfig):
     import pyarrow.fs
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     output = config.output.rstrip("/")
@@ -59,6 +60,7 @@ def _run_config(config: TrainConfig):
         name=name, storage_path=parent, storage_filesystem=filesystem,
         failure_config=FailureConfig(max_failures=config.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+        logging_config=ray.LoggingConfig(log_level=LOG_LEVEL),  # Train's own notices: its log files
     )
 
 
@@ -81,13 +83,15 @@ def make_trainer(config: TrainConfig):
 def _data_config(config: TrainConfig):
     from ray.train import DataConfig
 
-    if config.data_sharding == "stream":
+    if config.data_sharding == "stream" and config.seed is None:
         return DataConfig(datasets_to_split="all")
-    # Slice: every worker reads the whole stream, so all must see it in the same order. Train applies its
-    # own execution options to each shard (not the dataset's), so the order is asked for here.
+    # Slice: every worker reads the whole stream, so all must see it in the same order; a seeded run
+    # must see the same order every time. Train applies its own execution options to each shard (not
+    # the dataset's), so the order is asked for here.
     options = DataConfig.default_ingest_options()
     options.preserve_order = True
-    return DataConfig(datasets_to_split=[], execution_options=options)
+    split = "all" if config.data_sharding == "stream" else []
+    return DataConfig(datasets_to_split=split, execution_options=options)
 
 
 def read_history(output: str) -> list[dict]:
