@@ -70,9 +70,8 @@ class CorpusConfig(StrictModel):
     samples_per_shard: int = Field(default=500, ge=1, le=10_000)  # img2dataset keys: 4 row digits
     image_size: int = Field(default=64, ge=16, le=1024)
     seed: int = 0
-    backgrounds: list[Literal["plain", "striped", "dotted", "checkered", "noisy", "gradient"]] = Field(
-        default_factory=lambda: ["plain", "striped", "dotted", "checkered", "noisy", "gradient"], min_length=1,
-        description="the backgrounds images are drawn on (the eval set always uses all of them)")
+    no_shape_fraction: float = Field(default=0.08, ge=0, lt=1, description="pairs whose image shows only a "
+                                                                           "texture, no object of the task")
     formats: list[Literal["webdataset", "parquet", "laion-metadata"]] = Field(
         default_factory=lambda: ["webdataset", "parquet", "laion-metadata"], min_length=1
     )
@@ -105,13 +104,12 @@ class DemoConfig(StrictModel):
     output: Uri = "runs/demo"
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(name="react-mini"))
     base_corpus: CorpusConfig = Field(
-        default_factory=lambda: CorpusConfig(num_shards=20, seed=1, backgrounds=["plain", "gradient"],
-                                             eval_samples_per_class=1, formats=["webdataset"]),
-        description="the base CLIP's pre-training pairs: clean icon-like images on plain or gradient backgrounds; "
-                    "the task's images (and much of the retrieval corpus) are cluttered")
-    corpus: CorpusConfig = Field(default_factory=lambda: CorpusConfig(num_shards=20, eval_samples_per_class=100,
+        default_factory=lambda: CorpusConfig(num_shards=8, seed=1, no_shape_fraction=0.5, eval_samples_per_class=1,
+                                             formats=["webdataset"]),
+        description="the base CLIP's pre-training pairs: general data, where the task's objects are rarer")
+    corpus: CorpusConfig = Field(default_factory=lambda: CorpusConfig(num_shards=20, eval_samples_per_class=300,
                                                                       planted_eval_copies=50),
-                                 description="the retrieval corpus (LAION's role) and the held-out eval set")
+                                 description="the retrieval corpus (LAION's role), larger, and the held-out eval set")
     seed: int = Field(default=0, ge=0, description="training seed: the same config gives the same numbers")
     pretrain: DemoTrainingConfig = Field(default_factory=lambda: DemoTrainingConfig(steps=450, lr=2e-3))
     tune: DemoTrainingConfig = Field(default_factory=lambda: DemoTrainingConfig(steps=300, lr=5e-3))

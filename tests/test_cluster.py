@@ -24,7 +24,7 @@ from react_ray.train.trainer import read_history, run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-CORPUS = CorpusConfig(num_shards=16, samples_per_shard=128, image_size=64, eval_samples_per_class=3,
+CORPUS = CorpusConfig(num_shards=16, samples_per_shard=256, image_size=64, eval_samples_per_class=3,
                       formats=["webdataset"])
 TOTAL = CORPUS.num_shards * CORPUS.samples_per_shard
 GPU_NODE = {"num_cpus": 1, "num_gpus": 1, "object_store_memory": 200 * 2**20}
@@ -97,8 +97,13 @@ def assert_every_id_exactly_once(output: str) -> None:
 
 
 def test_pool_lives_on_gpu_nodes_decode_on_cpu_nodes_and_grows_with_the_cluster(cluster, corpus, tmp_path):
+    """The same job on one GPU node, then on one that the autoscaler grows to three once the first batch
+    is embedded: the pool grows onto the new nodes and the job ends sooner. (The nodes share this
+    machine's 2 cores; each actor uses its one CPU, so a second actor has a core of its own.)"""
     first = cluster.add_node(**GPU_NODE)
     cluster.wait_for_nodes()
+    alone = embed_config(corpus, str(tmp_path / "one-node"), min_actors=1, max_actors=1)
+    _, one_node_seconds = embed_while(alone, lambda: None)
     added = []
 
     def scale_up():
@@ -112,9 +117,11 @@ def test_pool_lives_on_gpu_nodes_decode_on_cpu_nodes_and_grows_with_the_cluster(
     gpu_nodes = {first.node_id, *(node.node_id for node in added)}
     embedded_on = set().union(*(s.nodes["embed"] for s in stats))
     decoded_on = set().union(*(s.nodes["decode"] for s in stats))
+    print(f"\none GPU node: {one_node_seconds:.1f} s; grown to 3 mid-run: {seconds:.1f} s on {len(embedded_on)} "
+          f"GPU nodes ({seconds / one_node_seconds:.2f}x)")
     assert embedded_on <= gpu_nodes and decoded_on == {cluster.head_node.node_id}
     assert len(embedded_on) >= 2, f"the pool never grew onto the added nodes ({len(embedded_on)} node used)"
-    print(f"\nembedded on {len(embedded_on)} GPU nodes in {seconds:.1f} s")
+    assert seconds < one_node_seconds, "the grown cluster did not finish sooner than one node"
 
 
 def test_a_gpu_node_lost_mid_embedding_still_gives_every_id_exactly_once(cluster, corpus, tmp_path):

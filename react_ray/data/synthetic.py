@@ -142,13 +142,13 @@ def _background(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
     return np.where(pattern[..., None], other, base).astype(np.uint8)
 
 
-def render(rng: np.random.Generator, size: int, backgrounds: tuple[str, ...] = BACKGROUNDS
+def render(rng: np.random.Generator, size: int, no_shape_fraction: float = NO_SHAPE_FRACTION
            ) -> tuple[Image.Image, Truth]:
-    """One image, on one of ``backgrounds``, and what is really in it."""
-    background = backgrounds[rng.integers(len(backgrounds))]
+    """One image and what is really in it; ``no_shape_fraction`` of them show only a texture."""
+    background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     color = list(COLORS)[rng.integers(len(COLORS))]
     canvas = Image.fromarray(_background(rng, background, size))
-    shape = None if rng.random() < NO_SHAPE_FRACTION else SHAPES[rng.integers(len(SHAPES))]
+    shape = None if rng.random() < no_shape_fraction else SHAPES[rng.integers(len(SHAPES))]
     objects = [] if shape is None else [(shape, color, rng.uniform(0.22, 0.4) * size)]
     if shape is not None and rng.random() < 0.25:  # a small distractor in another colour
         objects.append((SHAPES[rng.integers(len(SHAPES))], list(COLORS)[rng.integers(len(COLORS))], 0.12 * size))
@@ -223,7 +223,7 @@ def shard_samples(corpus: CorpusConfig, shard: int) -> list[dict]:
     planted = planted_rows(corpus)
     samples = []
     for row in range(corpus.samples_per_shard):
-        image, truth = render(rng, corpus.image_size, tuple(corpus.backgrounds))
+        image, truth = render(rng, corpus.image_size, corpus.no_shape_fraction)
         text, kind = caption(rng, truth)
         key = f"{shard:05d}{row:04d}"
         jpg = _jpeg(image)

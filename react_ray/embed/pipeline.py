@@ -79,7 +79,8 @@ def build_dataset(config: EmbedConfig, shards: list[InputShard], run_id: str, im
             ClipEmbedder,
             fn_constructor_kwargs={"model": config.model.model_dump(), "precision": config.precision,
                                    "device": device, "output": config.output, "run_id": run_id,
-                                   "threads": None if config.pool.num_gpus else math.ceil(config.pool.num_cpus),
+                                   # On CPU an actor uses its share of cores (a simulated GPU node's too)
+                                   "threads": None if device == "cuda" else math.ceil(config.pool.num_cpus),
                                    "prepare": prepare if config.decode_in_actor else None},
             compute=ray.data.ActorPoolStrategy(min_size=config.pool.min_actors, max_size=config.pool.max_actors),
             num_gpus=config.pool.num_gpus, num_cpus=config.pool.num_cpus, batch_size=config.batch_size,
