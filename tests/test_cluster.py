@@ -24,7 +24,7 @@ from react_ray.train.trainer import read_history, run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-CORPUS = CorpusConfig(num_shards=16, samples_per_shard=256, image_size=64, eval_samples_per_class=3,
+CORPUS = CorpusConfig(num_shards=16, samples_per_shard=192, image_size=320, eval_samples_per_class=3,
                       formats=["webdataset"])
 TOTAL = CORPUS.num_shards * CORPUS.samples_per_shard
 GPU_NODE = {"num_cpus": 1, "num_gpus": 1, "object_store_memory": 200 * 2**20}
@@ -66,8 +66,8 @@ def embedding_started(output: str) -> bool:
 
 def embed_config(corpus, output: str, **pool) -> EmbedConfig:
     return EmbedConfig(
-        input=str(corpus / "webdataset"), output=output, model=ModelConfig(name="react-tiny"), batch_size=16,
-        read_block_rows=16, decode_num_cpus=1, decode_resources={"cpu_node": 1},
+        input=str(corpus / "webdataset"), output=output, model=ModelConfig(name="react-tiny"), batch_size=64,
+        read_block_rows=64, decode_num_cpus=1.5, decode_resources={"cpu_node": 1},
         pool={"num_gpus": 1, "num_cpus": 1, "device": "cpu"} | pool)
 
 
