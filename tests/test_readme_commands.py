@@ -98,14 +98,14 @@ def test_the_readme_first_command_runs_the_demo_and_react_beats_its_base(clone):
     run = clone / "runs" / "demo"
     assert "corpus: 4000 pairs in webdataset" in stdout and "corpus: 10000 pairs" in stdout
     assert re.search(r"full: 450 steps on 1 worker\(s\).*trainable 3,478,913 of 3,478,913", stdout)
-    assert "embedding set: 20 shards, 10000 rows in, 10000 embedded" in stdout
+    assert "embedding set: 20 shards, 10,000 rows in, 10,000 embedded" in stdout
     assert (run / "embeddings" / "part-000019.done").exists() and (run / "index" / "manifest.json").exists()
     assert len(re.findall(r"^\s+-?\d\.\d{3}  \d{9}  ", stdout, re.MULTILINE)) == 5  # five hits with metadata
     assert "retrieve shapes: 10 classes x 5 templates" in stdout
     found = re.search(r"planted copies of eval images that retrieval found: (\d+); removed (\d+)", stdout)
     assert found and int(found.group(2)) > 0
     assert "was decontaminated against this eval set" in stdout
-    assert re.search(r"materialize: \d+ of \d+ pairs in \d+ shards; failed none", stdout)
+    assert re.search(r"materialize: [\d,]+ of [\d,]+ pairs in \d+ shards; failed none", stdout)
     assert re.search(r"gated-image: 300 steps on 1 worker\(s\)", stdout)
     assert re.search(r"ViT-B-32\s+151,277,313\s+6\s+7,087,874\s+42,527,245", stdout)
     report = (run / "report.html").read_text()
@@ -152,7 +152,7 @@ def test_the_stage_by_stage_block_runs_each_stage_from_relative_paths(clone):
     stdout = run_script(clone, "\n".join(commands), timeout=1500)
     run = clone / "runs" / "stages"
     assert stdout.count("corpus: 1000 pairs") == 2  # the retrieval corpus and the base's
-    assert "embedding set: 4 shards, 1000 rows in, 1000 embedded" in stdout
+    assert "embedding set: 4 shards, 1,000 rows in, 1,000 embedded" in stdout
     for path in ("base/model.pt", "embeddings/part-000003.done", "index/manifest.json", "index-text/manifest.json",
                  "retrieved/retrieved.parquet", "retrieved/decontamination.html", "train-shards",
                  "react/model.pt", "react/training.png", "evaluation/evaluation.json"):
@@ -169,9 +169,10 @@ def test_the_serving_block_answers_a_search_over_http(clone):
     """``react-ray serve`` with ``serve_demo.yaml``, as the README's serving block writes it, after
     the demo: the LAION kNN API and the zero-shot API answer on 127.0.0.1:8000."""
     assert (clone / "runs" / "demo" / "react" / "model.pt").exists(), "runs after the demo test"
-    command = next(c for c in block_after((clone / "README.md").read_text(), "### Serving")
-                   if c.startswith("react-ray serve"))
-    server = subprocess.Popen(["bash", "-c", command], cwd=clone, env=newcomer_env(clone), stdout=subprocess.PIPE,
+    text = (clone / "README.md").read_text()
+    activate = block_after(text, STAGE_HEADING)[0]  # the README's commands run in the activated .venv
+    command = next(c for c in block_after(text, "### Serving") if c.startswith("react-ray serve"))
+    server = subprocess.Popen(["bash", "-c", f"{activate}\n{command}"], cwd=clone, env=newcomer_env(clone), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.time() + 300
