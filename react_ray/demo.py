@@ -1,7 +1,8 @@
 """The end-to-end demo on generated data: every stage, for real, on a private local Ray.
 
 generate two LAION-style corpora -> pre-train a small base CLIP on the first (Ray Train, all
-weights) -> embed the second, larger one, which the base never saw, with that base (Ray Data) -> build sharded image and caption indices ->
+weights) -> embed the second, larger one, which the base never saw, with that base (Ray Data) ->
+build sharded image and caption indices ->
 retrieve the shapes task from its class names -> materialize the retrieved pairs as training
 shards -> REACT gated-image tuning of the base on them (Ray Train) -> zero-shot evaluation of
 base vs REACT on the held-out labeled set -> report.html (accuracy table, per-class chart,
@@ -92,10 +93,11 @@ def start_fresh(config: DemoConfig) -> None:
     """Every stage resumes what it finds, so a demo over an earlier one would reuse its results:
     clear an earlier demo's folder (known by its marker); refuse any other non-empty folder."""
     output = config.output
-    if storage.exists(storage.join(output, MARKER)):
+    fs, path = storage.filesystem(output)
+    if fs.exists(storage.join(path, MARKER)):
         print(f"removing the previous demo run at {output}")
         storage.remove(output, recursive=True)
-    elif storage.exists(output) and storage.filesystem(output)[0].ls(storage.filesystem(output)[1]):
+    elif fs.exists(path) and fs.ls(path):
         raise SystemExit(f"react-ray demo: {output} is not empty and holds no earlier demo ({MARKER}); "
                          "choose another output=")
     storage.write_text_atomic(storage.join(output, MARKER), config.model_dump_json(indent=1))

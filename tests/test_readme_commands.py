@@ -179,9 +179,9 @@ def test_the_serving_block_answers_a_search_over_http(clone):
         while True:
             assert server.poll() is None, server.stdout.read()[-4000:]
             try:
-                if requests.get("http://127.0.0.1:8000/healthz", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
+                if all(requests.get(f"http://127.0.0.1:8000{app}/healthz", timeout=2).ok for app in ("", "/zeroshot")):
+                    break  # both apps are up (they deploy one after the other)
+            except requests.RequestException:  # not listening yet, or the proxy waits for the apps
                 pass
             assert time.time() < deadline, "the server did not come up in 300 s"
             time.sleep(1)
