@@ -16,7 +16,7 @@ import yaml
 from react_ray import storage
 from react_ray.config import CorpusConfig, EvaluateConfig, GenerateConfig, ModelConfig, TrainConfig
 from react_ray.data.synthetic import SHAPES, generate_corpus
-from react_ray.evaluate.zeroshot import ZeroShotScorer, accuracy_metrics, run_evaluation
+from react_ray.evaluate.zeroshot import ZeroShotScorer, accuracy_metrics, paired_bootstrap, run_evaluation
 from react_ray.models import build_model, gate_values
 from react_ray.train.loop import Stepper, build_for_training, lr_at, make_optimizer
 from react_ray.train.trainer import read_history, run_training
@@ -192,6 +192,22 @@ def test_accuracy_metrics_by_hand():
     assert metrics["top1"] == 0.5  # rows 0 and 3
     assert metrics["top3"] == 1.0
     assert metrics["mean_per_class"] == pytest.approx((1 + 0 + 0.5) / 3)
+
+
+def test_paired_bootstrap_by_hand():
+    same = np.array([True, False] * 50)
+    assert paired_bootstrap(same, same) == {"gain": 0.0, "low": 0.0, "high": 0.0, "samples": 10_000}
+    everything = paired_bootstrap(np.ones(40, bool), np.zeros(40, bool))
+    assert (everything["gain"], everything["low"], everything["high"]) == (100.0, 100.0, 100.0)
+    # 300 images: 60 fixed, 30 broken, the rest alike: gain 10 points; the difference per image has
+    # standard deviation sqrt(0.3 - 0.1^2) = 0.539, so the interval is about +-1.96 * 0.539 / sqrt(300).
+    fixed = np.r_[np.ones(60, bool), np.zeros(30, bool), np.zeros(210, bool)]
+    broken = np.r_[np.zeros(60, bool), np.ones(30, bool), np.zeros(210, bool)]
+    result = paired_bootstrap(fixed, broken)
+    half_width = 1.96 * 100 * np.sqrt(0.3 - 0.01) / np.sqrt(300)
+    assert result["gain"] == pytest.approx(10.0)
+    assert result["low"] == pytest.approx(10.0 - half_width, abs=0.8)
+    assert result["high"] == pytest.approx(10.0 + half_width, abs=0.8)
 
 
 def test_scorer_counts_bad_images_and_matches_direct_model_calls(tmp_path):

@@ -216,7 +216,7 @@ def train_worker(config_data: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(config.threads or max(1, int(config.cpus_per_worker)))
-    if config.seed is not None:  # model init (gated blocks, or all weights) and in-worker augmentation
+    if config.seed is not None:  # in-worker augmentation and any other draw (build_model fixes the init)
         seed_everything(config.seed + rank)
     clip, _ = build_for_training(config)
     model = ray.train.torch.prepare_model(clip.model)
