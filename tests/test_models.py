@@ -18,9 +18,10 @@ from react_ray.models import (
     gate_values,
     gated_blocks,
     insert_gated_blocks,
+    react_gated_layers,
     read_state_dict,
 )
-from react_ray.models.factory import register_tiny_models
+from react_ray.models.factory import _resolve_pretrained, register_tiny_models
 from react_ray.models.gated import set_gated_grad_checkpointing
 from react_ray.models.params import parameter_report
 
@@ -206,6 +207,17 @@ def test_unknown_model_and_pretrained_errors(tmp_path):
         build_model(ModelConfig(name="react-micro", pretrained=str(tmp_path / "missing.pt")))
     with pytest.raises(ValueError, match=r"gated_layers: got 9; the image tower has 4 blocks"):
         build_model(ModelConfig(name="react-micro", gated_layers=9))
+
+
+def test_quickgelu_weights_need_the_quickgelu_model_and_keep_reacts_k():
+    """OpenAI's weights were trained with QuickGELU; open_clip would only warn and build GELU."""
+    with pytest.raises(ValueError, match=r"the 'openai' weights of ViT-B-32 were trained with QuickGELU; use name: "
+                                         r"ViT-B-32-quickgelu"):
+        build_model(ModelConfig(name="ViT-B-32", pretrained="openai"))
+    assert _resolve_pretrained("ViT-B-32-quickgelu", "openai") == "openai"  # accepted before any download
+    assert _resolve_pretrained("ViT-B-32", "laion2b_s34b_b79k") == "laion2b_s34b_b79k"
+    assert [react_gated_layers(f"{n}-quickgelu") for n in ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-bigG-14")] \
+        == [6, 6, 6, 12]
 
 
 def test_pretrained_weights_file_loads(tmp_path):

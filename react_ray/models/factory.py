@@ -139,6 +139,10 @@ def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
     if pretrained not in tags:
         allowed = ", ".join(tags) if tags else "none (use a weights file path)"
         raise ValueError(f"model.pretrained: {pretrained!r} is not a tag of {name}; its tags are: {allowed}")
+    if open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu") and not name.endswith("-quickgelu"):
+        # open_clip only warns and builds GELU: every activation of the tower would differ from training.
+        raise ValueError(f"model.name: the {pretrained!r} weights of {name} were trained with QuickGELU; use "
+                         f"name: {name}-quickgelu (REACT's react_{name}-quickgelu starts from it)")
     return pretrained
 
 

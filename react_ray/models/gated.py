@@ -78,7 +78,8 @@ def image_resblocks(model: nn.Module) -> nn.ModuleList:
 
 
 def default_gated_layers(model_name: str, depth: int) -> int:
-    return REACT_GATED_LAYERS.get(model_name, max(1, depth // 2))
+    """REACT's K; the ``-quickgelu`` variant of an architecture (OpenAI's weights) has the same K."""
+    return REACT_GATED_LAYERS.get(model_name.removesuffix("-quickgelu"), max(1, depth // 2))
 
 
 def insert_gated_blocks(model: nn.Module, num_layers: int) -> list[int]:
