@@ -53,7 +53,9 @@ TuningMode = Literal["gated-image", "locked-text", "full"]
 
 class ModelConfig(StrictModel):
     """Which CLIP to build. ``pretrained`` is an OpenCLIP tag (``laion2b_s34b_b79k``) or a
-    weights file; ``checkpoint`` is a REACT-format state_dict (local, ``file://`` or ``s3://``)."""
+    weights file; ``checkpoint`` is a REACT-format state_dict (local, ``file://`` or ``s3://``).
+    REACT's released names (``name: react_ViT-L-14``, ``pretrained: react_clip_ret_laion400m``)
+    become the model that fits them, with their local copy as checkpoint (models/releases.py)."""
 
     name: str = "react-tiny"
     pretrained: Annotated[str, AfterValidator(_weights_or_tag)] | None = None
@@ -61,6 +63,24 @@ class ModelConfig(StrictModel):
     gated_layers: int | None = Field(
         default=None, ge=0, description="gated blocks before the last K ViT blocks; None = REACT's K"
     )
+    base_tag: str | None = Field(
+        default=None, description="the OpenCLIP tag the checkpoint's weights descend from: its image statistics "
+                                  "apply (when the checkpoint does not record its own)")
+    release: str | None = Field(default=None, description="set from REACT's released names: model:tag")
+
+    @model_validator(mode="after")
+    def _react_release(self) -> ModelConfig:
+        from react_ray.models.releases import find_release, is_release_name
+
+        if self.release is not None or not is_release_name(self.name, self.pretrained):
+            return self
+        release = find_release(self.name, self.pretrained)
+        self.release = release.label  # first: each assignment below validates the model again
+        if self.checkpoint is None:
+            self.checkpoint = absolute_uri(release.local_uri())
+        self.name, self.pretrained, self.gated_layers = release.open_clip_name, None, release.gated_layers
+        self.base_tag = release.base_tag
+        return self
 
 
 class CorpusConfig(StrictModel):
@@ -267,12 +287,22 @@ class MaterializeConfig(StrictModel):
 
 
 class AugmentConfig(StrictModel):
-    """Training augmentations (open_clip's train transform; REACT: RandAugment + random erasing)."""
+    """Training augmentations: timm's train transform on the decoded image. The defaults are REACT's
+    released aug-cfg (react_customization/README.md, both modes); see docs/react-parity.md."""
 
     enabled: bool = Field(default=True, description="false: the eval transform (deterministic)")
-    scale: tuple[float, float] = Field(default=(0.9, 1.0), description="RandomResizedCrop area range")
+    scale: tuple[float, float] = Field(default=(0.08, 1.0), description="RandomResizedCrop area range")
+    ratio: tuple[float, float] = Field(default=(0.75, 1.3333333), description="RandomResizedCrop aspect range")
+    hflip: float = Field(default=0.5, ge=0, le=1, description="horizontal flip probability")
+    interpolation: Literal["bicubic", "bilinear", "random"] = "bicubic"
+    color_jitter: float | None = Field(default=0.4, ge=0, description="timm applies it only without auto_augment")
     auto_augment: str | None = Field(default="rand-m9-mstd0.5-inc1", description="timm policy; null: none")
     re_prob: float = Field(default=0.25, ge=0, le=1, description="random erasing probability")
+    re_count: int = Field(default=1, ge=1, description="random erasing regions")
+    decode_short_side: int = Field(
+        default=384, ge=8, description="decoded images keep their aspect ratio, the shorter side resized down to "
+                                       "this when longer (REACT's shards: img2dataset 384 px); the crop is drawn "
+                                       "from that whole image")
 
 
 class OptimConfig(StrictModel):
@@ -282,7 +312,7 @@ class OptimConfig(StrictModel):
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = Field(default=1e-6, gt=0)
     weight_decay: float = Field(default=0.1, ge=0)
-    warmup_steps: int = Field(default=500, ge=0)
+    warmup_steps: int = Field(default=5000, ge=0, description="REACT: 5000")
     min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="cosine floor as a fraction of lr")
 
     def peak_lr(self, mode: str) -> float:
@@ -296,15 +326,19 @@ class TrainConfig(StrictModel):
     output: Uri = Field(description="run directory: checkpoints, model.pt, metrics.jsonl, training.png")
     model: ModelConfig = Field(default_factory=ModelConfig)
     mode: TuningMode = "gated-image"
-    steps: int = Field(default=1000, ge=1, description="optimizer steps")
-    batch_size: int = Field(default=256, ge=2, description="global batch (split evenly over workers)")
+    steps: int = Field(default=1000, ge=1, description="optimizer steps (set from epochs when given)")
+    epochs: int | None = Field(default=None, ge=1, description="with samples_per_epoch: steps = epochs x "
+                                                                "ceil(samples_per_epoch / batch_size)")
+    samples_per_epoch: int | None = Field(default=None, ge=1, description="REACT's --train-num-samples")
+    batch_size: int = Field(default=4096, ge=2, description="global batch, split evenly over workers (REACT: 4096)")
     workers: int = Field(default=1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1, gt=0)
     worker_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per worker")
     threads: int | None = Field(default=None, ge=1, description="torch threads per CPU worker; None: cpus_per_worker")
     precision: Precision = Field(default="fp32", description="fp16/bf16: autocast on GPU (AMP)")
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = Field(default=True, description="recompute the gated blocks' activations in "
+                                                                 "backward (REACT: on)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     checkpoint_every: int = Field(default=500, ge=1)
@@ -328,6 +362,12 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _checks(self) -> TrainConfig:
+        if (self.epochs is None) != (self.samples_per_epoch is None):
+            raise ValueError("epochs and samples_per_epoch go together (steps = epochs x batches per epoch)")
+        if self.epochs is not None:
+            steps = self.epochs * -(-self.samples_per_epoch // self.batch_size)
+            if self.steps != steps:
+                self.steps = steps  # validate_assignment runs this check again, now consistent
         if self.batch_size % self.workers:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of workers ({self.workers})")
         if self.seed is not None and self.augment.enabled and not self.augment_in_worker:

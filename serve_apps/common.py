@@ -27,17 +27,18 @@ def limit_request_size(app: FastAPI, default_max_bytes: int = 16 * 2**20) -> Non
         return await call_next(request)
 
 
-def decode_base64_image(text: str, what: str, size: int, max_pixels: int) -> np.ndarray:
+def decode_base64_image(text: str, what: str, resize: dict, max_pixels: int) -> np.ndarray:
     """Base64 image -> square uint8 pixels for the model, or a 400 naming ``what`` and the reason."""
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as error:
         raise HTTPException(400, f"{what}: invalid base64 ({error})") from None
-    return decode_image_bytes(data, what, size, max_pixels)
+    return decode_image_bytes(data, what, resize, max_pixels)
 
 
-def decode_image_bytes(data: bytes, what: str, size: int, max_pixels: int) -> np.ndarray:
-    pixels, reason, message = decode_image(data, size, max_pixels)
+def decode_image_bytes(data: bytes, what: str, resize: dict, max_pixels: int) -> np.ndarray:
+    """``resize``: the model's ``ClipModel.decode_args`` (size, resize mode, interpolation)."""
+    pixels, reason, message = decode_image(data, max_pixels=max_pixels, **resize)
     if pixels is None:
         raise HTTPException(400, f"{what}: {reason} ({message})")
     return pixels

@@ -106,8 +106,8 @@ class QueryEncoder:
             method.set_max_batch_size(size)
             method.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
-    def image_size(self) -> int:
-        return self.clip.image_size
+    def decode_args(self) -> dict:
+        return self.clip.decode_args
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def encode_texts(self, texts: list[str]) -> list[np.ndarray]:
@@ -209,7 +209,7 @@ class RetrievalAPI:
         first = next(iter(self.manifests.values()))
         self.metadata = {key: MetadataStore(storage.join(index_root(getattr(self.config.indices[key[0]], key[1])),
                                                          "metadata")) for key in self.manifests}
-        self.dim, self.image_size = int(first["dim"]), None
+        self.dim, self.decode_args = int(first["dim"]), None
         for key, manifest in self.manifests.items():
             if manifest["model"] != self.config.model.name:
                 raise ValueError(f"index {key} was built with {manifest['model']!r}, the app encodes with "
@@ -271,17 +271,17 @@ class RetrievalAPI:
             return vector / np.linalg.norm(vector)
         if query.text is not None:
             return await self.encoder.encode_texts.remote(query.text)
-        if self.image_size is None:
-            self.image_size = await self.encoder.image_size.remote()
+        if self.decode_args is None:
+            self.decode_args = await self.encoder.decode_args.remote()
         if query.image is not None:
-            pixels = decode_base64_image(query.image, f"{what}.image", self.image_size, self.config.max_image_pixels)
+            pixels = decode_base64_image(query.image, f"{what}.image", self.decode_args, self.config.max_image_pixels)
         else:
             policy = FetchPolicy(timeout=self.config.image_url_timeout_s, retries=0,
                                  max_bytes=self.config.image_url_max_bytes)
             data, reason, message = await asyncio.to_thread(download, query.image_url, policy)
             if data is None:
                 raise HTTPException(400, f"{what}.image_url: could not fetch {query.image_url}: {reason} ({message})")
-            pixels = decode_image_bytes(data, f"{what}.image_url", self.image_size, self.config.max_image_pixels)
+            pixels = decode_image_bytes(data, f"{what}.image_url", self.decode_args, self.config.max_image_pixels)
         return await self.encoder.encode_images.remote(pixels)
 
     # ------------------------------------------------------------ the LAION kNN API
@@ -326,7 +326,7 @@ class RetrievalAPI:
 
     @app.get("/readyz")
     async def readyz(self) -> dict:
-        await asyncio.gather(self.encoder.image_size.remote(), *(g.search.remote(
+        await asyncio.gather(self.encoder.decode_args.remote(), *(g.search.remote(
             (n, m, 1, False), np.zeros((1, self.dim), np.float32)) for g in self.groups for n, m in list(self.manifests)[:1]))
         versions = await asyncio.gather(*(g.versions.remote() for g in self.groups))
         return {"status": "ready", "indices": sorted(self.config.indices), "shard_groups": len(self.groups),

@@ -107,7 +107,7 @@ class ZeroShotAPI:
 
     async def _classify(self, model_id, request, classnames, templates) -> ClassifyResponse:
         clip = await self.get_model(model_id)
-        pixels = [decode_base64_image(image, f"images[{i}]", clip.image_size, self.config.max_image_pixels)
+        pixels = [decode_base64_image(image, f"images[{i}]", clip.decode_args, self.config.max_image_pixels)
                   for i, image in enumerate(request.images)]
 
         def run():

@@ -163,14 +163,14 @@ def test_react_checkpoint_round_trip_is_bit_exact(tmp_path):
     for block in gated_blocks(gated.model):
         torch.nn.init.normal_(block.alpha_attn, std=0.5)
     first = tmp_path / "react.pt"
-    export_react_checkpoint(gated.model, str(first))
+    export_react_checkpoint(gated.model, str(first), gated.spec)
     saved = read_state_dict(str(first))
     assert all(v.dtype == torch.float16 for v in saved.values())
     # Gated layers are read off the checkpoint's keys; strict loading.
     loaded = build_model(ModelConfig(name="react-micro", checkpoint=f"file://{first}"))
     assert loaded.gated_indices == gated.gated_indices
     second = tmp_path / "again.pt"
-    export_react_checkpoint(loaded.model, str(second))
+    export_react_checkpoint(loaded.model, str(second), loaded.spec)
     again = read_state_dict(str(second))
     assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
     assert gate_values(loaded.model) == pytest.approx(gate_values(gated.model), abs=1e-3)
@@ -194,7 +194,7 @@ def test_checkpoint_mismatch_is_a_precise_error(tmp_path):
         build_model(ModelConfig(name="react-micro", checkpoint=str(tmp_path / "broken.pt")))
     with pytest.raises(ValueError, match="unexpected keys"):  # a gated checkpoint forced into a plain model
         _, gated = _gated_pair()
-        export_react_checkpoint(gated.model, str(tmp_path / "gated.pt"))
+        export_react_checkpoint(gated.model, str(tmp_path / "gated.pt"), gated.spec)
         build_model(ModelConfig(name="react-micro", checkpoint=str(tmp_path / "gated.pt"), gated_layers=0))
 
 
@@ -233,7 +233,7 @@ def test_checkpoint_from_s3(s3_bucket, tmp_path, monkeypatch):
     monkeypatch.setenv("REACT_RAY_CACHE", str(tmp_path / "cache"))
     _, gated = _gated_pair()
     uri = f"{s3_bucket}/checkpoints/react.pt"
-    export_react_checkpoint(gated.model, uri)
+    export_react_checkpoint(gated.model, uri, gated.spec)
     loaded = build_model(ModelConfig(name="react-micro", checkpoint=uri))
     assert loaded.gated_indices == [2, 3]
     assert isinstance(gated_blocks(loaded.model)[0], GatedResidualBlock)

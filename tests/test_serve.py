@@ -74,7 +74,7 @@ def served(ray_local, tmp_path_factory, s3_server):
     with torch.no_grad():
         custom.model.visual.proj.mul_(-1)
     boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="models")
-    export_react_checkpoint(custom.model, "s3://models/react.pt")
+    export_react_checkpoint(custom.model, "s3://models/react.pt", custom.spec)
     port = free_port()
     config = ServeConfig(port=port, retrieval=RetrievalAppConfig(
         indices={"demo": {"image": str(root / "index-image"), "text": str(root / "index-text")},

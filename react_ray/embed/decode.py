@@ -1,7 +1,8 @@
-"""Safe image decoding on CPU workers: bytes -> square uint8 RGB, or a reason why not.
+"""Safe image decoding on CPU workers: bytes -> uint8 RGB, or a reason why not.
 
-Resizing follows open_clip's eval transform exactly (shortest side to S, bicubic, centre
-crop), so embeddings match ``model.preprocess``. Pixels travel as uint8 (4x smaller than
+Resizing follows open_clip's eval transform exactly (``shortest``: shortest side to S, centre
+crop; ``squash``: to S x S; with the weights' interpolation), so embeddings match
+``model.preprocess``; ``whole`` keeps the image for training crops (shorter side down to S). Pixels travel as uint8 (4x smaller than
 float32 in the object store); the embedder normalises them on its own device.
 """
 
@@ -21,7 +22,12 @@ def _failure_reason(error: Exception) -> str:
     return "truncated_image" if "truncat" in text or "broken data stream" in text else "corrupt_image"
 
 
-def decode_image(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray | None, str | None, str | None]:
+RESIZE_MODES = ("shortest", "squash", "whole")
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+def decode_image(data: bytes, size: int, max_pixels: int, resize_mode: str = "shortest",
+                 interpolation: str = "bicubic") -> tuple[np.ndarray | None, str | None, str | None]:
     """-> (HxWx3 uint8 array, None, None) or (None, reason, message).
 
     Reasons: ``corrupt_image`` (not an image), ``truncated_image``, ``zero_size_image`` (no bytes
@@ -47,16 +53,26 @@ def decode_image(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray | 
         return None, _failure_reason(error), f"{type(error).__name__}: {error}"
     # EXIF orientation is deliberately ignored: CLIP embeddings of LAION are computed that way.
     image = image.convert("RGB")
+    resample = _RESAMPLE[interpolation]
+    if resize_mode == "squash":
+        return np.asarray(image.resize((size, size), resample), dtype=np.uint8), None, None
+    if resize_mode == "whole" and min(width, height) <= size:
+        return np.asarray(image, dtype=np.uint8), None, None
     if width <= height:  # torchvision's Resize(int) arithmetic
         resized = (size, int(size * height / width))
     else:
         resized = (int(size * width / height), size)
-    image = image.resize(resized, Image.Resampling.BICUBIC)
+    if resized[0] * resized[1] > max_pixels:  # a 1 x 40M strip would become 224 x 9G before the crop
+        return None, "oversize_image", f"{width}x{height} resizes to {resized[0]}x{resized[1]} > {max_pixels:,} pixels"
+    image = image.resize(resized, resample)
+    if resize_mode == "whole":
+        return np.asarray(image, dtype=np.uint8), None, None
     left, top = int(round((resized[0] - size) / 2.0)), int(round((resized[1] - size) / 2.0))
     return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8), None, None
 
 
-def decode_batch(batch: dict, image_size: int, max_pixels: int) -> dict:
+def decode_batch(batch: dict, image_size: int, max_pixels: int, resize_mode: str = "shortest",
+                 interpolation: str = "bicubic") -> dict:
     """Ray Data batch (dict of columns) -> same rows with ``pixels`` (N, S, S, 3) uint8 and no bytes."""
     n = len(batch["kind"])
     pixels = np.zeros((n, image_size, image_size, 3), np.uint8)
@@ -64,7 +80,7 @@ def decode_batch(batch: dict, image_size: int, max_pixels: int) -> dict:
     for i in range(n):
         if batch["kind"][i] != "record" or errors[i]:
             continue
-        array, reason, message = decode_image(batch["image"][i], image_size, max_pixels)
+        array, reason, message = decode_image(batch["image"][i], image_size, max_pixels, resize_mode, interpolation)
         if array is None:
             errors[i], messages[i] = reason, message
         else:

@@ -29,11 +29,12 @@ AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 REPORT_COLUMNS = ("shard", "records", "embedded", "end_count", "shard_error", "part", "skipped", "seconds", "nodes")
 
 
-def decode_and_tokenize(batch: dict, image_size: int, max_pixels: int, model_name: str) -> dict:
+def decode_and_tokenize(batch: dict, image_size: int, max_pixels: int, model_name: str, resize_mode: str = "shortest",
+                        interpolation: str = "bicubic") -> dict:
     """decode_batch plus caption tokens, so the model actor (on a GPU, its one Python thread feeds
     the device) only runs the model; each row is tagged with the node that prepared it (the shard
     stats list the nodes)."""
-    out = decode_batch(batch, image_size, max_pixels)
+    out = decode_batch(batch, image_size, max_pixels, resize_mode, interpolation)
     tokens = get_tokenizer(model_name)([str(c) for c in out["caption"]]).numpy()
     return out | {"tokens": tokens,
                   "decode_node": np.full(len(out["kind"]), ray.get_runtime_context().get_node_id(), object)}

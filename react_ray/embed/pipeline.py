@@ -19,11 +19,11 @@ import ray
 from tqdm.auto import tqdm
 
 from react_ray import storage
-from react_ray.config import EmbedConfig
+from react_ray.config import EmbedConfig, ModelConfig
 from react_ray.embed import outputs
 from react_ray.embed.embedder import ClipEmbedder, ShardTally, decode_and_tokenize
 from react_ray.embed.readers import InputShard, list_input_shards, read_blocks, shard_items
-from react_ray.models.factory import register_tiny_models
+from react_ray.models.factory import image_preprocess, register_tiny_models
 from react_ray.ray_utils import connect
 
 
@@ -60,7 +60,17 @@ def _commit(output: str, name: str, parts: list[str], stats: outputs.ShardStats)
     return outputs.commit_shard(output, name, parts, stats)
 
 
-def build_dataset(config: EmbedConfig, shards: list[InputShard], run_id: str, image_size: int) -> ray.data.Dataset:
+def decode_settings(model: ModelConfig) -> dict:
+    """How CPU tasks resize images for ``model``: as its weights' eval transform does."""
+    preprocess = image_preprocess(model)
+    if preprocess.resize_mode not in ("shortest", "squash"):
+        raise ValueError(f"model: {model.name} resizes with {preprocess.resize_mode!r}, which the embedding "
+                         "decoder does not reproduce (shortest, squash)")
+    return {"image_size": preprocess.size if isinstance(preprocess.size, int) else preprocess.size[0],
+            "resize_mode": preprocess.resize_mode, "interpolation": preprocess.interpolation}
+
+
+def build_dataset(config: EmbedConfig, shards: list[InputShard], run_id: str) -> ray.data.Dataset:
     items = shard_items(shards)
     device = config.pool.device or ("cuda" if config.pool.num_gpus > 0 else "cpu")
     # Reading and decoding spread over all (CPU) nodes as tasks; the model actors pack by default.
@@ -69,7 +79,7 @@ def build_dataset(config: EmbedConfig, shards: list[InputShard], run_id: str, im
     if config.decode_resources:
         cpu_task["resources"] = config.decode_resources
     read = {"source": config.source_id, "block_rows": config.read_block_rows, "caption_required": config.caption_required}
-    prepare = {"image_size": image_size, "max_pixels": config.max_image_pixels, "model_name": config.model.name}
+    prepare = {"max_pixels": config.max_image_pixels, "model_name": config.model.name} | decode_settings(config.model)
     if not config.decode_in_actor:
         read |= {"then": decode_and_tokenize, **prepare}
     return (
@@ -129,15 +139,11 @@ class RunTiming:
 
 def _embed_shards(config: EmbedConfig, pending: list[InputShard], timing: RunTiming, progress: bool) -> None:
     connect(config.ray_address)
-    import open_clip
-
-    register_tiny_models()
-    size = open_clip.get_model_config(config.model.name)["vision_cfg"]["image_size"]
     run_id = uuid.uuid4().hex[:8]
     by_number = {s.number: s for s in pending}
     tally, commits = ShardTally(), []
     bar = tqdm(total=len(pending), desc="embed shards", unit="shard", disable=not progress)
-    for batch in build_dataset(config, pending, run_id, size).iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in build_dataset(config, pending, run_id).iter_batches(batch_size=None, batch_format="numpy"):
         for i in range(len(batch["shard"])):
             row = {k: batch[k][i] for k in batch}
             timing.add(int(row["records"]))

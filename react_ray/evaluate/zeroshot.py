@@ -106,11 +106,11 @@ class ZeroShotScorer:
         out = {label: np.full((len(images), len(next(iter(self.classifiers.values())))), np.nan, np.float32)
                for label in self.models}
         for label, clip in self.models.items():
-            size = clip.image_size
-            if size not in pixels:
-                decoded = [decode_image(data or b"", size, MAX_PIXELS) for data in images]
-                pixels[size] = decoded
-            decoded = pixels[size]
+            resize = tuple(clip.decode_args.items())
+            if resize not in pixels:
+                pixels[resize] = [decode_image(data or b"", max_pixels=MAX_PIXELS, **clip.decode_args)
+                                  for data in images]
+            decoded = pixels[resize]
             reasons = [reason for _, reason, _ in decoded]
             good = [i for i, (array, _, _) in enumerate(decoded) if array is not None]
             if not good:

@@ -9,21 +9,24 @@ from __future__ import annotations
 
 import difflib
 import io
+import json
 import logging
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from torch import nn
 
 from react_ray import storage
 from react_ray.config import ModelConfig, is_weights_path
 from react_ray.models.gated import default_gated_layers, insert_gated_blocks
+from react_ray.models.releases import HUB_REPO, WEIGHTS_ENV
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
@@ -81,10 +84,16 @@ class ClipModel:
 
     model: nn.Module
     tokenizer: Callable
-    preprocess: Callable  # eval transform: PIL image -> normalised tensor
-    train_preprocess: Callable
+    preprocess: Callable  # eval transform: PIL image -> normalised tensor (image_preprocess(spec))
     spec: ModelConfig
     gated_indices: list[int] = field(default_factory=list)
+    preprocess_cfg: PreprocessCfg = field(default_factory=PreprocessCfg)
+
+    @property
+    def decode_args(self) -> dict:
+        """``decode_image``'s size, resize mode and interpolation for this model's weights."""
+        return {"size": self.image_size, "resize_mode": self.preprocess_cfg.resize_mode,
+                "interpolation": self.preprocess_cfg.interpolation}
 
     @property
     def embed_dim(self) -> int:
@@ -130,6 +139,14 @@ def _local_weights(uri: str) -> str:
     return storage.local_copy(uri)
 
 
+def _check_release_copy(spec: ModelConfig) -> None:
+    if spec.release and spec.checkpoint and not storage.exists(spec.checkpoint):
+        file = spec.checkpoint.rsplit("/", 1)[-1]
+        raise FileNotFoundError(
+            f"model: REACT's {spec.release} is read from {spec.checkpoint}, which does not exist; fetch "
+            f"{HUB_REPO}/{file} from the Hugging Face hub there (or set {WEIGHTS_ENV} to the folder holding it)")
+
+
 def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
     if not pretrained:
         return None
@@ -170,6 +187,34 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
         raise ValueError(f"checkpoint {source} does not fit the model: " + "; ".join(problems))
 
 
+def recorded_preprocess_uri(checkpoint: str) -> str:
+    """Where a checkpoint written here records its model's image preprocessing (``model.pt.json``)."""
+    return checkpoint + ".json"
+
+
+def image_preprocess(spec: ModelConfig) -> PreprocessCfg:
+    """Size, mean, std, interpolation and resize mode of ``spec``'s images: the one source for
+    embedding, training, evaluation and serving. The model config's, overlaid by its pretrained
+    tag's (or ``base_tag``'s), overlaid by what the checkpoint recorded when it was written."""
+    register_tiny_models()
+    _check_model_name(spec.name)
+    config = open_clip.get_model_config(spec.name)
+    size = config["vision_cfg"]["image_size"]
+    merged = merge_preprocess_dict(PreprocessCfg(size=size), config.get("preprocess_cfg", {}))
+    tag = spec.pretrained if spec.pretrained and not is_weights_path(spec.pretrained) else spec.base_tag
+    if tag:
+        merged = merge_preprocess_dict(merged, open_clip.get_pretrained_cfg(spec.name, tag))
+    if spec.checkpoint and storage.exists(recorded_preprocess_uri(spec.checkpoint)):
+        recorded = json.loads(storage.read_bytes(recorded_preprocess_uri(spec.checkpoint)))
+        merged = merge_preprocess_dict(merged, recorded.get("preprocess", {}))
+    return PreprocessCfg(**merged)
+
+
+def eval_transform(spec: ModelConfig) -> Callable:
+    """PIL image -> normalised tensor, as the weights expect (open_clip's eval transform)."""
+    return image_transform_v2(image_preprocess(spec), is_train=False)
+
+
 def build_model(spec: ModelConfig | str, device: str | torch.device = "cpu") -> ClipModel:
     """Create the model ``spec`` names; insert gated blocks when asked or when the checkpoint has them.
 
@@ -179,6 +224,7 @@ def build_model(spec: ModelConfig | str, device: str | torch.device = "cpu") -> 
     """
     spec = ModelConfig(name=spec) if isinstance(spec, str) else spec
     _check_model_name(spec.name)
+    _check_release_copy(spec)
     pretrained = _resolve_pretrained(spec.name, spec.pretrained)
     state = read_state_dict(spec.checkpoint) if spec.checkpoint else None
     num_gated = spec.gated_layers
@@ -192,9 +238,7 @@ def build_model(spec: ModelConfig | str, device: str | torch.device = "cpu") -> 
             # Random weights are the point of the tiny models, and a checkpoint replaces them.
             random_expected = pretrained is None and (state is not None or spec.name in TINY_MODELS)
             with open_clip_quiet(random_weights_expected=random_expected):
-                model, train_preprocess, preprocess = open_clip.create_model_and_transforms(
-                    spec.name, pretrained=pretrained, device=device
-                )
+                model = open_clip.create_model(spec.name, pretrained=pretrained, device=device)
         except RuntimeError as error:
             raise RuntimeError(
                 f"could not load pretrained weights {spec.pretrained!r} for {spec.name}: {error}. "
@@ -208,11 +252,13 @@ def build_model(spec: ModelConfig | str, device: str | torch.device = "cpu") -> 
     if state is not None:
         load_state_dict_strict(model, state, spec.checkpoint)
     model.eval()
+    preprocess = image_preprocess(spec)
+    open_clip.set_model_preprocess_cfg(model, asdict(preprocess))  # what the embedder normalises with
     return ClipModel(
         model=model,
         tokenizer=get_tokenizer(spec.name),
-        preprocess=preprocess,
-        train_preprocess=train_preprocess,
+        preprocess=image_transform_v2(preprocess, is_train=False),
+        preprocess_cfg=preprocess,
         spec=spec,
         gated_indices=gated_indices,
     )
@@ -227,12 +273,16 @@ def react_gated_layers(name: str) -> int:
     return default_gated_layers(name, int(config["vision_cfg"]["layers"]))
 
 
-def export_react_checkpoint(model: nn.Module, uri: str) -> None:
-    """Write the whole model as REACT releases it: a bare fp16 state_dict (``torch.save``)."""
+def export_react_checkpoint(model: nn.Module, uri: str, spec: ModelConfig) -> None:
+    """Write the whole model as REACT releases it, a bare fp16 state_dict (``torch.save``), and
+    beside it (``model.pt.json``) the model name and image preprocessing it was trained with."""
     state = {k: v.detach().to("cpu", torch.float16) for k, v in model.state_dict().items()}
     buffer = io.BytesIO()
     torch.save(state, buffer)
     storage.write_bytes_atomic(uri, buffer.getvalue())
+    record = {"model": spec.name, "gated_layers": gated_layers_in(state),
+              "preprocess": asdict(image_preprocess(spec))}
+    storage.write_text_atomic(recorded_preprocess_uri(uri), json.dumps(record, indent=1))
 
 
 __all__ = [
@@ -240,7 +290,9 @@ __all__ = [
     "ClipModel",
     "available_models",
     "build_model",
+    "eval_transform",
     "export_react_checkpoint",
+    "image_preprocess",
     "react_gated_layers",
     "read_state_dict",
 ]

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-# K per architecture, from the REACT paper; other ViTs default to half their depth.
-REACT_GATED_LAYERS = {"ViT-B-32": 6, "ViT-B-16": 6, "ViT-L-14": 6, "ViT-bigG-14": 12}
+from react_ray.models.releases import REACT_GATED_LAYERS  # REACT's K; other ViTs: half their depth
+
+# REACT's gated block never passes the tower's MLP ratio: 4.0 also on bigG (whose own blocks use 4.9231).
 MLP_RATIO = 4.0
 
 

@@ -1,7 +1,7 @@
 """Training data on Ray Data: webdataset shards -> augmented image tensors + caption tokens.
 
 ```
-shards --read (CPU tasks)--> records --decode (safe, to image_size)--> uint8 pixels [cache]
+shards --read (CPU tasks)--> records --decode (safe; whole image, shorter side bounded)--> uint8 pixels [cache]
     --augment + tokenize (CPU tasks, or the workers themselves: augment_in_worker; fresh
       randomness every epoch)--> {"image", "text"} batches
 ```
@@ -21,10 +21,10 @@ import open_clip
 import ray
 from PIL import Image
 
-from react_ray.config import AugmentConfig, TrainConfig
+from react_ray.config import AugmentConfig, ModelConfig, TrainConfig
 from react_ray.embed.decode import decode_image
 from react_ray.embed.readers import list_input_shards, read_blocks, shard_items
-from react_ray.models.factory import get_tokenizer, register_tiny_models
+from react_ray.models.factory import eval_transform, get_tokenizer, image_preprocess, register_tiny_models
 
 log = logging.getLogger(__name__)
 
@@ -35,28 +35,47 @@ def model_image_size(model_name: str) -> int:
 
 
 @cache
-def _transform(model_name: str, augment_json: str):
-    """PIL image -> normalised tensor: timm's train transform (REACT's recipe) or the eval one."""
+def _transform(model_json: str, augment_json: str):
+    """PIL image -> normalised tensor: timm's train transform with REACT's aug-cfg (on the whole
+    decoded image), or the eval one; mean, std and size are the weights' (``image_preprocess``)."""
     augment = AugmentConfig.model_validate_json(augment_json)
-    register_tiny_models()
-    size = model_image_size(model_name)
-    cfg = open_clip.get_model_config(model_name).get("preprocess_cfg", {})
-    mean = tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
-    std = tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
+    model = ModelConfig.model_validate_json(model_json)
     if not augment.enabled:
-        return open_clip.image_transform(size, is_train=False, mean=mean, std=std)
+        return eval_transform(model)
     from timm.data import create_transform
 
-    # No flips (captions say left/right), no colour jitter (captions name colours): as open_clip does.
+    preprocess = image_preprocess(model)
+    size = model_image_size(model.name)
     return create_transform(
-        input_size=(3, size, size), is_training=True, scale=augment.scale, hflip=0.0, color_jitter=None,
-        auto_augment=augment.auto_augment, re_prob=augment.re_prob, re_mode="pixel", interpolation="bicubic",
-        mean=mean, std=std,
+        input_size=(3, size, size), is_training=True, scale=augment.scale, ratio=augment.ratio, hflip=augment.hflip,
+        color_jitter=augment.color_jitter, auto_augment=augment.auto_augment, interpolation=augment.interpolation,
+        re_prob=augment.re_prob, re_mode="pixel", re_count=augment.re_count, mean=tuple(preprocess.mean),
+        std=tuple(preprocess.std),
     )
 
 
-def decode_for_training(batch: dict, image_size: int, max_pixels: int) -> dict:
-    """Records -> ``pixels`` (uint8, square, open_clip eval resize) + ``caption``; bad records logged."""
+def decode_args(config: TrainConfig) -> dict:
+    """How training decodes: the whole image (shorter side bounded) for augmentation crops, else
+    the weights' eval resize to the model's square."""
+    if config.augment.enabled:
+        return {"size": config.augment.decode_short_side, "resize_mode": "whole"}
+    preprocess = image_preprocess(config.model)
+    return {"size": model_image_size(config.model.name), "resize_mode": preprocess.resize_mode,
+            "interpolation": preprocess.interpolation}
+
+
+def _pixel_column(arrays: list[np.ndarray]) -> np.ndarray:
+    """One (N, H, W, 3) array when all images share a shape, else N arrays (Ray Data: ragged tensors)."""
+    if len({a.shape for a in arrays}) <= 1:
+        return np.array(arrays, np.uint8).reshape(len(arrays), *(arrays[0].shape if arrays else (0, 0, 3)))
+    column = np.empty(len(arrays), dtype=object)
+    for i, array in enumerate(arrays):
+        column[i] = array
+    return column
+
+
+def decode_for_training(batch: dict, decode: dict, max_pixels: int) -> dict:
+    """Records -> ``pixels`` (uint8, as ``decode_args`` says) + ``caption``; bad records logged."""
     pixels, captions = [], []
     for kind, error, key, image, caption in zip(batch["kind"], batch["error"], batch["key"], batch["image"],
                                                 batch["caption"]):
@@ -65,38 +84,37 @@ def decode_for_training(batch: dict, image_size: int, max_pixels: int) -> dict:
         if error:
             log.warning("training sample %s left out: %s", key, error)
             continue
-        array, reason, message = decode_image(image, image_size, max_pixels)
+        array, reason, message = decode_image(image, max_pixels=max_pixels, **decode)
         if array is None:
             log.warning("training sample %s left out: %s (%s)", key, reason, message)
             continue
         pixels.append(array)
         captions.append(caption)
-    return {"pixels": np.array(pixels, np.uint8).reshape(-1, image_size, image_size, 3),
-            "caption": np.array(captions, dtype=object)}
+    return {"pixels": _pixel_column(pixels), "caption": np.array(captions, dtype=object)}
 
 
-def decode_and_augment(batch: dict, image_size: int, max_pixels: int, model_name: str, augment_json: str) -> dict:
-    return augment_and_tokenize(decode_for_training(batch, image_size, max_pixels), model_name, augment_json)
+def decode_and_augment(batch: dict, decode: dict, max_pixels: int, model_json: str, augment_json: str) -> dict:
+    return augment_and_tokenize(decode_for_training(batch, decode, max_pixels), model_json, augment_json)
 
 
-def augment_and_tokenize(batch: dict, model_name: str, augment_json: str) -> dict:
-    transform = _transform(model_name, augment_json)
-    size = model_image_size(model_name)
+def augment_and_tokenize(batch: dict, model_json: str, augment_json: str) -> dict:
+    transform = _transform(model_json, augment_json)
+    name = ModelConfig.model_validate_json(model_json).name
+    size = model_image_size(name)
     images = [transform(Image.fromarray(p)).numpy() for p in batch["pixels"]]
-    tokens = get_tokenizer(model_name)(list(batch["caption"]))
+    tokens = get_tokenizer(name)(list(batch["caption"]))
     return {"image": np.array(images, np.float32).reshape(-1, 3, size, size), "text": tokens.numpy()}
 
 
 def training_dataset(config: TrainConfig) -> ray.data.Dataset:
     """The stream of training batches for ``config.data`` (webdataset shards, local or s3://)."""
     shards = list_input_shards(config.data, "webdataset")
-    size = model_image_size(config.model.name)
     cpu_task = {"num_cpus": config.decode_num_cpus}
     dataset = ray.data.from_items(shard_items(shards), override_num_blocks=len(shards))
     if config.data_sharding == "stream":
         dataset = dataset.randomize_block_order(seed=config.seed)
-    decode = {"image_size": size, "max_pixels": config.max_image_pixels}
-    augment = {"model_name": config.model.name, "augment_json": config.augment.model_dump_json()}
+    decode = {"decode": decode_args(config), "max_pixels": config.max_image_pixels}
+    augment = {"model_json": config.model.model_dump_json(), "augment_json": config.augment.model_dump_json()}
     dataset.context.enable_progress_bars = False  # the training loop prints its own progress
     if config.seed is not None:  # blocks in input order (a cached set keeps the order it was built in)
         dataset.context.execution_options.preserve_order = True

@@ -178,7 +178,7 @@ def _batches(config: TrainConfig, rank: int, world: int, device: torch.device):
         if config.augment_in_worker:  # Ray Data brings decoded pixels; this worker augments its part
             for batch in source.iter_batches(batch_size=size, batch_format="numpy", drop_last=True,
                                              local_shuffle_buffer_size=shuffle, local_shuffle_seed=shuffle_seed):
-                mine = augment_and_tokenize({k: v[part] for k, v in batch.items()}, config.model.name,
+                mine = augment_and_tokenize({k: v[part] for k, v in batch.items()}, config.model.model_dump_json(),
                                             config.augment.model_dump_json())
                 yield torch.from_numpy(mine["image"]).to(device), torch.from_numpy(mine["text"]).to(device)
         else:
@@ -259,6 +259,6 @@ def train_worker(config_data: dict) -> None:
         else:
             ray.train.report(metrics)
     if rank == 0:
-        export_react_checkpoint(_unwrap(model), storage.join(config.output, "model.pt"))
+        export_react_checkpoint(_unwrap(model), storage.join(config.output, "model.pt"), config.model)
         metrics_text = "".join(json.dumps(row) + "\n" for row in state.history)
         storage.write_text_atomic(storage.join(config.output, "metrics.jsonl"), metrics_text)
