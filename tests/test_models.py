@@ -237,3 +237,66 @@ def test_checkpoint_from_s3(s3_bucket, tmp_path, monkeypatch):
     loaded = build_model(ModelConfig(name="react-micro", checkpoint=uri))
     assert loaded.gated_indices == [2, 3]
     assert isinstance(gated_blocks(loaded.model)[0], GatedResidualBlock)
+
+
+def test_bigg_gated_blocks_keep_reacts_mlp_ratio():
+    """REACT's gated block never takes the tower's MLP ratio: 4.0 on bigG, whose own blocks use 4.9231."""
+    with torch.device("meta"):
+        model = open_clip.create_model("ViT-bigG-14", device="meta")
+        assert insert_gated_blocks(model, react_gated_layers("ViT-bigG-14")) == list(range(36, 48))
+    block = model.visual.transformer.resblocks[36]
+    assert tuple(block.mlp.c_fc.weight.shape) == (8192, 1664)  # int(1664 * 4.9231)
+    assert tuple(block.gated_attn_block.mlp.c_fc.weight.shape) == (4 * 1664, 1664)
+
+
+def _react_release_state(name: str, indices: list[int]) -> dict[str, torch.Tensor]:
+    """A state_dict with a released checkpoint's exact keys and shapes, on the meta device: the
+    base model's OpenCLIP keys, then REACT's gated keys (reference/react-method.md) per block."""
+    state = {k: torch.empty(v.shape, dtype=torch.float16, device="meta")
+             for k, v in open_clip.create_model(name, device="meta").state_dict().items()}
+    width = open_clip.get_model_config(name)["vision_cfg"]["width"]
+    shapes = {"alpha_attn": (), "alpha_dense": (), "ln_1.weight": (width,), "ln_1.bias": (width,),
+              "attn.in_proj_weight": (3 * width, width), "attn.in_proj_bias": (3 * width,),
+              "attn.out_proj.weight": (width, width), "attn.out_proj.bias": (width,), "ln_2.weight": (width,),
+              "ln_2.bias": (width,), "mlp.c_fc.weight": (4 * width, width), "mlp.c_fc.bias": (4 * width,),
+              "mlp.c_proj.weight": (width, 4 * width), "mlp.c_proj.bias": (width,)}
+    for i in indices:
+        for suffix in REACT_GATED_SUFFIXES:
+            state[f"visual.transformer.resblocks.{i}.gated_attn_block.{suffix}"] = torch.empty(
+                shapes[suffix], dtype=torch.float16, device="meta")
+    return state
+
+
+@pytest.mark.parametrize("name, tag, model, indices, mean", [
+    ("react_ViT-B-32", "react_clip_ret_laion400m", "ViT-B-32-quickgelu", range(6, 12), 0.48145466),
+    ("react_ViT-B-32-quickgelu", "react_openclip_laion400m_ret_laion400m", "ViT-B-32-quickgelu", range(6, 12),
+     0.48145466),
+    ("react_ViT-B-32", "react_openclip_laion2b_ret_laion400m", "ViT-B-32", range(6, 12), 0.48145466),
+    ("ViT-B-32", "react_clip_ret_laion400m", "ViT-B-32-quickgelu", [], 0.48145466),  # locked-text
+    ("react_ViT-B-16", "react_clip_ret_laion400m", "ViT-B-16-quickgelu", range(6, 12), 0.48145466),
+    ("ViT-B-16", "react_clip_ret_laion400m", "ViT-B-16-quickgelu", [], 0.48145466),
+    ("react_ViT-L-14", "react_clip_ret_laion2b", "ViT-L-14-quickgelu", range(18, 24), 0.48145466),
+    ("react_ViT-L-14", "react_openclip_laion2b_ret_laion2b", "ViT-L-14", range(18, 24), 0.5),
+    ("react_ViT-bigG-14", "react_openclip_laion2b_ret_laion2b", "ViT-bigG-14", range(36, 48), 0.48145466),
+])
+def test_reacts_released_checkpoints_load_by_their_names(tmp_path, monkeypatch, name, tag, model, indices, mean):
+    """A `model:` entry names a release as REACT does; the local copy (exact keys and shapes, meta
+    tensors: no 10 GB files here) loads strictly into the model that fits it."""
+    from react_ray.models.releases import RELEASED_FILES
+
+    monkeypatch.setenv("REACT_RAY_WEIGHTS", str(tmp_path))
+    spec = ModelConfig(name=name, pretrained=tag)
+    assert (spec.name, spec.gated_layers, spec.release) == (model, len(indices), f"{name}:{tag}")
+    missing = pytest.raises(FileNotFoundError, match=rf"REACT's {name}:{tag} is read from .*; fetch "
+                                                     r"react-vl/react-in1k/\S+\.pt from the Hugging Face hub")
+    with missing:
+        build_model(spec, device="meta")
+    file = RELEASED_FILES[(name.removesuffix("-quickgelu"), tag)]
+    torch.save(_react_release_state(model, list(indices)), tmp_path / file)
+    clip = build_model(spec, device="meta")
+    assert clip.gated_indices == list(indices)
+    activation = type(clip.model.visual.transformer.resblocks[-1].mlp.gelu)
+    assert (activation is open_clip.transformer.QuickGELU) == model.endswith("-quickgelu")
+    assert clip.preprocess_cfg.mean[0] == pytest.approx(mean)
+    with pytest.raises(ValueError, match="REACT released no react_ViT-B-16:react_clip_ret_laion2b; its checkpoints"):
+        ModelConfig(name="react_ViT-B-16", pretrained="react_clip_ret_laion2b")

@@ -17,7 +17,7 @@ from react_ray import storage
 from react_ray.config import CorpusConfig, EvaluateConfig, GenerateConfig, ModelConfig, TrainConfig
 from react_ray.data.synthetic import SHAPES, generate_corpus
 from react_ray.evaluate.zeroshot import ZeroShotScorer, accuracy_metrics, paired_bootstrap, run_evaluation
-from react_ray.models import build_model, gate_values
+from react_ray.models import build_model, export_react_checkpoint, gate_values
 from react_ray.train.loop import Stepper, build_for_training, lr_at, make_optimizer
 from react_ray.train.trainer import read_history, run_training
 
@@ -239,3 +239,104 @@ def test_bad_train_configs_are_precise(tmp_path):
         build_config(TrainConfig, {"data": "d", "output": "o", "precision": "fp16"})
     with pytest.raises(ConfigError, match="mode: got 'gated-text'"):
         build_config(TrainConfig, {"data": "d", "output": "o", "mode": "gated-text"})
+
+
+def _normalize(transform) -> tuple[tuple, tuple]:
+    from torchvision.transforms import Normalize
+
+    step = next(t for t in transform.transforms if isinstance(t, Normalize))
+    return tuple(np.round(step.mean, 6)), tuple(np.round(step.std, 6))
+
+
+def test_every_path_preprocesses_as_the_weights_expect(tmp_path):
+    """One source (image_preprocess) for a tag with non-OpenAI statistics (ViT-L-14 laion2b: 0.5):
+    the training transforms, the eval transform (evaluation, both Serve apps), the embedder's
+    decode and normalisation; and a checkpoint's recorded values when it is read without its tag."""
+    from react_ray.embed.pipeline import decode_settings
+    from react_ray.models import eval_transform, image_preprocess
+    from react_ray.models.factory import recorded_preprocess_uri
+    from react_ray.train.data import _transform
+
+    laion = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    spec = ModelConfig(name="ViT-L-14", pretrained="laion2b_s32b_b82k")
+    assert _normalize(eval_transform(spec)) == laion
+    for augment in ({"enabled": True}, {"enabled": False}):
+        config = _config(tmp_path, model=spec, augment=augment)
+        assert _normalize(_transform(config.model.model_dump_json(), config.augment.model_dump_json())) == laion
+    assert decode_settings(spec) == {"image_size": 224, "resize_mode": "shortest", "interpolation": "bicubic"}
+    openai = _normalize(eval_transform(ModelConfig(name="ViT-L-14-quickgelu", pretrained="openai")))
+    assert openai != laion and openai[0][0] == 0.481455
+    # A tuned model written here records what it was trained with; read back without the tag, it keeps it.
+    clip = build_model("react-micro")
+    checkpoint = str(tmp_path / "model.pt")
+    export_react_checkpoint(clip.model, checkpoint, clip.spec)
+    record = json.loads(storage.read_bytes(recorded_preprocess_uri(checkpoint)))
+    assert record["preprocess"]["mean"] == list(image_preprocess(clip.spec).mean)
+    record["preprocess"] |= {"mean": [0.5] * 3, "std": [0.5] * 3}
+    storage.write_text_atomic(recorded_preprocess_uri(checkpoint), json.dumps(record))
+    tuned = build_model(ModelConfig(name="react-micro", checkpoint=checkpoint))
+    assert _normalize(tuned.preprocess) == laion  # evaluation and the Serve apps
+    assert tuple(tuned.model.visual.preprocess_cfg["mean"]) == laion[0]  # the embedder normalises with this
+    config = _config(tmp_path, model=tuned.spec, augment={"enabled": True})
+    assert _normalize(_transform(config.model.model_dump_json(), config.augment.model_dump_json())) == laion
+
+
+def test_react_augmentation_is_reacts_released_aug_cfg(tmp_path):
+    """The built timm transform against REACT's --aug-cfg (react_customization/README.md)."""
+    from timm.data.auto_augment import RandAugment
+    from timm.data.random_erasing import RandomErasing
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from torchvision.transforms import ColorJitter, RandomHorizontalFlip
+
+    from react_ray.train.data import _transform
+
+    config = TrainConfig(data=str(tmp_path), output=str(tmp_path / "run"),
+                         model=ModelConfig(name="ViT-B-32-quickgelu", pretrained="openai"))
+    transform = _transform(config.model.model_dump_json(), config.augment.model_dump_json())
+    steps = {type(t): t for t in transform.transforms}
+    crop = steps[RandomResizedCropAndInterpolation]
+    assert (crop.size, crop.scale, crop.ratio) == ((224, 224), (0.08, 1.0), (0.75, 1.3333333))
+    assert str(crop.interpolation).lower().endswith("bicubic")
+    assert steps[RandomHorizontalFlip].p == 0.5
+    rand_augment = steps[RandAugment]
+    assert len(rand_augment.ops) == 15 and rand_augment.num_layers == 2  # rand-m9-mstd0.5-inc1: timm's increasing set
+    assert {op.magnitude for op in rand_augment.ops} == {9} and {op.magnitude_std for op in rand_augment.ops} == {0.5}
+    erasing = steps[RandomErasing]
+    assert (erasing.probability, erasing.max_count, erasing.mode) == (0.25, 1, "pixel")
+    # timm leaves colour jitter out when RandAugment runs (REACT's color_jitter=0.4 too): it would
+    # need auto_augment off to apply.
+    assert ColorJitter not in steps
+    no_aa = config.augment.model_copy(update={"auto_augment": None})
+    assert any(isinstance(t, ColorJitter) for t in _transform(config.model.model_dump_json(),
+                                                               no_aa.model_dump_json()).transforms)
+
+
+@pytest.mark.ray
+def test_training_crops_from_the_whole_decoded_image(ray_local, tmp_path):
+    """Images of any aspect are decoded whole (shorter side bounded, REACT's 384 by default), so
+    the random-resized crop sees what REACT's sees; batches come out at the model's size either way."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from react_ray.train.data import training_dataset
+
+    rng = np.random.default_rng(0)
+    sizes = [(50, 30), (30, 70), (48, 48)]  # width x height
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for i in range(12):
+            jpeg = io.BytesIO()
+            width, height = sizes[i % 3]
+            Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(jpeg, format="JPEG")
+            for name, data in ((f"{i:09d}.jpg", jpeg.getvalue()), (f"{i:09d}.txt", b"a red circle")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    common = dict(data=str(tmp_path), output=str(tmp_path / "run"), model=ModelConfig(name="react-micro"),
+                  batch_size=4, augment={"decode_short_side": 36})
+    cached = TrainConfig(**common, cache_decoded=True, augment_in_worker=True, seed=0)
+    shapes = {p.shape for p in training_dataset(cached).take_batch(12, batch_format="numpy")["pixels"]}
+    assert shapes == {(30, 50, 3), (70, 30, 3), (36, 36, 3)}  # aspect kept; only the 48 px side came down
+    batch = training_dataset(TrainConfig(**common)).take_batch(12, batch_format="numpy")
+    assert batch["image"].shape == (12, 3, 32, 32) and batch["text"].shape[0] == 12
