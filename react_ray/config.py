@@ -261,14 +261,19 @@ class RetrieveConfig(StrictModel):
 class MaterializeConfig(StrictModel):
     """Stage 3b: a retrieved set -> labeled webdataset training shards (corpus bytes or URL downloads)."""
 
-    retrieved: Uri = Field(description="retrieved.parquet, or the directory holding it")
+    retrieved: Uri = Field(description="retrieved.parquet (or the directory holding it), or any parquet of URLs "
+                                       "and captions such as REACT's imagenet_10m.parquet (URL, TEXT)")
     output: Uri
     source: Literal["corpus", "download"] = "corpus"
+    url_col: str = Field(default="url", description="img2dataset's url_col (REACT's file: URL)")
+    caption_col: str = Field(default="caption", description="img2dataset's caption_col (REACT's file: TEXT)")
     embeddings: Uri | None = Field(default=None, description="embedding set (source=corpus finds images via it)")
     samples_per_shard: int = Field(default=1000, ge=1, le=10_000)
-    resize_mode: Literal["no", "keep_ratio", "center_crop"] = "keep_ratio"
+    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop"] = Field(
+        default="keep_ratio", description="img2dataset's: keep_ratio = shortest side to image_size")
     image_size: int = Field(default=384, ge=8)
     resize_only_if_bigger: bool = True
+    skip_reencode: bool = Field(default=False, description="keep a JPEG's bytes when it needs no resizing")
     threads: int = Field(default=16, ge=1, description="concurrent downloads per task")
     timeout: float = Field(default=10.0, gt=0)
     retries: int = Field(default=2, ge=0)

@@ -9,6 +9,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
@@ -36,6 +37,7 @@ def _jpeg(size=(600, 400)) -> bytes:
 
 
 GOOD = _jpeg()
+SMALL = _jpeg((300, 200))
 STATE = {"broken_fixed": False, "flaky_calls": 0}
 
 
@@ -54,6 +56,8 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path
         if path.startswith("/good"):
             self._send(200, GOOD)
+        elif path.startswith("/small/"):  # 300x200, under REACT's 384: left as it is
+            self._send(200, SMALL)
         elif path == "/missing":
             self._send(404, b"not found", "text/plain")
         elif path == "/slow":
@@ -112,7 +116,7 @@ def test_download_counts_every_failure_and_retries_only_failed(ray_local, server
         names = sorted(tar.getnames())
         assert "000000000.jpg" in names and "000000000.cls" in names
         image = Image.open(io.BytesIO(tar.extractfile("000000000.jpg").read()))
-        assert image.size == (64, 43)  # keep_ratio: longest side to 64
+        assert image.size == (96, 64)  # img2dataset's keep_ratio: the 600x400 image's shortest side to 64
         meta = json.loads(tar.extractfile("000000000.json").read())
         assert meta["class"] == "dog" and meta["label"] == 0 and meta["url"].endswith("/good/1")
 
@@ -149,3 +153,36 @@ def test_corpus_source_materializes_by_id(ray_local, tmp_path):
         assert copy.size == original.size == (40, 40)
     with pytest.raises(Exception, match="source=corpus needs embeddings"):
         MaterializeConfig(retrieved="x", output="y")
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+def test_reacts_retrieved_pairs_file_materializes_and_trains(ray_local, server, s3_bucket, tmp_path):
+    """REACT's imagenet_10m.parquet has two columns, URL and TEXT (img2dataset's input): one of that
+    shape on the local S3 server, its URLs on the local HTTP server, goes through materialize with
+    REACT's img2dataset options, then into a training run."""
+    from react_ray.config import TrainConfig
+    from react_ray.train.trainer import run_training
+
+    paths = ["/good/a", "/small/b", "/missing", "/good/c", "/small/d", "/text", "/good/e", "/small/f", "/good/g"]
+    table = pa.table({"URL": [server + p for p in paths], "TEXT": [f"a photo number {i}" for i in range(len(paths))]})
+    write_parquet(f"{s3_bucket}/react/imagenet_10m.parquet", table)
+    config = MaterializeConfig(retrieved=f"{s3_bucket}/react/imagenet_10m.parquet", output=str(tmp_path / "shards"),
+                               source="download", url_col="URL", caption_col="TEXT", samples_per_shard=4,
+                               image_size=384, resize_only_if_bigger=True, resize_mode="keep_ratio",
+                               skip_reencode=True, timeout=2.0, retries=0)
+    summary = run_materialize(config, progress=False)
+    assert summary["success"] == 7 and summary["failed"] == {"http_error": 1, "corrupt_image": 1}
+    with tarfile.open(tmp_path / "shards" / "00000.tar") as tar:
+        members = {n: tar.extractfile(n).read() for n in tar.getnames()}
+    assert members["000000000.txt"] == b"a photo number 0" and "000000000.cls" not in members  # no labels
+    assert Image.open(io.BytesIO(members["000000000.jpg"])).size == (576, 384)  # shortest side to 384
+    assert members["000000001.jpg"] == SMALL  # smaller than 384: its own bytes (skip_reencode)
+    assert json.loads(members["000000001.json"])["id"] == 1  # the row's position in REACT's file
+    with pytest.raises(ValueError, match=r"has no column 'url' \(columns: URL, TEXT\); set url_col"):
+        run_materialize(config.model_copy(update={"url_col": "url", "output": str(tmp_path / "x")}), progress=False)
+    run = run_training(TrainConfig(data=str(tmp_path / "shards"), output=str(tmp_path / "run"),
+                                   model=ModelConfig(name="react-micro"), steps=2, batch_size=4,
+                                   optim={"lr": 1e-3, "warmup_steps": 1}, shuffle_buffer=0, log_every=1,
+                                   checkpoint_every=2, decode_num_cpus=0.5))
+    assert run.steps == 2 and np.isfinite(run.final_loss)

@@ -53,24 +53,32 @@ def download(url: str, policy: FetchPolicy) -> tuple[bytes | None, str | None, s
     return None, reason, f"{message} (after {policy.retries + 1} attempts)"
 
 
-def resize(data: bytes, mode: str, size: int, only_if_bigger: bool, max_pixels: int
+def resize(data: bytes, mode: str, size: int, only_if_bigger: bool, max_pixels: int, skip_reencode: bool = False
            ) -> tuple[bytes | None, str | None, str | None, tuple[int, int]]:
-    """Decode safely, resize (``no``, ``keep_ratio``: longest side to ``size``, ``center_crop``:
-    shortest side to ``size`` then a centred square), re-encode as JPEG."""
-    if mode == "center_crop":
-        array, reason, message = decode_image(data, size, max_pixels)
-        if array is None:
-            return None, reason, message, (0, 0)
-        image = Image.fromarray(array)
-    else:
-        check, reason, message = decode_image(data, 1, max_pixels)  # validates without a big resize
-        if check is None:
-            return None, reason, message, (0, 0)
-        image = Image.open(io.BytesIO(data)).convert("RGB")
-        if mode == "keep_ratio" and (max(image.size) > size or not only_if_bigger):
-            scale = size / max(image.size)
-            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                                 Image.Resampling.BICUBIC)
+    """Decode safely and resize as img2dataset does: ``no``; ``keep_ratio`` (shortest side to
+    ``size``); ``keep_ratio_largest`` (longest side to ``size``); ``center_crop`` (shortest side to
+    ``size``, then the centred square). ``only_if_bigger``: never upscale. Re-encoded as JPEG, except
+    a JPEG left as it was when ``skip_reencode`` (img2dataset's option of that name)."""
+    check, reason, message = decode_image(data, 1, max_pixels)  # validates without a big resize
+    if check is None:
+        return None, reason, message, (0, 0)
+    image = Image.open(io.BytesIO(data))
+    source_format = image.format
+    image = image.convert("RGB")
+    side = {"keep_ratio": min, "keep_ratio_largest": max, "center_crop": min}.get(mode)
+    changed = False
+    if side is not None and (side(image.size) > size or not only_if_bigger):
+        scale = size / side(image.size)
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.Resampling.BICUBIC)
+        changed = True
+    if mode == "center_crop" and image.width != image.height:
+        square = min(image.size)
+        left, top = (image.width - square) // 2, (image.height - square) // 2
+        image = image.crop((left, top, left + square, top + square))
+        changed = True
+    if skip_reencode and not changed and source_format == "JPEG":
+        return data, None, None, image.size
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=95)
     return buffer.getvalue(), None, None, image.size

@@ -74,7 +74,7 @@ def _fetch_all(rows: pd.DataFrame, config: MaterializeConfig) -> list[tuple[byte
             out.append((None, reason, message))
             continue
         jpg, reason, message, _ = resize(data, config.resize_mode, config.image_size, config.resize_only_if_bigger,
-                                         config.max_image_pixels)
+                                         config.max_image_pixels, config.skip_reencode)
         out.append((jpg, reason, message))
     return out
 
@@ -108,11 +108,13 @@ def materialize_shard(k: int, rows: pd.DataFrame, config: MaterializeConfig) -> 
         new_status.append({"id": row["id"], "key": key, "status": "success" if jpg else "failed",
                            "reason": reason or "", "message": message or ""})
         if jpg:
-            meta = {"id": int(row["id"]), "key": key, "source_key": row["key"], "url": row["url"],
-                    "caption": row["caption"], "class": row["class"], "label": int(row["label"]),
-                    "score": float(row["score"])}
-            members.update({f"{key}.jpg": jpg, f"{key}.txt": (row["caption"] or "").encode(),
-                            f"{key}.cls": str(int(row["label"])).encode(), f"{key}.json": json.dumps(meta).encode()})
+            meta = {"id": int(row["id"]), "key": key, "url": row["url"], "caption": row["caption"]}
+            members.update({f"{key}.jpg": jpg, f"{key}.txt": (row["caption"] or "").encode()})
+            if "label" in row:  # a retrieved set of ours; a plain URL list (REACT's file) has no labels
+                meta |= {"source_key": row["key"], "class": row["class"], "label": int(row["label"]),
+                         "score": float(row["score"])}
+                members[f"{key}.cls"] = str(int(row["label"])).encode()
+            members[f"{key}.json"] = json.dumps(meta).encode()
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for name in sorted(members):
@@ -151,10 +153,19 @@ def read_rows(uri: str, start: int, stop: int) -> pd.DataFrame:
     return pa.concat_tables(tables).to_pandas()
 
 
+def standard_rows(rows: pd.DataFrame, start: int, config: MaterializeConfig) -> pd.DataFrame:
+    """``url`` and ``caption`` from the configured columns; a file without ids (a plain URL list such
+    as REACT's imagenet_10m.parquet) gets each row's position in the file as its id."""
+    rows = rows.rename(columns={config.url_col: "url", config.caption_col: "caption"})
+    if "id" not in rows.columns:
+        rows.insert(0, "id", range(start, start + len(rows)))
+    return rows
+
+
 def _materialize_batch(batch: dict, config: MaterializeConfig) -> dict:
     """Ray Data UDF: one output shard per row of ``batch`` (its number and row range)."""
-    stats = [materialize_shard(int(k), read_rows(retrieved_uri(config), int(a), int(b)), config)
-             for k, a, b in zip(batch["shard"], batch["start"], batch["stop"])]
+    stats = [materialize_shard(int(k), standard_rows(read_rows(retrieved_uri(config), int(a), int(b)), int(a), config),
+                               config) for k, a, b in zip(batch["shard"], batch["start"], batch["stop"])]
     return {"shard": [s["shard"] for s in stats], "stats": [json.dumps(s) for s in stats]}
 
 
@@ -162,7 +173,12 @@ def run_materialize(config: MaterializeConfig, progress: bool = True) -> dict:
     """Materialize every pending shard of the retrieved set on Ray Data; return the summary of all shards."""
     start = time.perf_counter()
     with storage.open_uri(retrieved_uri(config)) as f:
-        total = pq.ParquetFile(f).metadata.num_rows
+        metadata = pq.ParquetFile(f).metadata
+    total, columns = metadata.num_rows, metadata.schema.names
+    wanted = (config.url_col, config.caption_col) if config.source == "download" else ("id",)
+    if missing := [c for c in wanted if c not in columns]:
+        raise ValueError(f"materialize: {retrieved_uri(config)} has no column {missing[0]!r} (columns: "
+                         f"{', '.join(columns)}); set url_col / caption_col")
     step = config.samples_per_shard
     plan = [{"shard": k, "start": a, "stop": min(a + step, total)} for k, a in enumerate(range(0, total, step))]
     pending = [p for p in plan if config.retry_failed or not storage.exists(shard_uri(config.output, p["shard"],
