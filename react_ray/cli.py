@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from react_ray.config import (
     ConfigError,
     DemoConfig,
+    ElevaterConfig,
     EmbedConfig,
     EvaluateConfig,
     GenerateConfig,
@@ -82,6 +83,13 @@ def _run_evaluate(config: EvaluateConfig) -> int:
     return 0
 
 
+def _run_elevater(config: ElevaterConfig) -> int:
+    from react_ray.evaluate.elevater import run_elevater
+
+    run_elevater(config)
+    return 0
+
+
 def _run_serve(config: ServeConfig) -> int:
     from serve_apps.run import run_serve
 
@@ -103,6 +111,8 @@ STAGES: dict[str, Stage] = {
                          _run_materialize),
     "train": Stage("REACT gated-image / locked-text tuning (or pre-training) on Ray Train", TrainConfig, _run_train),
     "evaluate": Stage("zero-shot evaluation of several models in one table", EvaluateConfig, _run_evaluate),
+    "elevater": Stage("zero-shot on ELEVATER's 20 sets (REACT's benchmark), one table", ElevaterConfig,
+                      _run_elevater),
     "serve": Stage("run the retrieval and zero-shot Serve apps locally", ServeConfig, _run_serve),
     "demo": Stage("run the end-to-end demo on generated data", DemoConfig, _run_demo),
 }

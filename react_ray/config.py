@@ -399,6 +399,28 @@ class EvaluateConfig(StrictModel):
     ray_address: str | None = None
 
 
+class ElevaterConfig(StrictModel):
+    """Zero-shot on ELEVATER's 20 image-classification sets (REACT's benchmark), one table for all models."""
+
+    root: Uri = Field(description="folder holding one eval set per dataset, named as ELEVATER names them "
+                                  "(cifar-10, voc-2007-classification, ...): webdataset or CLASS/*.jpg")
+    models: dict[str, ModelConfig] = Field(min_length=1, description="label -> model, e.g. base, react")
+    output: Uri
+    datasets: list[str] | None = Field(default=None, description="a subset of the 20 (None: every one under root)")
+    batch_size: int = Field(default=256, ge=1)
+    distributed: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
+
+    @model_validator(mode="after")
+    def _known(self) -> ElevaterConfig:
+        from react_ray.evaluate.elevater import ELEVATER
+
+        unknown = sorted(set(self.datasets or []) - set(ELEVATER))
+        if unknown:
+            raise ValueError(f"datasets: {unknown} are not ELEVATER's; its 20: {', '.join(ELEVATER)}")
+        return self
+
+
 class IndexPair(StrictModel):
     image: Uri | None = Field(default=None, description="index over image embeddings (text-to-image)")
     text: Uri | None = Field(default=None, description="index over caption embeddings (text-to-text)")

@@ -148,7 +148,7 @@ def test_planted_copies_of_eval_images_are_removed_and_the_rest_kept(ray_local, 
         num_shards=4, samples_per_shard=100, eval_samples_per_class=2, planted_eval_copies=20,
         formats=["webdataset"])), progress=False)
     folder = tmp_path / "eval-folder"  # the same eval images as CLASS/KEY.jpg
-    for key, image, label in labeled_samples(str(corpus / "eval"), list(SHAPES)):
+    for key, image, (label,) in labeled_samples(str(corpus / "eval"), list(SHAPES)):
         storage.write_bytes_atomic(str(folder / SHAPES[label] / f"{key.rsplit(':', 1)[1]}.jpg"), image)
     run_embedding(EmbedConfig(input=str(corpus / "webdataset"), output=str(tmp_path / "emb"), model=model,
                               batch_size=100, decode_num_cpus=0.5), progress=False)

@@ -110,7 +110,7 @@ def test_image_folders_are_read_in_sorted_shards_with_optional_captions(tmp_path
     assert all(r["image"] == jpeg.getvalue() for r in records)
     strict = [r for block in read_shard(shards[0]) for r in block if r["kind"] == "record"]
     assert {r["error"] for r in strict} == {"missing_caption"}
-    labels = [label for _, _, label in labeled_samples(root, ["cat", "dog", "fish", "deeper"])]
+    labels = [label for _, _, (label,) in labeled_samples(root, ["cat", "dog", "fish", "deeper"])]
     assert labels == [0, 0, 1, 3, 2]  # the folder holding each image names its class
     with pytest.raises(FileNotFoundError, match="no jpg/jpeg/png/webp files under"):
         list_input_shards(f"{root}/cat/missing", "image-folder")

@@ -16,7 +16,8 @@ import yaml
 from react_ray import storage
 from react_ray.config import CorpusConfig, EvaluateConfig, GenerateConfig, ModelConfig, TrainConfig
 from react_ray.data.synthetic import SHAPES, generate_corpus
-from react_ray.evaluate.zeroshot import ZeroShotScorer, accuracy_metrics, paired_bootstrap, run_evaluation
+from react_ray.evaluate.metrics import accuracy_metrics, paired_bootstrap
+from react_ray.evaluate.zeroshot import ZeroShotScorer, run_evaluation
 from react_ray.models import build_model, export_react_checkpoint, gate_values
 from react_ray.train.loop import Stepper, build_for_training, lr_at, make_optimizer
 from react_ray.train.trainer import read_history, run_training
@@ -187,8 +188,8 @@ def test_killed_worker_resumes_from_checkpoint_and_a_rerun_continues(ray_local, 
 
 def test_accuracy_metrics_by_hand():
     logits = np.array([[3, 2, 1], [1, 3, 2], [3, 1, 2], [1, 2, 3]], np.float32)
-    labels = np.array([0, 2, 1, 2])
-    metrics = accuracy_metrics(logits, labels, 3)
+    targets = np.eye(3, dtype=np.int8)[[0, 2, 1, 2]]
+    metrics = accuracy_metrics(logits, targets)
     assert metrics["top1"] == 0.5  # rows 0 and 3
     assert metrics["top3"] == 1.0
     assert metrics["mean_per_class"] == pytest.approx((1 + 0 + 0.5) / 3)

@@ -1,7 +1,8 @@
 """Zero-shot classification with prompt ensembles, for any number of models in one table.
 
 A class's weight is the mean of its L2-normalised template embeddings, renormalised (CLIP's
-prompt ensemble). Metrics: top-1, top-5 and mean per-class accuracy. Small sets run in this
+prompt ensemble). Metrics: top-1, top-5, mean per-class accuracy, and the task's own (ELEVATER's:
+``metrics.py``); multi-label sets (VOC2007) give several labels per image. Small sets run in this
 process; large ones (``distributed: ray``) run on a Ray Data actor pool, each actor holding
 every model, so the images are decoded once for all of them.
 """
@@ -23,6 +24,14 @@ from react_ray import storage
 from react_ray.config import EvaluateConfig, ModelConfig
 from react_ray.embed.decode import decode_image
 from react_ray.embed.readers import IMAGE_EXTENSIONS, image_folder_files, webdataset_samples
+from react_ray.evaluate.metrics import (
+    METRIC_NAMES,
+    TaskMetric,
+    accuracy_metrics,
+    paired_bootstrap,
+    task_metric,
+    top1_hits,
+)
 from react_ray.models import ClipModel, build_model
 from react_ray.retrieve.decontaminate import decontamination_statement
 from react_ray.report import page, table
@@ -56,8 +65,9 @@ def _label_files(uri: str) -> tuple[str, list[str]]:
     return "folder", images
 
 
-def labeled_samples(uri: str, classnames: list[str]) -> Iterator[tuple[str, bytes | None, int]]:
-    """(key, image bytes, label index) for every sample; labels from ``KEY.cls`` / json / folder name."""
+def labeled_samples(uri: str, classnames: list[str]) -> Iterator[tuple[str, bytes | None, tuple[int, ...]]]:
+    """(key, image bytes, label indices) for every sample; labels from ``KEY.cls`` (``3``, or ``3,7``
+    for a multi-label image), the json's ``label``/``labels``/``class``, or the folder name."""
     kind, files = _label_files(uri)
     index = {name: i for i, name in enumerate(classnames)}
     if kind == "folder":
@@ -65,29 +75,29 @@ def labeled_samples(uri: str, classnames: list[str]) -> Iterator[tuple[str, byte
             name = path.rstrip("/").split("/")[-2]
             if name not in index:
                 raise ValueError(f"eval_set: folder {name!r} ({path}) is not a class of the task")
-            yield path, storage.read_bytes(path), index[name]
+            yield path, storage.read_bytes(path), (index[name],)
         return
     for tar in files:
         with storage.open_uri(tar) as f:
             for sample in webdataset_samples(f):
-                label = _sample_label(sample, index, tar)
+                labels = _sample_labels(sample, index, tar)
                 image = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
-                yield f"{tar}:{sample['__key__']}", image, label
+                yield f"{tar}:{sample['__key__']}", image, labels
 
 
-def _sample_label(sample: dict, index: dict[str, int], tar: str) -> int:
+def _sample_labels(sample: dict, index: dict[str, int], tar: str) -> tuple[int, ...]:
     if "cls" in sample:
-        label = int(sample["cls"].decode().strip())
+        labels = [int(x) for x in sample["cls"].decode().split(",") if x.strip()]
     else:
         meta = json.loads(sample.get("json", b"{}"))
-        label = meta.get("label", index.get(meta.get("class")))
-        if label is None:
+        labels = meta.get("labels", [meta.get("label", index.get(meta.get("class")))])
+        if None in labels:
             raise ValueError(f"eval_set: sample {sample['__key__']} in {tar} has no .cls member and no "
-                             "label/class in its json")
-    if not 0 <= int(label) < len(index):
-        raise ValueError(f"eval_set: sample {sample['__key__']} in {tar} has label {label}, but the task has "
+                             "label/labels/class in its json")
+    if not labels or not all(0 <= int(label) < len(index) for label in labels):
+        raise ValueError(f"eval_set: sample {sample['__key__']} in {tar} has labels {labels}, but the task has "
                          f"{len(index)} classes")
-    return int(label)
+    return tuple(int(label) for label in labels)
 
 
 # ---------------------------------------------------------------- scoring
@@ -125,43 +135,16 @@ class ZeroShotScorer:
                 **{f"logits::{label}": value for label, value in logits.items()}}
 
 
-# ---------------------------------------------------------------- metrics
-def top1_hits(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    return logits.argmax(1) == labels
-
-
-def accuracy_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
-    k = min(5, num_classes)
-    top = np.argsort(-logits, axis=1)[:, :k]
-    top1 = top1_hits(logits, labels)
-    per_class = [float(top1[labels == c].mean()) if (labels == c).any() else float("nan") for c in range(num_classes)]
-    return {"top1": float(top1.mean()), f"top{k}": float((top == labels[:, None]).any(1).mean()),
-            "mean_per_class": float(np.nanmean(per_class)), "per_class": per_class, "n": len(labels)}
-
-
-def paired_bootstrap(correct: np.ndarray, baseline: np.ndarray, samples: int = 10_000, seed: int = 0) -> dict:
-    """Top-1 gain of ``correct`` over ``baseline`` (both per-image booleans on the same images), in
-    points, with a 95% percentile interval from resampling the images (the same draw for both)."""
-    difference = correct.astype(np.float64) - baseline.astype(np.float64)
-    rng = np.random.default_rng(seed)
-    means = np.empty(samples)
-    for start in range(0, samples, 1000):  # bounded memory: 1000 resamples of N images at a time
-        draws = rng.integers(0, len(difference), size=(min(1000, samples - start), len(difference)))
-        means[start:start + len(draws)] = difference[draws].mean(1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return {"gain": 100 * float(difference.mean()), "low": 100 * float(low), "high": 100 * float(high),
-            "samples": samples}
-
-
 @dataclass
 class EvalReport:
     task: str
     classnames: list[str]
-    results: dict[str, dict]  # model label -> metrics
+    results: dict[str, dict]  # model label -> metrics (accuracy_metrics + "task_metric")
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)  # e.g. whether the training set was decontaminated
     gains: dict[str, dict] = field(default_factory=dict)  # model label -> paired_bootstrap vs the first model
+    metric: TaskMetric = "accuracy"  # the task's own metric (ELEVATER's), in its own column when not top-1
 
     def gain_lines(self) -> list[str]:
         baseline = next(iter(self.results))
@@ -171,12 +154,15 @@ class EvalReport:
 
     def rows(self) -> list[list[str]]:
         k = min(5, len(self.classnames))
+        own = self.metric not in ("accuracy", "mean_per_class")
         return [[label, str(m["n"]), f"{100 * m['top1']:.2f}", f"{100 * m[f'top{k}']:.2f}",
-                 f"{100 * m['mean_per_class']:.2f}"] for label, m in self.results.items()]
+                 f"{100 * m['mean_per_class']:.2f}", *([f"{100 * m['task_metric']:.2f}"] if own else [])]
+                for label, m in self.results.items()]
 
     @property
     def headers(self) -> list[str]:
-        return ["model", "images", "top-1 %", f"top-{min(5, len(self.classnames))} %", "mean per-class %"]
+        own = [f"{METRIC_NAMES[self.metric]} %"] if self.metric not in ("accuracy", "mean_per_class") else []
+        return ["model", "images", "top-1 %", f"top-{min(5, len(self.classnames))} %", "mean per-class %", *own]
 
     def __str__(self) -> str:
         widths = [max(len(str(x)) for x in col) for col in zip(self.headers, *self.rows())]
@@ -186,7 +172,7 @@ class EvalReport:
                 + "".join(f"\n{line}" for line in [*self.gain_lines(), *self.notes]))
 
 
-def _score_local(config: EvaluateConfig, task: TaskSpec) -> tuple[dict, list[int], list[str | None]]:
+def _score_local(config: EvaluateConfig, task: TaskSpec) -> tuple[dict, list[tuple[int, ...]], list[str | None]]:
     scorer = ZeroShotScorer({k: v.model_dump() for k, v in config.models.items()}, task.classes, task.template_list)
     logits: list[dict] = []
     labels, reasons = [], []
@@ -209,14 +195,14 @@ def _score_local(config: EvaluateConfig, task: TaskSpec) -> tuple[dict, list[int
     return merged, labels, reasons
 
 
-def _score_ray(config: EvaluateConfig, task: TaskSpec) -> tuple[dict, list[int], list[str | None]]:
+def _score_ray(config: EvaluateConfig, task: TaskSpec) -> tuple[dict, list[tuple[int, ...]], list[str | None]]:
     import ray
 
     from react_ray.ray_utils import connect
 
     connect(config.ray_address)
-    rows = [{"key": key, "image": image or b"", "label": label}
-            for key, image, label in labeled_samples(config.eval_set, task.classes)]
+    rows = [{"key": key, "image": image or b"", "label": ",".join(map(str, labels))}
+            for key, image, labels in labeled_samples(config.eval_set, task.classes)]
     dataset = ray.data.from_items(rows).map_batches(
         ZeroShotScorer, batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4),
         fn_constructor_kwargs={"models": {k: v.model_dump() for k, v in config.models.items()},
@@ -226,7 +212,7 @@ def _score_ray(config: EvaluateConfig, task: TaskSpec) -> tuple[dict, list[int],
     merged = {label: np.concatenate([p[f"logits::{label}"] for p in parts])[order] for label in config.models}
     labels = np.concatenate([p["label"] for p in parts])[order]
     reasons = np.concatenate([p["reason"] for p in parts])[order]
-    return merged, [int(x) for x in labels], [r or None for r in reasons]
+    return merged, [tuple(int(x) for x in text.split(",")) for text in labels], [r or None for r in reasons]
 
 
 def run_evaluation(config: EvaluateConfig) -> EvalReport:
@@ -234,19 +220,24 @@ def run_evaluation(config: EvaluateConfig) -> EvalReport:
     task = load_task(config.task)
     score = _score_ray if config.distributed == "ray" else _score_local
     logits, labels, reasons = score(config, task)
-    labels = np.asarray(labels)
+    targets = np.zeros((len(labels), len(task.classes)), np.int8)
+    for row, indices in enumerate(labels):
+        targets[row, list(indices)] = 1
     good = np.array([r is None for r in reasons])
     skipped: dict[str, int] = {}
     for reason in reasons:
         if reason is not None:
             skipped[reason] = skipped.get(reason, 0) + 1
             log.warning("eval image skipped: %s", reason)
-    results = {label: accuracy_metrics(value[good], labels[good], len(task.classes)) for label, value in logits.items()}
-    correct = {label: top1_hits(value[good], labels[good]) for label, value in logits.items()}
+    results = {label: accuracy_metrics(value[good], targets[good])
+                      | {"task_metric": task_metric(task.metric, value[good], targets[good])}
+               for label, value in logits.items()}
+    correct = {label: top1_hits(value[good], targets[good]) for label, value in logits.items()}
     baseline = next(iter(correct))
     gains = {label: paired_bootstrap(hits, correct[baseline]) for label, hits in correct.items() if label != baseline}
     notes = [decontamination_statement(config.training_set, config.eval_set)] if config.training_set else []
-    report = EvalReport(task.name, task.classes, results, skipped, time.perf_counter() - start, notes, gains)
+    report = EvalReport(task.name, task.classes, results, skipped, time.perf_counter() - start, notes, gains,
+                        task.metric)
     write_report(config.output, report)
     return report
 

@@ -4,6 +4,7 @@
 name: shapes
 classnames: [circle, square, triangle]     # or classnames_from: imagenet1k
 templates: imagenet80                       # a shipped set, or a list of strings with {}
+metric: accuracy                            # mean_per_class | 11point_mAP | roc_auc (evaluation)
 k_per_prompt: 200
 mode: text-to-image                         # text-to-text | both
 ```
@@ -22,6 +23,7 @@ from pydantic import Field, field_validator, model_validator
 
 from react_ray import storage
 from react_ray.config import StrictModel, build_config
+from react_ray.evaluate.metrics import TaskMetric
 
 RESOURCES = Path(__file__).resolve().parents[1] / "resources"
 RetrievalMode = Literal["text-to-image", "text-to-text", "both"]
@@ -47,6 +49,8 @@ class TaskSpec(StrictModel):
     classnames: list[str] | None = None
     classnames_from: str | None = Field(default=None, description="a shipped class-name set, e.g. imagenet1k")
     templates: list[str] | str = "imagenet80"
+    metric: TaskMetric = Field(
+        default="accuracy", description="the evaluation's headline metric (ELEVATER's per dataset)")
     k_per_prompt: int = Field(default=100, ge=1, le=100_000)
     mode: RetrievalMode = "text-to-image"
     score_threshold: float | None = Field(default=None, ge=-1, le=1)
