@@ -15,7 +15,6 @@ from PIL import Image
 
 from react_ray.embed.decode import decode_image
 
-RESIZE_MODES = ("no", "keep_ratio", "center_crop")
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 
