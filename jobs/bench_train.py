@@ -25,15 +25,14 @@ from react_ray.data.synthetic import generate_corpus
 from react_ray.embed.readers import list_input_shards, read_shard
 from react_ray.models import get_tokenizer
 from react_ray.ray_utils import start_local
-from react_ray.train.data import _transform, decode_for_training, model_image_size
+from react_ray.train.data import _transform, decode_args, decode_for_training, model_image_size
 from react_ray.train.loop import Stepper, build_for_training, make_optimizer
 from react_ray.train.trainer import read_history, run_training
 
 
 def _plain_batches(config: TrainConfig):
     """The same records, decoded and augmented in this process, batch after batch, pass after pass."""
-    size = model_image_size(config.model.name)
-    transform = _transform(config.model.name, config.augment.model_dump_json())
+    transform = _transform(config.model.model_dump_json(), config.augment.model_dump_json())
     tokenizer = get_tokenizer(config.model.name)
     from PIL import Image
 
@@ -42,7 +41,7 @@ def _plain_batches(config: TrainConfig):
         for shard in list_input_shards(config.data, "webdataset"):
             for block in read_shard(shard):
                 columns = {k: [r[k] for r in block] for k in block[0]}
-                decoded = decode_for_training(columns, size, config.max_image_pixels)
+                decoded = decode_for_training(columns, decode_args(config), config.max_image_pixels)
                 for pixels, caption in zip(decoded["pixels"], decoded["caption"]):
                     images.append(transform(Image.fromarray(pixels)))
                     captions.append(caption)
@@ -106,7 +105,8 @@ def main() -> None:
     common = dict(data=f"{root}/corpus/webdataset", model=ModelConfig(name=args.model), steps=args.steps,
                   batch_size=args.batch, threads=args.cpus, cpus_per_worker=1, decode_num_cpus=0.5,
                   cache_decoded=True, log_every=5, checkpoint_every=args.steps,
-                  augment={"scale": (0.8, 1.0), "auto_augment": None, "re_prob": 0.0})
+                  grad_checkpointing=False, augment={"scale": (0.8, 1.0), "hflip": 0.0, "color_jitter": None,
+                                                     "auto_augment": None, "re_prob": 0.0, "decode_short_side": 32})
     rows = []
     for mode in ("gated-image", "locked-text"):
         config = TrainConfig(output=f"{root}/plain-{mode}", mode=mode, **common)
