@@ -70,7 +70,7 @@ def main() -> None:
     start_local(args.cpus)
     summary = run_materialize(MaterializeConfig(
         retrieved=work, output=os.path.join(work, "out"), source="download", resize_mode="keep_ratio",
-        image_size=224, resize_only_if_bigger=False, samples_per_shard=max(1, args.images // (2 * args.cpus)),
+        allowed_networks=["127.0.0.1/32"], image_size=224, resize_only_if_bigger=False, samples_per_shard=max(1, args.images // (2 * args.cpus)),
         threads=args.threads, task_num_cpus=1), progress=False)
     ray.shutdown()
     httpd.shutdown()

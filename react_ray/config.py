@@ -46,6 +46,15 @@ def _weights_or_tag(pretrained: str) -> str:
 Uri = Annotated[str, AfterValidator(absolute_uri)]
 
 
+def _network(cidr: str) -> str:
+    import ipaddress
+
+    return str(ipaddress.ip_network(cidr, strict=False))  # ValueError names the bad value
+
+
+Network = Annotated[str, AfterValidator(_network)]  # a CIDR block, e.g. 10.0.0.0/8
+
+
 Precision = Literal["fp32", "fp16", "bf16"]
 # "full" trains everything: pre-training a base, or plain fine-tuning (not a REACT mode)
 TuningMode = Literal["gated-image", "locked-text", "full"]
@@ -275,7 +284,10 @@ class MaterializeConfig(StrictModel):
     resize_only_if_bigger: bool = True
     skip_reencode: bool = Field(default=False, description="keep a JPEG's bytes when it needs no resizing")
     threads: int = Field(default=16, ge=1, description="concurrent downloads per task")
-    timeout: float = Field(default=10.0, gt=0)
+    timeout: float = Field(default=10.0, gt=0, description="per connect / read")
+    deadline: float = Field(default=60.0, gt=0, description="one sample's whole fetch, redirects and retries included")
+    allowed_networks: list[Network] = Field(default_factory=list, description="non-public networks (CIDR) URLs may "
+                                        "point into (a private mirror); by default public addresses only")
     retries: int = Field(default=2, ge=0)
     backoff: float = Field(default=0.5, ge=0)
     max_bytes: int = Field(default=20 * 2**20, ge=1)
@@ -426,6 +438,18 @@ class IndexPair(StrictModel):
     text: Uri | None = Field(default=None, description="index over caption embeddings (text-to-text)")
 
 
+class AccessConfig(StrictModel):
+    """Who may call a Serve app (docs/security.md). Tokens come from environment variables (a
+    Kubernetes secret on a cluster), read where the app is built, never from a config file."""
+
+    admin_token_env: str = Field(default="REACT_RAY_ADMIN_TOKEN", description="env var holding the bearer token "
+                                 "for /admin routes; unset: the admin routes are off (403)")
+    api_token_env: str = Field(default="REACT_RAY_API_TOKEN", description="env var holding a bearer token for "
+                               "the query routes; unset: they are open (health, readiness, the page and docs always are)")
+    cors_origins: list[str] = Field(default_factory=list, description="browser origins (e.g. a clip-front host) "
+                                    "allowed to call the API cross-site; other origins' requests are refused")
+
+
 class RetrievalAppConfig(StrictModel):
     indices: dict[str, IndexPair] = Field(min_length=1, description="name -> its image and/or text index")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -440,9 +464,17 @@ class RetrievalAppConfig(StrictModel):
     max_queries: int = Field(default=64, ge=1, description="queries per request")
     max_request_bytes: int = Field(default=16 * 2**20, ge=1)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
-    image_url_timeout_s: float = Field(default=3.0, gt=0)
+    image_url_timeout_s: float = Field(default=3.0, gt=0, description="per connect / read of an image_url")
+    image_url_deadline_s: float = Field(default=5.0, gt=0, description="a whole image_url fetch, redirects included")
     image_url_max_bytes: int = Field(default=10 * 2**20, ge=1)
+    image_url_allowed_networks: list[Network] = Field(
+        default_factory=list, description="non-public networks (CIDR) an image_url may reach, e.g. an internal "
+                                          "mirror's; by default none: a client cannot make the server reach inside")
+    max_text_chars: int = Field(default=1000, ge=1, description="a text query (CLIP reads 77 tokens)")
+    max_dedup_hits: int = Field(default=10_000, ge=1, description="deduplicate=true: k x queries at most (each "
+                                "candidate travels with its vector)")
     request_timeout_s: float = Field(default=10.0, gt=0)
+    access: AccessConfig = Field(default_factory=AccessConfig)
     replica_num_cpus: float = Field(default=1, gt=0, description="CPUs per replica (serve_config.yaml overrides)")
     reload_interval_s: float | None = Field(
         default=60, gt=0, description="each shard group checks its manifests this often and swaps in a new version "
@@ -456,9 +488,12 @@ class ZeroShotAppConfig(StrictModel):
     max_cached_classifiers: int = Field(default=64, ge=1)
     max_images: int = Field(default=64, ge=1)
     max_classes: int = Field(default=2000, ge=1)
+    max_templates: int = Field(default=100, ge=1)
+    max_text_chars: int = Field(default=300, ge=1, description="a class name or a template")
     max_request_bytes: int = Field(default=32 * 2**20, ge=1)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     request_timeout_s: float = Field(default=20.0, gt=0)
+    access: AccessConfig = Field(default_factory=AccessConfig)
     replica_num_cpus: float = Field(default=1, gt=0, description="CPUs per replica (serve_config.yaml overrides)")
 
 

@@ -76,8 +76,16 @@ def atomic_writer(uri: str) -> Iterator[IO[bytes]]:
     """
     if is_remote(uri):
         fs, path = filesystem(uri)
-        with fs.open(path, "wb") as f:
+        f = fs.open(path, "wb")
+        try:
             yield f
+        except BaseException:
+            # Not ``with``: its exit would close, and closing completes the upload of the part
+            # written so far. Abort it (a multipart upload; a small file was never sent).
+            f.discard()
+            f.closed = True
+            raise
+        f.close()
         return
     path = local_path(uri)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

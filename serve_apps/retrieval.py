@@ -24,7 +24,7 @@ import asyncio
 import threading
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
@@ -44,7 +44,7 @@ from react_ray.index.sharded import (
 )
 from react_ray.retrieve.fetch import FetchPolicy, download
 from react_ray.retrieve.retrieval import remove_near_duplicates
-from serve_apps.common import decode_base64_image, decode_image_bytes, limit_request_size, within
+from serve_apps.common import Guard, decode_base64_image, decode_image_bytes, guard_requests, read_tokens, within
 
 Modality = Literal["image", "text"]
 PAGE = Path(__file__).with_name("search.html")
@@ -89,7 +89,20 @@ class SearchResponse(BaseModel):
 
 class MetadataRequest(BaseModel):
     indice_name: str
-    ids: list[int] = Field(max_length=10_000)
+    ids: list[Annotated[int, Field(ge=0, lt=2**63)]] = Field(max_length=10_000)
+
+
+# clip-retrieval's /knn-service body, read by hand (its clients send no Content-Type; types are
+# checked as JSON gives them), described here for the OpenAPI page and for API fuzzers.
+KNN_REQUEST = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["modality", "num_images", "indice_name"],
+    "properties": {"text": {"type": "string"}, "image": {"type": "string", "description": "base64"},
+                   "image_url": {"type": "string"}, "embedding_input": {"type": "array", "items": {"type": "number"}},
+                   "modality": {"type": "string", "enum": ["image", "text"]}, "indice_name": {"type": "string"},
+                   "num_images": {"type": "integer", "minimum": 1}, "num_result_ids": {"type": "integer", "minimum": 1},
+                   "deduplicate": {"type": "boolean"}, "use_safety_model": {"type": "boolean"},
+                   "use_violence_detector": {"type": "boolean"}, "use_mclip": {"type": "boolean"},
+                   "aesthetic_score": {"type": "string"}, "aesthetic_weight": {"type": "string"}}}}}}}
 
 
 # ---------------------------------------------------------------- deployments
@@ -194,16 +207,16 @@ class IndexShardGroup:
 
 app = FastAPI(title="react-ray retrieval", version="1",
               description="kNN search over LAION-style pairs; LAION kNN API compatible")
-limit_request_size(app)
+guard_requests(app)
 
 
 @serve.deployment(max_ongoing_requests=512)
 @serve.ingress(app)
 class RetrievalAPI:
-    def __init__(self, encoder, groups: list, config: dict):
+    def __init__(self, encoder, groups: list, config: dict, tokens: dict):
         self.config = RetrievalAppConfig.model_validate(config)
         self.encoder, self.groups = encoder, groups
-        app.state.max_request_bytes = self.config.max_request_bytes
+        app.state.guard = Guard(self.config.max_request_bytes, cors_origins=self.config.access.cors_origins, **tokens)
         self.manifests = {(name, modality): read_manifest(uri) for name, pair in self.config.indices.items()
                           for modality, uri in pair.model_dump().items() if uri}
         first = next(iter(self.manifests.values()))
@@ -231,6 +244,9 @@ class RetrievalAPI:
             raise HTTPException(422, f"k: got {request.k}; the limit is {self.config.max_k}")
         if len(request.queries) > self.config.max_queries:
             raise HTTPException(413, f"{len(request.queries)} queries; the limit is {self.config.max_queries}")
+        if request.deduplicate and request.k * len(request.queries) > self.config.max_dedup_hits:
+            raise HTTPException(422, f"deduplicate: k x queries = {request.k * len(request.queries):,}; the limit is "
+                                     f"{self.config.max_dedup_hits:,} (each candidate travels with its vector)")
         vectors = np.stack(await asyncio.gather(*(self._encode(q, i) for i, q in enumerate(request.queries))))
         dedup = request.deduplicate
         fetch_k = request.k * 3 if dedup else request.k  # room for the duplicates that go
@@ -240,16 +256,20 @@ class RetrievalAPI:
         scores, ids, *vectors = merge_topk(scores, ids, fetch_k, *vectors)
         hit_vectors = vectors[0] if dedup else None
         store = self.metadata[key]
-        results = []
-        for q, (row_scores, row_ids) in enumerate(zip(scores, ids)):
-            found = row_ids >= 0
-            hits = pd.DataFrame({"id": row_ids[found], "score": row_scores[found]})
-            if dedup:
-                hits = self._dedup(hits, hit_vectors[q][found], store)[:request.k]
-            metas = store.lookup(hits["id"].to_numpy())
-            results.append([Hit(id=int(i), score=float(s), url=(m or {}).get("url"), caption=(m or {}).get("caption"))
-                            for i, s, m in zip(hits["id"], hits["score"], metas)])
-        return results
+
+        def hits_with_metadata() -> list[list[Hit]]:  # range search and file reads: off the event loop
+            results = []
+            for q, (row_scores, row_ids) in enumerate(zip(scores, ids)):
+                found = row_ids >= 0
+                hits = pd.DataFrame({"id": row_ids[found], "score": row_scores[found]})
+                if dedup:
+                    hits = self._dedup(hits, hit_vectors[q][found], store)[:request.k]
+                metas = store.lookup(hits["id"].to_numpy())
+                results.append([Hit(id=int(i), score=float(s), url=(m or {}).get("url"),
+                                    caption=(m or {}).get("caption")) for i, s, m in zip(hits["id"], hits["score"], metas)])
+            return results
+
+        return await asyncio.to_thread(hits_with_metadata)
 
     def _dedup(self, hits: pd.DataFrame, vectors: np.ndarray, store: MetadataStore) -> pd.DataFrame:
         """Drop a hit whose stored vector is within the cosine threshold of a better hit, or whose URL repeats."""
@@ -270,18 +290,24 @@ class RetrievalAPI:
                 raise HTTPException(422, f"{what}.vector: must be finite and non-zero")
             return vector / np.linalg.norm(vector)
         if query.text is not None:
+            if len(query.text) > self.config.max_text_chars:
+                raise HTTPException(422, f"{what}.text: {len(query.text):,} characters; the limit is "
+                                         f"{self.config.max_text_chars}")
             return await self.encoder.encode_texts.remote(query.text)
         if self.decode_args is None:
             self.decode_args = await self.encoder.decode_args.remote()
         if query.image is not None:
-            pixels = decode_base64_image(query.image, f"{what}.image", self.decode_args, self.config.max_image_pixels)
+            pixels = await asyncio.to_thread(decode_base64_image, query.image, f"{what}.image", self.decode_args,
+                                             self.config.max_image_pixels)
         else:
-            policy = FetchPolicy(timeout=self.config.image_url_timeout_s, retries=0,
-                                 max_bytes=self.config.image_url_max_bytes)
-            data, reason, message = await asyncio.to_thread(download, query.image_url, policy)
-            if data is None:
-                raise HTTPException(400, f"{what}.image_url: could not fetch {query.image_url}: {reason} ({message})")
-            pixels = decode_image_bytes(data, f"{what}.image_url", self.decode_args, self.config.max_image_pixels)
+            policy = FetchPolicy(timeout=self.config.image_url_timeout_s, deadline=self.config.image_url_deadline_s,
+                                 retries=0, max_bytes=self.config.image_url_max_bytes,
+                                 allowed_networks=tuple(self.config.image_url_allowed_networks))
+            data, reason, _ = await asyncio.to_thread(download, query.image_url, policy)
+            if data is None:  # the reason only: no OS error text for a client to probe the network with
+                raise HTTPException(400, f"{what}.image_url: could not fetch the image ({reason})")
+            pixels = await asyncio.to_thread(decode_image_bytes, data, f"{what}.image_url", self.decode_args,
+                                             self.config.max_image_pixels)
         return await self.encoder.encode_images.remote(pixels)
 
     # ------------------------------------------------------------ the LAION kNN API
@@ -289,33 +315,50 @@ class RetrievalAPI:
     async def indices_list(self) -> list[str]:
         return sorted(self.config.indices)
 
-    @app.post("/knn-service")
+    @app.post("/knn-service", openapi_extra=KNN_REQUEST)
     async def knn_service(self, request: Request) -> list[dict]:
-        body = await request.json()
+        try:
+            body = await request.json()
+        except ValueError:  # JSONDecodeError, bad UTF-8
+            raise HTTPException(400, "the body is not valid JSON") from None
+        search, num_images = self._knn_search(body)
+        hits = (await within(self.config.request_timeout_s, self._search(search), "search"))[0][:num_images]
+        return [{"id": h.id, "similarity": h.score, "url": h.url, "caption": h.caption} for h in hits]
+
+    @staticmethod
+    def _knn_search(body) -> tuple[SearchRequest, int]:
+        """clip-retrieval's request body -> our SearchRequest; types checked as JSON gives them."""
         if not isinstance(body, dict):
             raise HTTPException(422, "expected a JSON object")
-        query_fields = {"text": "text", "image": "image", "image_url": "image_url", "embedding_input": "vector"}
-        given = {ours: body[theirs] for theirs, ours in query_fields.items() if body.get(theirs) is not None}
         for required in ("modality", "num_images", "indice_name"):
             if required not in body:
                 raise HTTPException(422, f"{required}: required field is missing")
+        counts = {}
+        for name in ("num_images", "num_result_ids"):
+            value = body.get(name)
+            if name == "num_result_ids" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise HTTPException(422, f"{name}: expected a positive integer, got {value!r}"[:200])
+            counts[name] = value
+        if not isinstance(body.get("deduplicate", False), bool):
+            raise HTTPException(422, f"deduplicate: expected true or false, got {body['deduplicate']!r}"[:200])
+        query_fields = {"text": "text", "image": "image", "image_url": "image_url", "embedding_input": "vector"}
+        given = {ours: body[theirs] for theirs, ours in query_fields.items() if body.get(theirs) is not None}
+        k = max(counts.values())
         try:
-            query = Query(**given)
-            num_images = int(body["num_images"])
-            k = max(num_images, int(body.get("num_result_ids") or num_images))
-            search = SearchRequest(queries=[query], index=body["indice_name"], modality=body["modality"], k=k,
-                                   deduplicate=bool(body.get("deduplicate", False)))
-        except (ValueError, TypeError) as error:
+            search = SearchRequest(queries=[Query(**given)], index=body["indice_name"], modality=body["modality"],
+                                   k=k, deduplicate=body.get("deduplicate", False))
+        except ValueError as error:  # pydantic's ValidationError: which field, what was wrong
             raise HTTPException(422, str(error)) from None
-        hits = (await within(self.config.request_timeout_s, self._search(search), "search"))[0][:num_images]
-        return [{"id": h.id, "similarity": h.score, "url": h.url, "caption": h.caption} for h in hits]
+        return search, counts["num_images"]
 
     @app.post("/metadata")
     async def metadata(self, request: MetadataRequest) -> list[dict]:
         key = next(((n, m) for n, m in self.manifests if n == request.indice_name), None)
         if key is None:
             raise HTTPException(404, f"unknown index {request.indice_name!r}; known: {', '.join(sorted(self.config.indices))}")
-        metas = self.metadata[key].lookup(request.ids)
+        metas = await asyncio.to_thread(self.metadata[key].lookup, request.ids)
         return [{"id": i, "metadata": {k: v for k, v in m.items() if k != "id"}}  # url, caption, key, LAION columns
                 for i, m in zip(request.ids, metas) if m is not None]
 
@@ -358,4 +401,4 @@ def build_app(args: dict) -> serve.Application:
     groups = [IndexShardGroup.options(name=f"IndexShardGroup{g}", **cpus).bind(
         indices, g, config.shard_groups, **batch, reload_interval_s=config.reload_interval_s)
         for g in range(config.shard_groups)]
-    return RetrievalAPI.options(**cpus).bind(encoder, groups, config.model_dump(mode="json"))
+    return RetrievalAPI.options(**cpus).bind(encoder, groups, config.model_dump(mode="json"), read_tokens(config.access))

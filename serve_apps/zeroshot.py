@@ -20,8 +20,8 @@ from ray import serve
 
 from react_ray.config import ZeroShotAppConfig
 from react_ray.evaluate.zeroshot import zero_shot_classifier
-from react_ray.retrieve.task import load_task, shipped
-from serve_apps.common import decode_base64_image, limit_request_size, within
+from react_ray.retrieve.task import is_plain_template, load_task, shipped
+from serve_apps.common import Guard, decode_base64_image, guard_requests, read_tokens, within
 
 # Fixed when the class is defined (Serve's decorator argument), hence an environment variable.
 MODELS_PER_REPLICA = int(os.environ.get("REACT_RAY_MODELS_PER_REPLICA", "3"))
@@ -47,15 +47,15 @@ class ClassifyResponse(BaseModel):
 
 
 app = FastAPI(title="react-ray zero-shot", version="1")
-limit_request_size(app)
+guard_requests(app)
 
 
 @serve.deployment(max_ongoing_requests=64)
 @serve.ingress(app)
 class ZeroShotAPI:
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, tokens: dict):
         self.config = ZeroShotAppConfig.model_validate(config)
-        app.state.max_request_bytes = self.config.max_request_bytes
+        app.state.guard = Guard(self.config.max_request_bytes, cors_origins=self.config.access.cors_origins, **tokens)
         self.classifiers: OrderedDict = OrderedDict()
 
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
@@ -73,11 +73,18 @@ class ZeroShotAPI:
             task = load_task(self.config.tasks[request.task])
             return task.classes, task.template_list
         templates = request.templates or shipped("templates")["imagenet80"]
-        bad = [t for t in templates if t.count("{}") != 1]
-        if bad:
-            raise HTTPException(422, f"templates need exactly one '{{}}' for the class name; these do not: {bad[:3]}")
         if len(request.classnames) > self.config.max_classes:
             raise HTTPException(413, f"{len(request.classnames)} classes; the limit is {self.config.max_classes}")
+        if len(templates) > self.config.max_templates:
+            raise HTTPException(413, f"{len(templates)} templates; the limit is {self.config.max_templates}")
+        limit = self.config.max_text_chars
+        for what, texts in (("classnames", request.classnames), ("templates", templates)):
+            if (long := next((i for i, t in enumerate(texts) if len(t) > limit), None)) is not None:
+                raise HTTPException(422, f"{what}[{long}]: {len(texts[long]):,} characters; the limit is {limit}")
+        bad = [t for t in templates if not is_plain_template(t)]
+        if bad:
+            raise HTTPException(422, f"templates need exactly one '{{}}' for the class name and no other braces; "
+                                     f"these do not: {[t[:80] for t in bad[:3]]}")
         return request.classnames, templates
 
     def _classifier(self, model_id: str, clip, classnames: list[str], templates: list[str]) -> torch.Tensor:
@@ -107,15 +114,16 @@ class ZeroShotAPI:
 
     async def _classify(self, model_id, request, classnames, templates) -> ClassifyResponse:
         clip = await self.get_model(model_id)
-        pixels = [decode_base64_image(image, f"images[{i}]", clip.decode_args, self.config.max_image_pixels)
-                  for i, image in enumerate(request.images)]
+        pixels = await asyncio.to_thread(lambda: [  # PIL work off the event loop
+            decode_base64_image(image, f"images[{i}]", clip.decode_args, self.config.max_image_pixels)
+            for i, image in enumerate(request.images)])
 
         def run():
             from PIL import Image
 
             weights = self._classifier(model_id, clip, classnames, templates)
             batch = torch.stack([clip.preprocess(Image.fromarray(p)) for p in pixels])
-            logits = float(clip.model.logit_scale.exp()) * clip.encode_images(batch) @ weights.T
+            logits = float(clip.model.logit_scale.detach().exp()) * clip.encode_images(batch) @ weights.T
             return torch.softmax(logits, dim=1).numpy()
 
         probabilities = await asyncio.to_thread(run)
@@ -144,4 +152,4 @@ def build_app(args: dict) -> serve.Application:
     """``serve deploy`` / ``serve.run`` entry: ``import_path: serve_apps.zeroshot:build_app``."""
     config = ZeroShotAppConfig.model_validate(args)
     return ZeroShotAPI.options(ray_actor_options={"num_cpus": config.replica_num_cpus}).bind(
-        config.model_dump(mode="json"))
+        config.model_dump(mode="json"), read_tokens(config.access))

@@ -45,6 +45,20 @@ def sample(key: str, image: bytes | None, caption: str | None) -> dict[str, byte
     return out
 
 
+def strip_png(width: int = 100_000) -> bytes:
+    """An aspect-ratio bomb: 1 x 100,000 pixels in a few hundred bytes; scaling its short side to
+    the model's size would make 224 x 22.4M pixels."""
+    buffer = io.BytesIO()
+    Image.new("1", (width, 1)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def gif(color: str = "green", size: int = 40) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("P", (size, size), 3).save(buffer, "GIF")
+    return buffer.getvalue()
+
+
 GOOD = jpeg()
 # key -> (image bytes, caption, the reason the stage must count, or None when it embeds)
 FAULTY_SHARD = {
@@ -57,8 +71,22 @@ FAULTY_SHARD = {
     "000010006": (b"", "zero bytes", "zero_size_image"),
     "000010007": (bomb_png(), "a bomb", "oversize_image"),
     "000010008": (jpeg("blue"), "a blue square", None),
+    "000010009": (strip_png(), "a 1 x 100,000 strip", "oversize_image"),
+    "000010010": (gif(), "a palette gif", None),  # stored as KEY.gif (MEMBERS below)
+    "000010011": (GOOD, "its json is a list", "bad_json"),
+    "000010012": (GOOD, None, "bad_caption"),  # the json's caption is a number
+}
+# Members that replace or join a sample's defaults (None: the member is left out).
+MEMBERS = {
+    "000010010": {"jpg": None, "gif": gif()},
+    "000010011": {"json": b"[1, 2, 3]"},
+    "000010012": {"json": json.dumps({"key": "000010012", "caption": 12345}).encode()},
 }
 
 
 def faulty_shard() -> bytes:
-    return tar_bytes([sample(k, img, cap) for k, (img, cap, _) in FAULTY_SHARD.items()])
+    samples = []
+    for key, (image, caption, _) in FAULTY_SHARD.items():
+        members = sample(key, image, caption) | MEMBERS.get(key, {})
+        samples.append({k: v for k, v in members.items() if v is not None})
+    return tar_bytes(samples)

@@ -193,3 +193,55 @@ def test_aws_launcher_yaml_passes_rays_own_validation():
     broken["available_node_types"]["gpu_embed_spot"]["min_wokers"] = 0
     with pytest.raises(Exception, match="min_wokers"):
         validate_config(prepare_config(broken))
+
+
+def _pod_templates(spec: dict) -> list[dict]:
+    return [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]
+
+
+def test_ray_token_auth_separate_service_accounts_and_no_ray_client_port():
+    """Batch pods may write the bucket (react-ray-batch), Serve pods only read it (react-ray-serve);
+    both clusters use Ray's token authentication; the Ray Client port is not exposed."""
+    batch = yaml.safe_load((CLUSTER / "raycluster.yaml").read_text())["spec"]
+    service = next(doc for _, doc in documents() if doc["kind"] == "RayService")["spec"]["rayClusterConfig"]
+    for spec, account in ((batch, "react-ray-batch"), (service, "react-ray-serve")):
+        assert spec["authOptions"] == {"mode": "token"}
+        assert {t["spec"]["serviceAccountName"] for t in _pod_templates(spec)} == {account}
+        ports = [p["containerPort"] for t in _pod_templates(spec) for c in t["spec"]["containers"]
+                 for p in c.get("ports", [])]
+        assert 10001 not in ports
+    env = {e["name"]: e for e in service["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    admin = env["REACT_RAY_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert admin == {"name": "react-ray-serve-tokens", "key": "admin-token"}
+    assert RetrievalAppConfig(indices={"x": {"image": "/x"}}).access.admin_token_env == "REACT_RAY_ADMIN_TOKEN"
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def test_network_policies_cover_every_pod_and_keep_the_metadata_service_out_of_serve():
+    policies = {doc["metadata"]["name"]: doc for doc in yaml.safe_load_all((CLUSTER / "networkpolicy.yaml").read_text())}
+    assert all(p["apiVersion"] == "networking.k8s.io/v1" and p["kind"] == "NetworkPolicy" for p in policies.values())
+    batch = yaml.safe_load((CLUSTER / "raycluster.yaml").read_text())["spec"]
+    service = next(doc for _, doc in documents() if doc["kind"] == "RayService")["spec"]["rayClusterConfig"]
+    for spec, name in ((batch, "react-ray-batch"), (service, "react-ray-serve")):
+        policy = policies[name]["spec"]
+        for template in _pod_templates(spec):
+            labels = template["metadata"]["labels"]
+            assert _selects(policy["podSelector"], labels)  # every pod is under its policy
+            assert not _selects(policies[({"react-ray-batch", "react-ray-serve"} - {name}).pop()]["spec"]
+                                ["podSelector"], labels)
+    # Outside the cluster's own pods: the batch head's dashboard (job submission), Serve's HTTP port.
+    open_ports = {name: [p["port"] for rule in policies[name]["spec"]["ingress"] if "ports" in rule
+                         for p in rule["ports"]] for name in policies}
+    assert open_ports == {"react-ray-batch": [8265], "react-ray-serve": [8000]}
+    serve_egress = policies["react-ray-serve"]["spec"]["egress"]
+    assert serve_egress == [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.169.254/32"]}}]}]
+
+
+def test_launcher_nodes_require_imdsv2_and_keep_the_dashboard_local():
+    raw = yaml.safe_load((CLUSTER / "aws-launcher.yaml").read_text())
+    for name, node in raw["available_node_types"].items():
+        assert node["node_config"]["MetadataOptions"] == {"HttpTokens": "required", "HttpPutResponseHopLimit": 1}, name
+    assert "--dashboard-host=127.0.0.1" in " ".join(raw["head_start_ray_commands"])

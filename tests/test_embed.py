@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from collections import Counter
 
 import numpy as np
@@ -49,7 +50,8 @@ def test_decode_matches_open_clip_preprocess():
     assert torch.allclose(ours, clip.preprocess(image), atol=1e-5)
 
 
-DECODE_FAULTS = [k for k, (_, _, reason) in FAULTY_SHARD.items() if reason not in ("missing_caption", "missing_image")]
+DECODE_FAULTS = [k for k, (_, _, reason) in FAULTY_SHARD.items()
+                 if reason not in ("missing_caption", "missing_image", "bad_json", "bad_caption")]
 
 
 @pytest.mark.parametrize("key", DECODE_FAULTS)
@@ -64,9 +66,8 @@ def test_reader_counts_records_and_reports_truncated_tars(tmp_path):
     *records, end = rows
     assert [r["key"] for r in records] == list(FAULTY_SHARD)
     assert [r["id"] for r in records] == [int(ids.encode(1, i)) for i in range(len(FAULTY_SHARD))]
-    assert {r["key"]: r["error"] for r in records if r["error"]} == {"000010003": "missing_caption",
-                                                                    "000010004": "missing_caption",
-                                                                    "000010005": "missing_image"}
+    assert {r["key"]: r["error"] for r in records if r["error"]} == {
+        k: reason for k, (_, _, reason) in FAULTY_SHARD.items() if reason and k not in DECODE_FAULTS}
     assert (end["kind"], end["caption"], end["message"]) == ("end", str(len(FAULTY_SHARD)), "")
 
     whole = faulty_shard()
@@ -75,6 +76,16 @@ def test_reader_counts_records_and_reports_truncated_tars(tmp_path):
     *records, end = rows
     assert 0 < len(records) < len(FAULTY_SHARD)
     assert end["caption"] == str(len(records)) and "00002.tar: truncated or corrupt tar" in end["message"]
+
+    # Cut exactly where a member's header starts (a 512-byte boundary): tarfile reads that as a
+    # complete archive; the missing end-of-archive blocks give the loss away.
+    with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
+        cut = next(m.offset for m in tar.getmembers() if m.name.startswith("000010006."))
+    (tmp_path / "00003.tar").write_bytes(whole[:cut])
+    *records, end = [r for block in read_shard(InputShard(str(tmp_path / "00003.tar"), 3, "webdataset"))
+                     for r in block]
+    assert [r["key"] for r in records] == list(FAULTY_SHARD)[:6]
+    assert "no end-of-archive blocks after the member ending at byte" in end["message"]
 
 
 def test_listing_rejects_empty_inputs_and_colliding_shard_numbers(tmp_path):
@@ -112,7 +123,7 @@ def test_image_folders_are_read_in_sorted_shards_with_optional_captions(tmp_path
     assert {r["error"] for r in strict} == {"missing_caption"}
     labels = [label for _, _, (label,) in labeled_samples(root, ["cat", "dog", "fish", "deeper"])]
     assert labels == [0, 0, 1, 3, 2]  # the folder holding each image names its class
-    with pytest.raises(FileNotFoundError, match="no jpg/jpeg/png/webp files under"):
+    with pytest.raises(FileNotFoundError, match="no jpg/jpeg/png/webp/gif/bmp/tif/tiff files under"):
         list_input_shards(f"{root}/cat/missing", "image-folder")
 
 
@@ -164,7 +175,8 @@ def test_pipeline_counts_every_fault_and_embeds_the_rest(ray_local, tmp_path, co
 
     faulty = json.loads(storage.read_bytes(f"{out}/part-000001.stats.json"))
     expected = Counter(reason for _, _, reason in FAULTY_SHARD.values() if reason)
-    assert faulty["skipped"] == dict(expected) and faulty["rows_embedded"] == 2
+    clean = sum(reason is None for _, _, reason in FAULTY_SHARD.values())  # the gif among them
+    assert faulty["skipped"] == dict(expected) and faulty["rows_embedded"] == clean == 3
     assert {r["key"]: r["reason"] for r in faulty["skipped_records"]} == {
         k: reason for k, (_, _, reason) in FAULTY_SHARD.items() if reason}
     garbage = json.loads(storage.read_bytes(f"{out}/part-000003.stats.json"))
@@ -176,7 +188,7 @@ def test_pipeline_counts_every_fault_and_embeds_the_rest(ray_local, tmp_path, co
     table = read_parquet(f"{out}/part-000000.parquet")
     assert table["id"].to_pylist() == [int(ids.encode(0, r)) for r in range(40)]
     members = {}
-    with __import__("tarfile").open(f"{corpus}/webdataset/00000.tar") as tar:
+    with tarfile.open(f"{corpus}/webdataset/00000.tar") as tar:
         for m in tar.getmembers():
             members[m.name] = tar.extractfile(m).read()
     clip = build_model(MODEL)
@@ -205,6 +217,12 @@ def test_parquet_input_and_model_mismatch(ray_local, tmp_path, corpus):
     other = EmbedConfig(input=f"{corpus}/parquet", output=out, input_format="parquet", model=ModelConfig(name="react-tiny"))
     with pytest.raises(ValueError, match="holds embeddings with model='react-micro'; this run has model='react-tiny'"):
         run_embedding(other, progress=False)
+    # Another crawl whose files also start at 00000: refused, not skipped as "already done".
+    crawl = other.model_copy(update={"input": f"{corpus}/webdataset", "input_format": "webdataset",
+                                     "model": ModelConfig(name="react-micro")})
+    with pytest.raises(ValueError, match=rf"holds the embeddings of {corpus}/parquet; this run reads "
+                                         rf"{corpus}/webdataset\. Embed each input into its own output"):
+        run_embedding(crawl, progress=False)
 
 
 @pytest.mark.ray

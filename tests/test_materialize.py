@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
-from faults import bomb_png
+from faults import bomb_png, strip_png
 from PIL import Image
 
 from react_ray import ids
@@ -58,6 +58,29 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, GOOD)
         elif path.startswith("/small/"):  # 300x200, under REACT's 384: left as it is
             self._send(200, SMALL)
+        elif path == "/to-metadata":  # a redirect into the cloud metadata service: checked like the first URL
+            self.send_response(302)
+            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+            self.end_headers()
+        elif path == "/to-file":
+            self.send_response(302)
+            self.send_header("Location", "file:///etc/hostname")
+            self.end_headers()
+        elif path == "/drip":  # a byte every 0.3 s, for ever: only a deadline on the whole fetch ends it
+            self.send_response(200)
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            try:
+                while True:
+                    self.wfile.write(b"\xff")
+                    self.wfile.flush()
+                    time.sleep(0.3)
+            except OSError:
+                pass
+        elif path == "/garbage":  # not HTTP at all
+            self.wfile.write(b"SSH-2.0-OpenSSH\r\n\r\n")
+        elif path == "/strip":
+            self._send(200, strip_png(), "image/png")
         elif path == "/missing":
             self._send(404, b"not found", "text/plain")
         elif path == "/slow":
@@ -89,11 +112,17 @@ def server():
 
 EXPECTED = {"/good/1": None, "/good/2": None, "/missing": "http_error", "/slow": "timeout",
             "/truncated": "truncated_image", "/text": "corrupt_image", "/bomb": "oversize_image", "/flaky": None,
-            "/broken": "http_error"}
+            "/broken": "http_error", "/to-metadata": "blocked_address", "/to-file": "unsupported_scheme",
+            "/drip": "timeout", "/garbage": "network_error", "/strip": "unencodable_image",
+            "/a path with spaces/é.jpg": "http_error", "file:///etc/hostname": "unsupported_scheme"}
+
+
+EXPECTED_REASONS = pd.Series([r for r in EXPECTED.values() if r]).value_counts().to_dict()
 
 
 def _retrieved(tmp_path, base: str) -> str:
-    rows = [{"id": int(ids.encode(0, i)), "key": f"k{i}", "url": base + path, "caption": f"caption {i}",
+    rows = [{"id": int(ids.encode(0, i)), "key": f"k{i}", "url": path if "://" in path else base + path,
+             "caption": f"caption {i}",
              "class": "cat" if i % 2 else "dog", "label": i % 2, "score": 1.0 - i / 100}
             for i, path in enumerate(EXPECTED)]
     uri = str(tmp_path / "retrieved.parquet")
@@ -105,12 +134,14 @@ def _retrieved(tmp_path, base: str) -> str:
 def test_download_counts_every_failure_and_retries_only_failed(ray_local, server, tmp_path):
     config = MaterializeConfig(retrieved=_retrieved(tmp_path, server), output=str(tmp_path / "train"),
                                source="download", samples_per_shard=5, resize_mode="keep_ratio", image_size=64,
-                               timeout=1.0, retries=2, backoff=0.05, threads=4)
+                               allowed_networks=["127.0.0.1/32"],  # the test server; never the redirect targets
+                               timeout=1.0, deadline=2.0, retries=2, backoff=0.05, threads=4)
     summary = run_materialize(config, progress=False)
-    expected_failed = pd.Series([r for r in EXPECTED.values() if r]).value_counts().to_dict()
-    assert summary["failed"] == expected_failed and summary["success"] == 3  # good x2 + flaky (after retries)
-    status = pd.concat([read_parquet(str(tmp_path / "train" / f"0000{k}.status.parquet")).to_pandas()
-                        for k in (0, 1)])
+    assert summary["failed"] == EXPECTED_REASONS and summary["success"] == 3  # good x2 + flaky (after retries)
+    status = pd.concat([read_parquet(str(path)).to_pandas()
+                        for path in sorted((tmp_path / "train").glob("*.status.parquet"))])
+    paths = [list(EXPECTED)[row] for row in ids.decode(status["id"].to_numpy())[2]]
+    assert dict(zip(paths, status["reason"])) == {path: reason or "" for path, reason in EXPECTED.items()}
     assert len(status) == len(EXPECTED) and (status["message"][status["status"] == "failed"] != "").all()
     with tarfile.open(tmp_path / "train" / "00000.tar") as tar:
         names = sorted(tar.getnames())
@@ -123,7 +154,7 @@ def test_download_counts_every_failure_and_retries_only_failed(ray_local, server
     STATE["broken_fixed"] = True
     again = run_materialize(config.model_copy(update={"retry_failed": True}), progress=False)
     assert again["this_run_fetched"] == sum(1 for r in EXPECTED.values() if r)  # only the failures
-    assert again["success"] == 4 and "http_error" in again["failed"] and again["failed"]["http_error"] == 1
+    assert again["success"] == 4 and again["failed"]["http_error"] == EXPECTED_REASONS["http_error"] - 1
     rerun = run_materialize(config, progress=False)  # plain rerun: every shard is done
     assert rerun["this_run_shards"] == 0 and rerun["success"] == 4
 
@@ -169,6 +200,7 @@ def test_reacts_retrieved_pairs_file_materializes_and_trains(ray_local, server, 
     write_parquet(f"{s3_bucket}/react/imagenet_10m.parquet", table)
     config = MaterializeConfig(retrieved=f"{s3_bucket}/react/imagenet_10m.parquet", output=str(tmp_path / "shards"),
                                source="download", url_col="URL", caption_col="TEXT", samples_per_shard=4,
+                               allowed_networks=["127.0.0.1/32"],
                                image_size=384, resize_only_if_bigger=True, resize_mode="keep_ratio",
                                skip_reencode=True, timeout=2.0, retries=0)
     summary = run_materialize(config, progress=False)

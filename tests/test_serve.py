@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import shutil
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 import requests
+import schemathesis
 import torch
+from hypothesis import HealthCheck, settings
+from faults import strip_png
 from PIL import Image
 from ports import free_port
 
@@ -36,6 +42,7 @@ from react_ray.models import build_model, export_react_checkpoint
 
 pytestmark = pytest.mark.ray
 MODEL = ModelConfig(name="react-micro")
+ADMIN_TOKEN, API_TOKEN, FRONT_ORIGIN = "admin-secret-for-tests", "api-secret-for-tests", "https://front.example"
 
 
 def _jpeg(color=(200, 40, 40), size=(48, 48)) -> bytes:
@@ -48,11 +55,45 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+class ImageHandler(BaseHTTPRequestHandler):
+    """What an image_url may point at: an image, a redirect into the cloud's metadata service,
+    a server that drips a byte at a time, one that does not speak HTTP."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        try:
+            if self.path == "/red.jpg":
+                body = _jpeg()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            elif self.path == "/to-metadata":
+                self.send_response(302)
+                self.send_header("Location", "http://169.254.169.254/latest/meta-data/iam/")
+                self.end_headers()
+            elif self.path == "/drip":
+                self.send_response(200)
+                self.send_header("Content-Length", "1000000")
+                self.end_headers()
+                while True:
+                    self.wfile.write(b"\xff")
+                    self.wfile.flush()
+                    time.sleep(0.3)
+            else:
+                self.wfile.write(b"SSH-2.0-OpenSSH_9.6\r\n")
+        except OSError:  # the client gave up: expected for the drip
+            pass
+
+
 @pytest.fixture(scope="module")
 def served(ray_local, tmp_path_factory, s3_server):
     import boto3
     from ray import serve
 
+    from serve_apps import retrieval
     from serve_apps.run import start_apps
 
     root = tmp_path_factory.mktemp("serve")
@@ -76,16 +117,38 @@ def served(ray_local, tmp_path_factory, s3_server):
     boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="models")
     export_react_checkpoint(custom.model, "s3://models/react.pt", custom.spec)
     port = free_port()
+    indices = {"demo": {"image": str(root / "index-image"), "text": str(root / "index-text")},
+               "living": {"image": str(root / "index-living")}}
     config = ServeConfig(port=port, retrieval=RetrievalAppConfig(
-        indices={"demo": {"image": str(root / "index-image"), "text": str(root / "index-text")},
-                 "living": {"image": str(root / "index-living")}}, model=MODEL, shard_groups=2, max_k=50,
+        indices=indices, model=MODEL, shard_groups=2, max_k=50, max_dedup_hits=100,
         max_request_bytes=200_000, image_url_timeout_s=1.0, replica_num_cpus=0.25, reload_interval_s=None),
         zeroshot=ZeroShotAppConfig(models={"base": MODEL, "react": ModelConfig(name="react-micro",
                                                                                checkpoint="s3://models/react.pt")},
-                                   default_model="base", max_images=8, replica_num_cpus=0.25))
-    urls = start_apps(config)
-    yield {"root": root, "urls": urls, "index": ShardedIndex(str(root / "index-image"))}
+                                   default_model="base", max_images=8, max_classes=16, replica_num_cpus=0.25))
+    images = ThreadingHTTPServer(("127.0.0.1", 0), ImageHandler)
+    threading.Thread(target=images.serve_forever, daemon=True).start()
+    # Tokens come from the environment where an app is built: the public apps get an admin token;
+    # the "guarded" one (same indices) an API token, a CORS origin, and 127.0.0.1 for image_url. It
+    # takes little CPU: the append test needs free CPUs on this 2-CPU cluster for its index tasks.
+    os.environ["REACT_RAY_ADMIN_TOKEN"] = ADMIN_TOKEN
+    try:
+        urls = start_apps(config)
+    finally:
+        del os.environ["REACT_RAY_ADMIN_TOKEN"]
+    guarded = RetrievalAppConfig(indices={"demo": indices["demo"]}, model=MODEL, max_k=50, replica_num_cpus=0.05,
+                                 image_url_allowed_networks=["127.0.0.1/32"], image_url_deadline_s=2.0,
+                                 image_url_timeout_s=1.0, reload_interval_s=None,
+                                 access={"cors_origins": [FRONT_ORIGIN]})
+    os.environ["REACT_RAY_API_TOKEN"] = API_TOKEN
+    try:
+        serve.run(retrieval.build_app(guarded.model_dump(mode="json")), name="guarded", route_prefix="/guarded")
+    finally:
+        del os.environ["REACT_RAY_API_TOKEN"]
+    urls["guarded"] = f"http://127.0.0.1:{port}/guarded"
+    yield {"root": root, "urls": urls, "index": ShardedIndex(str(root / "index-image")),
+           "images": f"http://127.0.0.1:{images.server_address[1]}"}
     serve.shutdown()
+    images.shutdown()
 
 
 def _search(url: str, **body) -> requests.Response:
@@ -141,7 +204,7 @@ def test_a_new_index_version_is_swapped_in_under_load_without_errors(served):
         grown = append_to_index(IndexConfig(embeddings=str(root / "emb-living"), output=living, append=True,
                                             task_num_cpus=0.25), progress=False)
         assert grown["version"] == 2
-        response = requests.post(f"{url}/admin/reload", timeout=60)
+        response = requests.post(f"{url}/admin/reload", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=60)
         assert response.status_code == 200, response.text
         assert all(versions["living/image"] == 2 for versions in response.json()["versions"])
         reloaded_at.append(time.monotonic())
@@ -254,7 +317,15 @@ def _bomb() -> bytes:
     ({"queries": [{"text": "x"}], "index": "nope"}, 404, "unknown index 'nope'"),
     ({"queries": [{"text": "x", "vector": [1.0]}], "index": "demo"}, 422, "give exactly one of"),
     ({"index": "demo"}, 422, "queries"),
-    ({"queries": [{"image_url": "http://127.0.0.1:9/x.jpg"}], "index": "demo"}, 400, "could not fetch"),
+    ({"queries": [{"image_url": "http://127.0.0.1:9/x.jpg"}], "index": "demo"}, 400,
+     "could not fetch the image (blocked_address)"),
+    ({"queries": [{"image_url": "file:///etc/hostname"}], "index": "demo"}, 400, "(unsupported_scheme)"),
+    ({"queries": [{"image_url": "http://169.254.169.254/latest/meta-data/"}], "index": "demo"}, 400,
+     "(blocked_address)"),
+    ({"queries": [{"image": _b64(strip_png())}], "index": "demo"}, 400, "oversize_image"),  # 1 x 100,000 px
+    ({"queries": [{"text": "x" * 1001}], "index": "demo"}, 422, "queries[0].text: 1,001 characters"),
+    ({"queries": [{"text": "x"}] * 3, "index": "demo", "k": 50, "deduplicate": True}, 422,
+     "deduplicate: k x queries = 150; the limit is 100"),
 ])
 def test_bad_search_requests_get_precise_4xx(served, body, status, message):
     response = _search(served["urls"]["retrieval"], **body)
@@ -274,6 +345,104 @@ def test_malformed_and_oversized_bodies_then_still_serving(served):
     assert _search(url, queries=[{"text": "a red star"}], index="demo", k=3).status_code == 200
 
 
+def test_image_urls_are_fetched_only_where_allowed_and_within_a_deadline(served):
+    """The guarded app may fetch from 127.0.0.1 (its config says so): the image works, but a redirect
+    into the metadata service, a drip-feeding server and a non-HTTP server are each a 400 naming the
+    reason, never an OS error text; the drip ends at the deadline."""
+    url, images = served["urls"]["guarded"], served["images"]
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+
+    def query(image_url: str) -> requests.Response:
+        return requests.post(f"{url}/v1/search", json={"queries": [{"image_url": image_url}], "index": "demo",
+                                                       "k": 3}, headers=auth, timeout=60)
+
+    fetched = query(f"{images}/red.jpg")
+    assert fetched.status_code == 200, fetched.text
+    direct = requests.post(f"{url}/v1/search", json={"queries": [{"image": _b64(_jpeg())}], "index": "demo",
+                                                     "k": 3}, headers=auth, timeout=60)
+    assert [h["id"] for h in fetched.json()["results"][0]] == [h["id"] for h in direct.json()["results"][0]]
+    for path, reason in (("/to-metadata", "blocked_address"), ("/not-http", "network_error")):
+        refused = query(f"{images}{path}")
+        assert refused.status_code == 400 and f"could not fetch the image ({reason})" in refused.text
+    start = time.monotonic()
+    dripped = query(f"{images}/drip")
+    assert dripped.status_code == 400 and "(timeout)" in dripped.text
+    assert time.monotonic() - start < 2.0 + 3  # the app's image_url_deadline_s, plus slack for the request
+    # The public app (no allowed networks) never reaches 127.0.0.1 at all.
+    public = _search(served["urls"]["retrieval"], queries=[{"image_url": f"{images}/red.jpg"}], index="demo")
+    assert public.status_code == 400 and "(blocked_address)" in public.text
+
+
+@pytest.mark.parametrize("path, raw, status, message", [
+    ("/knn-service", b'{"text": "a', 400, "not valid JSON"),
+    ("/knn-service", b'{"text": "x", "modality": "image", "indice_name": "demo", "num_images": 1e400}', 422,
+     "num_images: expected a positive integer"),
+    ("/knn-service", b'{"text": "x", "modality": "image", "indice_name": "demo", "num_images": true}', 422,
+     "num_images: expected a positive integer"),
+    ("/knn-service", b'{"text": "x", "modality": "image", "indice_name": "demo", "num_images": 3, '
+                     b'"deduplicate": "false"}', 422, "deduplicate: expected true or false"),
+    ("/knn-service", b'[1, 2]', 422, "expected a JSON object"),
+    ("/metadata", b'{"indice_name": "demo", "ids": [18446744073709551616]}', 422, "ids"),
+    ("/metadata", b'{"indice_name": "demo", "ids": [-1]}', 422, "ids"),
+    ("/v1/search", b'{"queries": [{"text": "x"}], "index": "demo", "k": 1e400}', 422, "k"),
+])
+def test_hostile_json_gets_a_4xx_not_a_500(served, path, raw, status, message):
+    response = requests.post(f"{served['urls']['retrieval']}{path}", data=raw, timeout=30,
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    assert message in response.text
+
+
+def test_a_streamed_body_over_the_limit_is_refused(served):
+    """No Content-Length (chunked transfer): the body is counted as it arrives."""
+    url = served["urls"]["retrieval"]
+
+    def chunks():
+        yield b'{"queries": [{"text": "'
+        for _ in range(300):
+            yield b"x" * 1000
+        yield b'"}], "index": "demo"}'
+
+    response = requests.post(f"{url}/v1/search", data=chunks(), timeout=30,
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 413 and "over the limit of 200,000 bytes" in response.text
+    assert _search(url, queries=[{"text": "a red star"}], index="demo", k=3).status_code == 200
+
+
+def test_tokens_and_origins(served):
+    """Admin routes need the admin token (and are off where none is configured); the guarded app's
+    query routes need its API token; a browser on another site is refused unless allowed by CORS."""
+    public, guarded = served["urls"]["retrieval"], served["urls"]["guarded"]
+    reload = f"{public}/admin/reload"
+    assert requests.post(reload, timeout=30).status_code == 401
+    assert requests.post(reload, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
+    assert requests.post(reload, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=60).status_code == 200
+    off = requests.post(f"{guarded}/admin/reload", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30)
+    assert off.status_code == 403 and "admin routes are off" in off.text
+
+    body = {"queries": [{"text": "a red star"}], "index": "demo", "k": 2}
+    assert requests.post(f"{guarded}/v1/search", json=body, timeout=30).status_code == 401
+    knn = {"text": "a red star", "modality": "image", "indice_name": "demo", "num_images": 2}
+    assert requests.post(f"{guarded}/knn-service", json=knn, timeout=30).status_code == 401
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+    assert requests.post(f"{guarded}/v1/search", json=body, headers=auth, timeout=30).status_code == 200
+    assert requests.get(f"{guarded}/healthz", timeout=30).status_code == 200  # probes stay open
+
+    # A page on another site posting a "simple" (text/plain) request: refused before it runs.
+    evil = requests.post(f"{public}/knn-service", data='{"text": "x", "modality": "image", "indice_name": "demo", '
+                         '"num_images": 1}', headers={"Origin": "https://evil.example", "Content-Type": "text/plain"},
+                         timeout=30)
+    assert evil.status_code == 403 and "origin https://evil.example is not allowed" in evil.text
+    preflight = requests.options(f"{guarded}/v1/search", timeout=30, headers={
+        "Origin": FRONT_ORIGIN, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert preflight.status_code == 204 and preflight.headers["access-control-allow-origin"] == FRONT_ORIGIN
+    allowed = requests.post(f"{guarded}/v1/search", json=body, headers=auth | {"Origin": FRONT_ORIGIN}, timeout=30)
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == FRONT_ORIGIN
+    assert requests.options(f"{guarded}/v1/search", headers={"Origin": "https://evil.example"},
+                            timeout=30).status_code == 403
+
+
 def test_zero_shot_multiplexed_models_match_direct_calls(served):
     url = served["urls"]["zeroshot"]
     classes, templates = ["red", "blue", "green"], ["a {} square.", "a photo of something {}."]
@@ -290,7 +459,7 @@ def test_zero_shot_multiplexed_models_match_direct_calls(served):
     for name, clip in (("react", react), ("base", build_model(MODEL))):
         weights = zero_shot_classifier(clip, classes, templates)
         logits = clip.encode_images(clip.preprocess(Image.open(io.BytesIO(image)))[None]) @ weights.T
-        probs = torch.softmax(float(clip.model.logit_scale.exp()) * logits, 1)[0].numpy()
+        probs = torch.softmax(float(clip.model.logit_scale.detach().exp()) * logits, 1)[0].numpy()
         got = (by_field if name == "react" else default).json()["predictions"][0]
         assert got["labels"] == [classes[i] for i in np.argsort(-probs)[:2]]
         np.testing.assert_allclose(got["scores"], np.sort(probs)[::-1][:2], atol=1e-4)
@@ -303,7 +472,16 @@ def test_zero_shot_multiplexed_models_match_direct_calls(served):
     ({"images": [_b64(_jpeg())]}, 422, "give exactly one of classnames or task"),
     ({"images": [_b64(_jpeg())], "task": "imagenet"}, 404, "unknown task 'imagenet'"),
     ({"images": [_b64(_jpeg())] * 9, "classnames": ["a"]}, 413, "9 images; the limit is 8"),
+    ({"images": [_b64(_jpeg())], "classnames": [str(i) for i in range(17)]}, 413, "17 classes; the limit is 16"),
     ({"images": [], "classnames": ["a"]}, 422, "images"),
+    # A format spec would build a 1 GB string per prompt; attribute access would read objects.
+    ({"images": [_b64(_jpeg())], "classnames": ["a"], "templates": ["{{}}{:>1000000000}"]}, 422, "no other braces"),
+    ({"images": [_b64(_jpeg())], "classnames": ["a"], "templates": ["{0.__class__} {}"]}, 422, "no other braces"),
+    ({"images": [_b64(_jpeg())], "classnames": ["a"], "templates": ["{} and {}"]}, 422, "no other braces"),
+    ({"images": [_b64(_jpeg())], "classnames": ["a"], "templates": ["a {}."] * 101}, 413,
+     "101 templates; the limit is 100"),
+    ({"images": [_b64(_jpeg())], "classnames": ["a" * 301]}, 422, "classnames[0]: 301 characters"),
+    ({"images": [_b64(strip_png())], "classnames": ["a", "b"]}, 400, "images[0]: oversize_image"),
 ])
 def test_bad_classify_requests_get_precise_4xx(served, body, status, message):
     response = requests.post(f"{served['urls']['zeroshot']}/v1/classify", json=body, timeout=60)
@@ -335,3 +513,51 @@ def test_search_page_in_headless_chromium(served):
         page.wait_for_selector("#status.error")
         assert "k: got 51; the limit is 50" in page.inner_text("#status")
         browser.close()
+
+
+# ---------------------------------------------------------------- API fuzzing (schemathesis)
+FUZZ = {"max_examples": 400, "deadline": None, "suppress_health_check": list(HealthCheck), "database": None}
+FUZZED: Counter = Counter()
+
+
+@pytest.fixture(scope="module")
+def retrieval_openapi(served):
+    return schemathesis.openapi.from_url(f"{served['urls']['retrieval']}/openapi.json")
+
+
+@pytest.fixture(scope="module")
+def zeroshot_openapi(served):
+    schema = schemathesis.openapi.from_url(f"{served['urls']['zeroshot']}/openapi.json")
+    schema.config.base_url = served["urls"]["zeroshot"]  # its paths are relative to the app's route prefix
+    return schema
+
+
+retrieval_api = schemathesis.pytest.from_fixture("retrieval_openapi")
+zeroshot_api = schemathesis.pytest.from_fixture("zeroshot_openapi")
+
+
+def _no_server_error(app: str, case) -> None:
+    response = case.call(timeout=60)
+    FUZZED[f"{app} {case.operation.label}"] += 1
+    assert response.status_code < 500, f"{case.method} {case.path} {case.body!r:.300} -> {response.status_code}: " \
+                                       f"{response.text[:300]}"
+
+
+@retrieval_api.parametrize()
+@settings(**FUZZ)
+def test_fuzzed_retrieval_requests_never_get_a_5xx(case):
+    _no_server_error("retrieval", case)
+
+
+@zeroshot_api.parametrize()
+@settings(**FUZZ)
+def test_fuzzed_zeroshot_requests_never_get_a_5xx(case):
+    _no_server_error("zeroshot", case)
+
+
+def test_both_apps_are_healthy_after_the_fuzzing(served):
+    print(f"\nfuzzed requests: {sum(FUZZED.values())} ({dict(FUZZED)})")
+    assert sum(FUZZED.values()) >= 2000  # hypothesis stops early only on routes with little to vary
+    for name in ("retrieval", "zeroshot"):
+        assert requests.get(f"{served['urls'][name]}/readyz", timeout=60).status_code == 200
+    assert _search(served["urls"]["retrieval"], queries=[{"text": "a red star"}], index="demo", k=3).status_code == 200

@@ -51,9 +51,18 @@ def decode_image(data: bytes, size: int, max_pixels: int, resize_mode: str = "sh
             image.load()
     except (OSError, SyntaxError, ValueError) as error:
         return None, _failure_reason(error), f"{type(error).__name__}: {error}"
+    try:
+        return _fit(image, size, max_pixels, resize_mode, _RESAMPLE[interpolation])
+    except (OSError, SyntaxError, ValueError, MemoryError) as error:  # e.g. an odd mode that will not convert
+        return None, "corrupt_image", f"{type(error).__name__}: {error}"
+
+
+def _fit(image: Image.Image, size: int, max_pixels: int, resize_mode: str, resample):
+    """The loaded image as RGB at the model's size (or whole, shorter side bounded), never larger
+    than ``max_pixels`` on the way."""
+    width, height = image.size
     # EXIF orientation is deliberately ignored: CLIP embeddings of LAION are computed that way.
     image = image.convert("RGB")
-    resample = _RESAMPLE[interpolation]
     if resize_mode == "squash":
         return np.asarray(image.resize((size, size), resample), dtype=np.uint8), None, None
     if resize_mode == "whole" and min(width, height) <= size:
@@ -62,7 +71,7 @@ def decode_image(data: bytes, size: int, max_pixels: int, resize_mode: str = "sh
         resized = (size, int(size * height / width))
     else:
         resized = (int(size * width / height), size)
-    if resized[0] * resized[1] > max_pixels:  # a 1 x 40M strip would become 224 x 9G before the crop
+    if resized[0] * resized[1] > max_pixels:  # a 1 x 100,000 strip would become 224 x 22.4M before the crop
         return None, "oversize_image", f"{width}x{height} resizes to {resized[0]}x{resized[1]} > {max_pixels:,} pixels"
     image = image.resize(resized, resample)
     if resize_mode == "whole":

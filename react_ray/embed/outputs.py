@@ -79,16 +79,23 @@ def read_metadata(uri: str) -> pa.Table:
 
 
 def fetch_vectors(embeddings: str, id_list: np.ndarray, column: str = "img_emb") -> np.ndarray:
-    """Embeddings of the given ids, read file by file (rows are sorted by id in each file)."""
+    """Embeddings of the given ids, read file by file (rows are sorted by id in each file). Only
+    committed shards (``.done``) are read; an id that is not there is a KeyError, never a wrong row."""
     id_list = np.asarray(id_list, np.int64)
     out = np.zeros((len(id_list), 0), np.float32)
     _, shards, _ = ids.decode(id_list)
     for shard in np.unique(shards):
-        table = read_parquet(storage.join(embeddings, f"part-{int(shard):06d}.parquet"), ["id", column])
+        name = f"part-{int(shard):06d}"
+        if not is_done(embeddings, name):
+            raise KeyError(f"{embeddings}: shard {name} is not committed (no .done marker); its ids cannot be read")
+        table = read_parquet(storage.join(embeddings, f"{name}.parquet"), ["id", column])
         file_ids = table["id"].to_numpy()
         vectors = column_matrix(table, column)
         where = np.flatnonzero(shards == shard)
-        pos = np.searchsorted(file_ids, id_list[where])
+        pos = np.minimum(np.searchsorted(file_ids, id_list[where]), max(len(file_ids) - 1, 0))
+        missing = id_list[where][file_ids[pos] != id_list[where]] if len(file_ids) else id_list[where]
+        if len(missing):
+            raise KeyError(f"{embeddings}/{name}.parquet holds no row for ids {missing[:5].tolist()}")
         if out.shape[1] == 0:
             out = np.zeros((len(id_list), vectors.shape[1]), np.float32)
         out[where] = vectors[pos]
@@ -203,7 +210,9 @@ def save_summary(output: str, summary: RunSummary) -> None:
 
 
 def load_embeddings(output: str, column: str = "img_emb") -> tuple[np.ndarray, np.ndarray]:
-    """(ids, vectors) of a whole (small) embedding set; for tests, benchmarks and small indices."""
-    tables = [read_parquet(uri, ["id", column]) for uri in storage.list_files(output, ".parquet")]
+    """(ids, vectors) of a whole (small) embedding set's committed shards; for tests, benchmarks and
+    small indices."""
+    tables = [read_parquet(uri, ["id", column]) for uri in storage.list_files(output, ".parquet")
+              if is_done(output, uri.rsplit("/", 1)[-1].removesuffix(".parquet"))]
     table = pa.concat_tables(tables)
     return table["id"].to_numpy(), column_matrix(table, column)

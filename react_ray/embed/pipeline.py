@@ -41,12 +41,18 @@ def embedding_info(config: EmbedConfig) -> dict:
 
 
 def check_embedding_info(config: EmbedConfig) -> dict:
-    """Write ``_embedding.json`` on the first run; refuse to add vectors of another model later."""
+    """Write ``_embedding.json`` on the first run; refuse to add vectors of another model, or of
+    another input, later."""
     info = embedding_info(config)
     uri = storage.join(config.output, "_embedding.json")
     if storage.exists(uri):
         existing = json.loads(storage.read_bytes(uri))
-        for field in ("model", "pretrained", "checkpoint", "dim", "source_id"):
+        if existing.get("input") != info["input"]:
+            # Shard numbers come from file names: another crawl's 00000.tar would pass as "already done".
+            raise ValueError(f"{config.output} holds the embeddings of {existing.get('input')}; this run reads "
+                             f"{info['input']}. Embed each input into its own output (with its own source_id, "
+                             "so that ids never collide when indices combine them).")
+        for field in ("model", "pretrained", "checkpoint", "dim", "source_id", "input_format"):
             if existing.get(field) != info[field]:
                 raise ValueError(f"{config.output} holds embeddings with {field}={existing.get(field)!r}; this run "
                                  f"has {field}={info[field]!r}. Use another output or the same {field}.")

@@ -20,7 +20,8 @@ from react_ray import ids, storage
 
 SUFFIX = {"webdataset": ".tar", "parquet": ".parquet", "laion-embeddings": ".npy"}
 IMAGE_FORMATS = ("webdataset", "parquet", "image-folder")  # the input formats that hold image bytes
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")  # what PIL decodes safely
+MAX_MEMBER_BYTES = 64 * 2**20  # a tar member larger than this is not read into memory (counted: oversize_member)
 # An image folder (any depth, e.g. CLASS/*.jpg) is read as shards of this many files in sorted
 # path order; its ids are stable while the folder's contents are.
 IMAGE_FOLDER_SHARD_FILES = 1000
@@ -87,17 +88,37 @@ def image_folder_files(uri: str) -> list[str]:
     return storage.find_files(uri, tuple("." + e for e in IMAGE_EXTENSIONS))
 
 
-def _caption_error(caption: str | None, required: bool) -> tuple[str, str]:
+def _caption_error(caption, required: bool) -> tuple[str, str]:
+    if caption is not None and not isinstance(caption, str):
+        return "bad_caption", f"the caption is a {type(caption).__name__}, not text"
     if required and (caption is None or not caption.strip()):
         return "missing_caption", "empty or absent caption"
     return "", ""
 
 
+class _TailTracker:
+    """A read-only file wrapper that counts the bytes read and keeps the last 1 KiB."""
+
+    def __init__(self, fileobj):
+        self.fileobj, self.total, self.tail = fileobj, 0, b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.fileobj.read(size)
+        self.total += len(data)
+        self.tail = (self.tail + data)[-1024:]
+        return data
+
+
 def webdataset_samples(fileobj) -> Iterator[dict[str, bytes]]:
-    """Group consecutive tar members by key (webdataset convention: ``KEY.ext``)."""
-    current_key, sample = None, {}
-    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+    """Group consecutive tar members by key (webdataset convention: ``KEY.ext``). A member over
+    MAX_MEMBER_BYTES is not read: its sample gets ``__oversize__`` (the member's name). A tar
+    whose end-of-archive blocks are missing (cut at a 512-byte boundary, which tarfile reads as
+    complete) raises ``tarfile.ReadError`` after its last sample."""
+    current_key, sample, end_of_members = None, {}, 0
+    tracked = _TailTracker(fileobj)
+    with tarfile.open(fileobj=tracked, mode="r|") as tar:
         for member in tar:
+            end_of_members = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
             if not member.isfile():
                 continue
             base = member.name.rsplit("/", 1)[-1]
@@ -106,9 +127,31 @@ def webdataset_samples(fileobj) -> Iterator[dict[str, bytes]]:
                 yield {"__key__": current_key, **sample}
                 sample = {}
             current_key = key
+            if member.size > MAX_MEMBER_BYTES:
+                sample["__oversize__"] = f"{base} ({member.size:,} bytes > {MAX_MEMBER_BYTES:,})".encode()
+                continue
             sample[ext.lower()] = tar.extractfile(member).read()
+    while tracked.read(2**20):  # to the end of the file, to see what follows the last member
+        pass
     if sample:
         yield {"__key__": current_key, **sample}
+    after = tracked.total - end_of_members
+    if end_of_members and (after < tarfile.BLOCKSIZE or tracked.tail[-min(after, 1024):].strip(b"\0")):
+        raise tarfile.ReadError(f"no end-of-archive blocks after the member ending at byte {end_of_members:,}: "
+                                "the file was cut there, and what followed is lost")
+
+
+def _sidecar(sample: dict) -> tuple[dict, str, str]:
+    """The sample's ``.json`` as a dict, or ({}, reason, message) when it is not a JSON object."""
+    if "json" not in sample:
+        return {}, "", ""
+    try:
+        meta = json.loads(sample["json"])
+    except ValueError as error:
+        return {}, "bad_json", f"{sample['__key__']}.json: {error}"
+    if not isinstance(meta, dict):
+        return {}, "bad_json", f"{sample['__key__']}.json is a {type(meta).__name__}, not an object"
+    return meta, "", ""
 
 
 def _read_webdataset(shard: InputShard, source: int, caption_required: bool) -> Iterator[dict]:
@@ -116,24 +159,28 @@ def _read_webdataset(shard: InputShard, source: int, caption_required: bool) -> 
     try:
         with storage.open_uri(shard.uri) as f:
             for sample in webdataset_samples(f):
-                meta = {}
-                if "json" in sample:
-                    try:
-                        meta = json.loads(sample["json"])
-                    except ValueError:
-                        meta = {}
+                meta, json_error, json_message = _sidecar(sample)
                 caption = sample["txt"].decode("utf-8", "replace") if "txt" in sample else meta.get("caption")
                 image = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
                 error, message = _caption_error(caption, caption_required)
-                if image is None:
+                if json_error:
+                    error, message = json_error, json_message
+                if "__oversize__" in sample:
+                    error, message = "oversize_member", sample["__oversize__"].decode()
+                elif image is None:
                     error, message = "missing_image", f"no {'/'.join(IMAGE_EXTENSIONS)} member"
-                yield _record(shard, row, source, key=str(meta.get("key", sample["__key__"])), url=meta.get("url"),
-                              caption=caption, image=image, meta=metadata_json(meta), error=error, message=message)
+                yield _record(shard, row, source, key=str(meta.get("key", sample["__key__"])),
+                              url=_text(meta.get("url")), caption=_text(caption),
+                              image=image, meta=metadata_json(meta), error=error, message=message)
                 row += 1
     except (tarfile.TarError, EOFError, OSError) as error:
         yield end_row(shard, row, f"{shard.uri}: truncated or corrupt tar after {row} samples ({error})")
         return
     yield end_row(shard, row, None)
+
+
+def _text(value) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _pick(columns: list[str], candidates: tuple[str, ...]) -> str | None:
@@ -162,8 +209,8 @@ def _read_parquet(shard: InputShard, source: int, block_rows: int, caption_requi
                     if image is None:
                         error, message = "missing_image", f"null {image_col!r} value"
                     key = data["key"][i] if "key" in data else f"{shard.number:05d}{row:04d}"
-                    yield _record(shard, row, source, key=str(key), url=data[url_col][i] if url_col else None,
-                                  caption=caption, image=image, error=error, message=message,
+                    yield _record(shard, row, source, key=str(key), url=_text(data[url_col][i]) if url_col else None,
+                                  caption=_text(caption), image=image, error=error, message=message,
                                   meta=metadata_json({c: data[c][i] for c in meta_cols}, meta_cols))
                     row += 1
     except (OSError, ValueError) as error:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -101,9 +103,10 @@ class MetadataStore:
     """id -> {key, url, caption, and the source's metadata columns} in O(1): one memory-mapped Arrow file per
     embedding file, dense by row."""
 
-    def __init__(self, metadata_uri: str, max_open: int = 256):
-        self.root, self.max_open = metadata_uri, max_open
+    def __init__(self, metadata_uri: str, max_open: int = 256, recheck_missing_s: float = 30.0):
+        self.root, self.max_open, self.recheck_missing_s = metadata_uri, max_open, recheck_missing_s
         self._open: OrderedDict[int, pa.Table] = OrderedDict()
+        self._missing: dict[int, float] = {}  # shard -> when it was found absent (an append may add it later)
 
     @staticmethod
     def file_name(shard: int) -> str:
@@ -113,9 +116,13 @@ class MetadataStore:
         if shard in self._open:
             self._open.move_to_end(shard)
             return self._open[shard]
+        if time.monotonic() - self._missing.get(shard, -math.inf) < self.recheck_missing_s:
+            return None  # asked again soon: no second storage call
         uri = storage.join(self.root, self.file_name(shard))
         if not storage.exists(uri):
-            return None  # not remembered: an append may add this file later
+            self._missing[shard] = time.monotonic()
+            return None
+        self._missing.pop(shard, None)
         table = pa.ipc.open_file(pa.memory_map(storage.local_copy(uri))).read_all()
         self._open[shard] = table
         if len(self._open) > self.max_open:
@@ -123,11 +130,14 @@ class MetadataStore:
         return table
 
     def lookup(self, id_list) -> list[dict | None]:
-        """Metadata for each id (None for an id this index does not hold)."""
+        """Metadata for each id (None for an id this index does not hold); each file is opened once
+        per call, however many ids it holds."""
+        id_array = np.asarray(id_list, np.int64).reshape(-1)
+        _, shards, rows = ids.decode(id_array)
+        tables = {int(shard): self._table(int(shard)) for shard in np.unique(shards)}
         out = []
-        _, shards, rows = ids.decode(np.asarray(id_list, np.int64).reshape(-1))
-        for id_, shard, row in zip(np.asarray(id_list).reshape(-1), shards, rows):
-            table = self._table(int(shard))
+        for id_, shard, row in zip(id_array, shards, rows):
+            table = tables[int(shard)]
             if table is None or row >= table.num_rows or table["id"][int(row)].as_py() != int(id_):
                 out.append(None)
                 continue

@@ -58,7 +58,8 @@ def corpus_bytes(embeddings: str, id_list) -> dict[int, tuple[bytes | None, str 
 
 
 def _fetch_all(rows: pd.DataFrame, config: MaterializeConfig) -> list[tuple[bytes | None, str | None, str | None]]:
-    policy = FetchPolicy(timeout=config.timeout, retries=config.retries, backoff=config.backoff,
+    policy = FetchPolicy(timeout=config.timeout, deadline=config.deadline, allowed_networks=tuple(config.allowed_networks),
+                         retries=config.retries, backoff=config.backoff,
                          max_bytes=config.max_bytes, max_pixels=config.max_image_pixels)
     if config.source == "corpus":
         images = corpus_bytes(config.embeddings, rows["id"])

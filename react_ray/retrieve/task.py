@@ -35,6 +35,13 @@ def shipped(kind: str) -> dict[str, list[str]]:
     return json.loads((RESOURCES / f"{kind}.json").read_text())
 
 
+def is_plain_template(template: str) -> bool:
+    """Exactly one bare ``{}`` and no other braces: ``str.format`` then only substitutes the class
+    name (``{:>1000000000}`` or ``{0.__class__}`` would not be plain substitution)."""
+    return template.count("{}") == 1 and template.replace("{}", "", 1).count("{") == 0 \
+        and template.count("}") == 1
+
+
 class ColumnFilter(StrictModel):
     """Keep a pair only if its metadata value passes every bound given."""
 
@@ -86,9 +93,10 @@ class TaskSpec(StrictModel):
             return value
         if not value:
             raise ValueError("empty template list")
-        bad = [t for t in value if t.count("{}") != 1]
+        bad = [t for t in value if not is_plain_template(t)]
         if bad:
-            raise ValueError(f"every template needs exactly one '{{}}' for the class name; these do not: {bad}")
+            raise ValueError(f"every template needs exactly one '{{}}' for the class name and no other braces; "
+                             f"these do not: {bad[:3]}")
         return value
 
     @model_validator(mode="after")
