@@ -263,3 +263,36 @@ def test_laion_embedding_ingestion_keeps_ids_aligned(ray_local, tmp_path):
         assert json.loads(meta) == {"punsafe": row / 100}
     img, txt = column_matrix(table, "img_emb"), column_matrix(table, "txt_emb")
     np.testing.assert_allclose(img.astype(np.float32), -txt.astype(np.float32), atol=1e-3)
+
+
+@pytest.mark.s3
+def test_a_write_that_fails_leaves_no_object_on_s3(s3_bucket):
+    """The atomic writer on S3: a body that raises aborts the upload (small: never sent; large: the
+    multipart upload is aborted), where closing the file would have committed what was written."""
+    for size in (5_000, 60 * 2**20):  # under and over s3fs's 50 MiB block: one part already uploaded
+        uri = f"{s3_bucket}/partial/{size}.bin"
+        with pytest.raises(RuntimeError, match="killed mid-write"):
+            with storage.atomic_writer(uri) as f:
+                f.write(b"x" * size)
+                raise RuntimeError("killed mid-write")
+        assert not storage.exists(uri)
+    storage.write_bytes_atomic(f"{s3_bucket}/partial/whole.bin", b"whole")
+    assert storage.read_bytes(f"{s3_bucket}/partial/whole.bin") == b"whole"
+
+
+def test_vectors_are_read_only_from_committed_shards_and_only_for_ids_they_hold(tmp_path):
+    from react_ray.embed.outputs import done_uri, embedding_table, fetch_vectors, write_parquet
+
+    out = str(tmp_path)
+    rows = np.array([0, 2, 5])
+    vectors = np.eye(3, 4, dtype=np.float32)
+    table = embedding_table([int(ids.encode(3, r)) for r in rows], ["k"] * 3, ["u"] * 3, ["c"] * 3, vectors, None)
+    write_parquet(f"{out}/part-000003.parquet", table)
+    wanted = np.array([int(ids.encode(3, 5)), int(ids.encode(3, 0))])
+    with pytest.raises(KeyError, match="shard part-000003 is not committed"):
+        fetch_vectors(out, wanted)
+    storage.write_text_atomic(done_uri(out, "part-000003"), "{}")
+    np.testing.assert_array_equal(fetch_vectors(out, wanted), vectors[[2, 0]])
+    with pytest.raises(KeyError, match=r"holds no row for ids \[" + str(int(ids.encode(3, 4)))):
+        fetch_vectors(out, np.array([int(ids.encode(3, 4))]))  # between rows 2 and 5: never a neighbour's vector
+    assert len(load_embeddings(out)[0]) == 3
