@@ -119,6 +119,16 @@ def list_files(uri: str, suffix: str) -> list[str]:
     return _uris(uri, (p for p in fs.ls(path, detail=False) if p.endswith(suffix)))
 
 
+def file_sizes(uri: str, suffix: str) -> dict[str, int]:
+    """{URI: size in bytes} of the files directly under ``uri`` whose names end with ``suffix``."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return {}
+    entries = [e for e in fs.ls(path, detail=True) if e["name"].endswith(suffix) and e.get("type") != "directory"]
+    return dict(zip(_uris(uri, [e["name"] for e in entries]), [int(e["size"]) for e in sorted(
+        entries, key=lambda e: e["name"])]))
+
+
 def find_files(uri: str, suffixes: tuple[str, ...]) -> list[str]:
     """Sorted URIs of the files anywhere under ``uri`` whose names end with one of ``suffixes`` (any case)."""
     fs, path = filesystem(uri)

@@ -10,6 +10,7 @@ classifiers are cached per (model, classes, templates).
 
 import asyncio
 import os
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -87,12 +88,13 @@ class ZeroShotAPI:
                                      f"these do not: {[t[:80] for t in bad[:3]]}")
         return request.classnames, templates
 
-    def _classifier(self, model_id: str, clip, classnames: list[str], templates: list[str]) -> torch.Tensor:
+    def _classifier(self, model_id: str, clip, classnames: list[str], templates: list[str],
+                    deadline: float) -> torch.Tensor:
         key = (model_id, tuple(classnames), tuple(templates))
         if key in self.classifiers:
             self.classifiers.move_to_end(key)
-        else:
-            self.classifiers[key] = zero_shot_classifier(clip, classnames, templates)
+        else:  # stops at the deadline: no work goes on for a request already answered 504
+            self.classifiers[key] = zero_shot_classifier(clip, classnames, templates, deadline)
             if len(self.classifiers) > self.config.max_cached_classifiers:
                 self.classifiers.popitem(last=False)
         return self.classifiers[key]
@@ -113,6 +115,7 @@ class ZeroShotAPI:
                             "classification")
 
     async def _classify(self, model_id, request, classnames, templates) -> ClassifyResponse:
+        deadline = time.monotonic() + self.config.request_timeout_s
         clip = await self.get_model(model_id)
         pixels = await asyncio.to_thread(lambda: [  # PIL work off the event loop
             decode_base64_image(image, f"images[{i}]", clip.decode_args, self.config.max_image_pixels)
@@ -121,7 +124,7 @@ class ZeroShotAPI:
         def run():
             from PIL import Image
 
-            weights = self._classifier(model_id, clip, classnames, templates)
+            weights = self._classifier(model_id, clip, classnames, templates, deadline)
             batch = torch.stack([clip.preprocess(Image.fromarray(p)) for p in pixels])
             logits = float(clip.model.logit_scale.detach().exp()) * clip.encode_images(batch) @ weights.T
             return torch.softmax(logits, dim=1).numpy()

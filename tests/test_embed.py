@@ -296,3 +296,23 @@ def test_vectors_are_read_only_from_committed_shards_and_only_for_ids_they_hold(
     with pytest.raises(KeyError, match=r"holds no row for ids \[" + str(int(ids.encode(3, 4)))):
         fetch_vectors(out, np.array([int(ids.encode(3, 4))]))  # between rows 2 and 5: never a neighbour's vector
     assert len(load_embeddings(out)[0]) == 3
+
+
+@pytest.mark.ray
+def test_a_changed_input_shard_is_refused_not_kept_as_done(ray_local, tmp_path, corpus):
+    inputs = tmp_path / "wds"
+    inputs.mkdir()
+    for name in ("00000.tar", "00001.tar"):
+        (inputs / name).write_bytes(storage.read_bytes(f"{corpus}/webdataset/{name}"))
+    out = str(tmp_path / "emb")
+    run_embedding(_config(str(inputs), out), progress=False)
+    recorded = json.loads(storage.read_bytes(f"{out}/_inputs.json"))
+    assert {name: entry["bytes"] for name, entry in recorded.items()} == {
+        "part-000000": (inputs / "00000.tar").stat().st_size, "part-000001": (inputs / "00001.tar").stat().st_size}
+    assert run_embedding(_config(str(inputs), out), progress=False).this_run_shards == 0  # unchanged: all done
+    before = (inputs / "00001.tar").stat().st_size
+    with open(inputs / "00001.tar", "ab") as tar:  # a re-crawl wrote other content under the same name
+        tar.write(b"\0" * 1024)
+    with pytest.raises(ValueError, match=rf"1 input shard\(s\) changed since they were embedded: part-000001 "
+                                         rf"\(.*00001.tar: {before:,} bytes then, {before + 1024:,} now\)"):
+        run_embedding(_config(str(inputs), out), progress=False)

@@ -126,3 +126,17 @@ def test_elevater_suite_one_table_with_each_sets_metric(tmp_path):
     assert "11-point mAP" in html and "ROC-AUC" in html and "Not found under" in html
     with pytest.raises(ValueError, match=r"\['imagenet'\] are not ELEVATER's"):
         ElevaterConfig(root=str(root), models=models, output=str(tmp_path / "x"), datasets=["imagenet"])
+
+
+def test_a_classifier_past_its_deadline_stops_building():
+    """The zero-shot app passes its request deadline: no class embeddings are computed for a request
+    that has already been answered 504."""
+    import time
+
+    from react_ray.evaluate.zeroshot import zero_shot_classifier
+    from react_ray.models import build_model
+
+    clip = build_model("react-micro")
+    with pytest.raises(TimeoutError, match="classifier for 2 classes not built in time"):
+        zero_shot_classifier(clip, ["cat", "dog"], ["a {}."], deadline=time.monotonic() - 1)
+    assert zero_shot_classifier(clip, ["cat", "dog"], ["a {}."], deadline=time.monotonic() + 60).shape == (2, 32)

@@ -8,9 +8,11 @@ OUTPUT/part-000012.stats.json      rows in / embedded / skipped by reason (+ the
 OUTPUT/part-000012.done            written last: the shard is complete
 OUTPUT/_parts/part-000012/*.parquet  transient batch outputs, merged and removed at commit
 OUTPUT/_summary.json               all shards' stats added up
+OUTPUT/_inputs.json                each embedded input shard's URI and size: a rerun refuses a changed one
 ```
 A shard without its ``.done`` marker is redone from scratch on the next run, so a run killed
-at any point and rerun yields exactly the ids of an uninterrupted run.
+at any point and rerun yields exactly the ids of an uninterrupted run; one whose input file has
+changed size since is refused, not silently kept.
 """
 
 from __future__ import annotations

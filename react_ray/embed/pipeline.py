@@ -22,7 +22,7 @@ from react_ray import storage
 from react_ray.config import EmbedConfig, ModelConfig
 from react_ray.embed import outputs
 from react_ray.embed.embedder import ClipEmbedder, ShardTally, decode_and_tokenize
-from react_ray.embed.readers import InputShard, list_input_shards, read_blocks, shard_items
+from react_ray.embed.readers import SUFFIX, InputShard, list_input_shards, read_blocks, shard_items
 from react_ray.models.factory import image_preprocess, register_tiny_models
 from react_ray.ray_utils import connect
 
@@ -59,6 +59,33 @@ def check_embedding_info(config: EmbedConfig) -> dict:
     else:
         storage.write_text_atomic(uri, json.dumps(info, indent=1))
     return info
+
+
+def input_sizes(config: EmbedConfig) -> dict[str, int]:
+    """{input shard URI: bytes}: what a resumed run compares (image folders have no shard files)."""
+    if config.input_format == "image-folder":
+        return {}
+    folder = storage.join(config.input, "img_emb") if config.input_format == "laion-embeddings" else config.input
+    return storage.file_sizes(folder, SUFFIX[config.input_format])
+
+
+def check_inputs_unchanged(config: EmbedConfig, shards: list[InputShard], sizes: dict[str, int]) -> dict:
+    """The input sizes recorded by earlier runs (``_inputs.json``); refuse when a shard embedded
+    before has another size now: a marker says "done" for content that is gone."""
+    uri = storage.join(config.output, "_inputs.json")
+    recorded = json.loads(storage.read_bytes(uri)) if storage.exists(uri) else {}
+    changed = [f"{s.name} ({s.uri}: {recorded[s.name]['bytes']:,} bytes then, {sizes[s.uri]:,} now)"
+               for s in shards if s.name in recorded and s.uri in sizes and recorded[s.name]["bytes"] != sizes[s.uri]]
+    if changed:
+        raise ValueError(f"embed: {len(changed)} input shard(s) changed since they were embedded: "
+                         f"{'; '.join(changed[:5])}. Their embeddings describe the old files: embed the new data "
+                         f"into another output, or delete those shards' files from {config.output} to redo them.")
+    return recorded
+
+
+def record_inputs(config: EmbedConfig, recorded: dict, shards: list[InputShard], sizes: dict[str, int]) -> None:
+    recorded |= {s.name: {"uri": s.uri, "bytes": sizes[s.uri]} for s in shards if s.uri in sizes}
+    storage.write_text_atomic(storage.join(config.output, "_inputs.json"), json.dumps(recorded, indent=1))
 
 
 @ray.remote(num_cpus=0.25)
@@ -110,6 +137,8 @@ def run_embedding(config: EmbedConfig, progress: bool = True) -> outputs.RunSumm
     start = time.perf_counter()
     shards = list_input_shards(config.input, config.input_format)
     info = check_embedding_info(config)
+    sizes = input_sizes(config)
+    recorded = check_inputs_unchanged(config, shards, sizes)
     pending = [s for s in shards if not outputs.is_done(config.output, s.name)][: config.max_shards]
     print(f"embed: {len(shards)} input shards, {len(shards) - len(pending)} already done, {len(pending)} to do "
           f"({info['model']}, dim {info['dim']}, {config.precision})")
@@ -120,6 +149,7 @@ def run_embedding(config: EmbedConfig, progress: bool = True) -> outputs.RunSumm
         timing.rows = ingest_laion_embeddings(config, pending, info["dim"], progress)
     elif pending:
         _embed_shards(config, pending, timing, progress)
+    record_inputs(config, recorded, pending, sizes)  # every pending shard is committed by now
     summary = outputs.summarize(config.output)
     summary.this_run_shards, summary.this_run_rows = len(pending), timing.rows
     summary.this_run_seconds = time.perf_counter() - start

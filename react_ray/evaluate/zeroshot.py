@@ -42,10 +42,14 @@ MAX_PIXELS = 40_000_000
 
 
 @torch.no_grad()
-def zero_shot_classifier(clip: ClipModel, classnames: list[str], templates: list[str]) -> torch.Tensor:
-    """(C, D) class weights: the renormalised mean of each class's normalised prompt embeddings."""
+def zero_shot_classifier(clip: ClipModel, classnames: list[str], templates: list[str],
+                         deadline: float | None = None) -> torch.Tensor:
+    """(C, D) class weights: the renormalised mean of each class's normalised prompt embeddings.
+    ``deadline`` (time.monotonic()): stop with TimeoutError once passed (a request already answered 504)."""
     weights = []
     for name in classnames:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"classifier for {len(classnames)} classes not built in time")
         prompts = clip.encode_texts([t.format(name) for t in templates])
         weights.append(torch.nn.functional.normalize(prompts.mean(0), dim=0))
     return torch.stack(weights)
