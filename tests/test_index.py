@@ -223,6 +223,7 @@ def test_append_equals_a_one_shot_build_and_a_crash_leaves_the_previous_version(
     config = _config(str(emb), str(tmp_path / "grown"), factory="IVF16,Flat", num_shards=2)
     first = build_index(config, progress=False)
     assert (first["version"], first["ntotal"]) == (1, 2400)
+    late = markers.pop("part-000005")
     for name, data in markers.items():
         (emb / f"{name}.done").write_bytes(data)
 
@@ -231,22 +232,29 @@ def test_append_equals_a_one_shot_build_and_a_crash_leaves_the_previous_version(
 
     monkeypatch.setattr(build, "_describe_shard", crash)  # after the new shards are written, before publishing
     with pytest.raises(RuntimeError, match="killed while appending"):
-        append_to_index(config, progress=False)
+        append_to_index(config.model_copy(update={"num_shards": 1}), progress=False)  # files 3, 4 -> shard 2
     monkeypatch.undo()
     assert read_manifest(config.output)["version"] == 1 and ShardedIndex(config.output).ntotal == 2400
     served = {g: ShardedIndex(config.output, group=(g, 2)) for g in (0, 1)}  # as two replica groups hold it
     assert served[0].reloaded() is None
-    grown = append_to_index(config, progress=False)  # resumes: the written shards are reused
-    for g, old in served.items():  # a reload loads only the new shards of its group and keeps the old ones
-        new = old.reloaded()
-        assert (old.version, new.version, old.files, new.files) == (1, 2, [f"shard-{g:05d}.index"],
-                                                                    [f"shard-{g:05d}.index", f"shard-{g + 2:05d}.index"])
-        assert new.shards[0] is old.shards[0] and new.reloaded() is None and old.ntotal < new.ntotal
-    assert (grown["version"], grown["ntotal"], len(grown["shards"])) == (2, 4800, 4)
+    # Before the rerun, another file arrives and the operator asks for two shards: without the plan,
+    # files 3 and 5 would be listed for the shard already written with 3 and 4 (5 absent, 4 twice).
+    # The rerun finishes the append as planned; file 5 waits for the next one.
+    (emb / "part-000005.done").write_bytes(late)
+    grown = append_to_index(config, progress=False)  # the written shard is reused
+    new = served[0].reloaded()  # a reload loads only the new shard of its group and keeps the old one
+    assert (served[0].version, new.version, new.files) == (1, 2, ["shard-00000.index", "shard-00002.index"])
+    assert new.shards[0] is served[0].shards[0] and new.reloaded() is None
+    assert (grown["version"], grown["ntotal"], len(grown["shards"])) == (2, 4000, 3)
+    listed = [uri.rsplit("/", 1)[-1] for uri in grown["shards"][2]["embedding_files"]]
+    assert sorted(listed) == ["part-000003.parquet", "part-000004.parquet"]
+    assert ShardedIndex(config.output).ntotal == 4000  # five files of 800, none twice
     assert read_manifest(str(tmp_path / "grown" / "manifest-v1.json"))["ntotal"] == 2400
     drift = grown["appends"][0]["drift"]
     assert 0.8 < drift["coarse_error_ratio"] < 1.2 and drift["code_error_ratio"] is None  # same distribution
-    assert append_to_index(config, progress=False)["version"] == 2  # nothing new: nothing changes
+    third = append_to_index(config, progress=False)  # the late file, in a fresh plan
+    assert (third["version"], third["ntotal"], len(third["shards"])) == (3, 4800, 4)
+    assert append_to_index(config, progress=False)["version"] == 3  # nothing new: nothing changes
 
     # A one-shot build over all six files with the same trained quantizer finds the same neighbours.
     (tmp_path / "oneshot").mkdir()

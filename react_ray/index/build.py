@@ -317,6 +317,36 @@ def quantization_drift(trained: bytes, old: np.ndarray, new: np.ndarray) -> dict
 DRIFT_WARNING = {"coarse_error_ratio": 1.2, "code_error_ratio": 1.2, "imbalance_ratio": 1.5}  # retrain above
 
 
+APPEND_PLAN = "_append_plan.json"
+
+
+def _append_plan(config: IndexConfig, manifest: dict, files: list[EmbeddingFile], indexed: set[str]
+                 ) -> list[list[EmbeddingFile]]:
+    """Which new files go into which new shard. Fixed when an append starts (``_append_plan.json``)
+    and kept by a rerun after a crash: files committed meanwhile, or another num_shards, would
+    otherwise describe shards built from other files (listed-but-absent files, duplicate ids).
+    They wait for the next append."""
+    uri = storage.join(config.output, APPEND_PLAN)
+    by_uri = {f.uri: f for f in files}
+    if storage.exists(uri):
+        plan = json.loads(storage.read_bytes(uri))
+        if plan["version"] == manifest.get("version", 1) + 1:
+            missing = [u for shard in plan["shards"] for u in shard if u not in by_uri]
+            if missing:
+                raise FileNotFoundError(f"index --append: the interrupted append planned {missing[:3]}, which are "
+                                        f"gone from {config.embeddings}; restore them to finish it")
+            print(f"index --append: resuming the interrupted append to version {plan['version']} "
+                  f"({sum(map(len, plan['shards']))} files in {len(plan['shards'])} shards, as planned)")
+            return [[by_uri[u] for u in shard] for shard in plan["shards"]]
+    new = [f for f in files if f.uri not in indexed]
+    count = min(config.num_shards, len(new))
+    shard_files = [new[k::count] for k in range(count)]
+    if shard_files:
+        storage.write_text_atomic(uri, json.dumps({"version": manifest.get("version", 1) + 1,
+                                                   "shards": [[f.uri for f in shard] for shard in shard_files]}))
+    return shard_files
+
+
 def append_to_index(config: IndexConfig, progress: bool = True) -> dict:
     """Add the committed embedding files the index does not hold yet, as new shards encoded with the
     same trained quantizer; publish the next manifest version. Rerunning after a crash resumes."""
@@ -330,7 +360,8 @@ def append_to_index(config: IndexConfig, progress: bool = True) -> dict:
     if config.keys != manifest["keys"]:
         raise ValueError(f"index --append: keys={config.keys!r}, the index holds {manifest['keys']!r} keys")
     indexed = {uri for shard in manifest["shards"] for uri in shard["embedding_files"]}
-    new = [f for f in files if f.uri not in indexed]
+    shard_files = _append_plan(config, manifest, files, indexed)
+    new = [f for shard in shard_files for f in shard]
     if not new:
         print(f"index --append: all {len(files)} embedding files are indexed already (version {manifest['version']})")
         return manifest
@@ -341,8 +372,6 @@ def append_to_index(config: IndexConfig, progress: bool = True) -> dict:
     sample = min(config.train_samples, 20_000)
     drift = quantization_drift(trained, training_sample(old_files, column, sample, config.seed, config.task_num_cpus),
                                training_sample(new, column, sample, config.seed, config.task_num_cpus))
-    count = min(config.num_shards, len(new))
-    shard_files = [new[k::count] for k in range(count)]
     names = _build_shards(config, shard_files, column, factory, trained, progress, first=len(manifest["shards"]))
     added = [_describe_shard(config.output, name, assigned) for name, assigned in zip(names, shard_files)]
     rows = sum(s["count"] for s in added)
@@ -354,6 +383,7 @@ def append_to_index(config: IndexConfig, progress: bool = True) -> dict:
     }
     publish_manifest(config.output, updated)
     storage.remove(storage.join(config.output, "_partials"), recursive=True)
+    storage.remove(storage.join(config.output, APPEND_PLAN))
     print(f"index --append: {rows:,} vectors from {len(new)} files in {len(added)} new shards; "
           f"{updated['ntotal']:,} in all, version {updated['version']} ({time.perf_counter() - start:.1f}s)")
     over = {k: round(drift[k], 2) for k, limit in DRIFT_WARNING.items() if drift and (drift[k] or 0) > limit}
