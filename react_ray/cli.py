@@ -156,7 +156,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print(dump_config(config), end="")
         return 0
-    return stage.run(config)
+    from react_ray.leases import LeaseHeld
+
+    try:
+        return stage.run(config)
+    except LeaseHeld as refused:  # another run writes this output: a refusal, not a crash
+        print(f"react-ray {args.stage}: {refused}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

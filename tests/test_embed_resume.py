@@ -54,6 +54,7 @@ def test_killed_run_then_rerun_gives_every_id_exactly_once(tmp_path):
     done_at_kill = int(re.search(r"(\d+) already done", rerun.stdout).group(1))
     assert 1 <= done_at_kill < SHARDS, f"the kill must land mid-run ({done_at_kill} of {SHARDS} shards done)"
     assert f"{done_at_kill} already done, {SHARDS - done_at_kill} to do" in rerun.stdout
+    assert "embed: taking over the lease of the embed run" in rerun.stdout and "that process is gone" in rerun.stdout
     found, _ = load_embeddings(str(out))
     expected = {int(ids.encode(s, r)) for s in range(SHARDS) for r in range(ROWS)}
     assert len(found) == len(expected) and set(found.tolist()) == expected  # none lost, none doubled
@@ -61,3 +62,28 @@ def test_killed_run_then_rerun_gives_every_id_exactly_once(tmp_path):
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["rows_embedded"] == SHARDS * ROWS and summary["this_run_shards"] == SHARDS - done_at_kill
     assert np.unique(found).size == found.size
+
+
+@pytest.mark.ray
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_writes(tmp_path):
+    """Two real processes embed into one output: the second is refused at once, naming the first
+    (a second run would delete the first's _parts and commit shards twice); the first finishes
+    untouched, and releases the output."""
+    corpus, out = tmp_path / "corpus", tmp_path / "emb"
+    generate_corpus(GenerateConfig(output=str(corpus), corpus=CorpusConfig(
+        num_shards=SHARDS, samples_per_shard=ROWS, image_size=40, eval_samples_per_class=1,
+        formats=["webdataset"])), progress=False)
+    env = os.environ | {"RAY_AUTH_MODE": "disabled"}
+    first = subprocess.Popen(_job(corpus, out), cwd=ROOT, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "_lease.json").exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (out / "_lease.json").exists(), "the first run never took the output"
+    second = subprocess.run(_job(corpus, out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 3, second.stderr[-2000:]
+    assert f"{out} is being written by the embed run" in second.stderr and f"pid {first.pid}, started" in second.stderr
+    assert first.wait(timeout=600) == 0
+    assert not (out / "_lease.json").exists()  # released
+    found, _ = load_embeddings(str(out))
+    assert sorted(found.tolist()) == sorted(int(ids.encode(s, r)) for s in range(SHARDS) for r in range(ROWS))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import faiss
 import numpy as np
@@ -287,3 +288,17 @@ def test_append_warns_when_new_vectors_drift_from_the_build(ray_local, tmp_path,
     drift = append_to_index(config, progress=False)["appends"][0]["drift"]
     assert drift["imbalance_ratio"] > 1.5  # the new vectors crowd into a few of the trained lists
     assert "WARNING the new vectors drift from the build's" in capsys.readouterr().out
+
+
+def test_a_second_build_or_append_is_refused_while_one_writes_the_index(tmp_path):
+    """Two appends at once would publish the same version from different shards: the second is
+    refused before it reads anything (the first here: a lease this test holds)."""
+    from react_ray.leases import LeaseHeld, output_lease
+
+    config = _config(str(tmp_path / "emb"), str(tmp_path / "index"), factory="IDMap,Flat")
+    with output_lease(config.output, "index --append") as held:
+        for run in (append_to_index, build_index):
+            with pytest.raises(LeaseHeld, match=rf"is being written by the index --append run {held['owner'][:8]} "
+                                                rf"\(host .*, pid {os.getpid()},"):
+                run(config, progress=False)
+    assert not (tmp_path / "index" / "_lease.json").exists()

@@ -37,6 +37,7 @@ from react_ray.index.sharded import (
     write_metadata_file,
 )
 from react_ray.index.tune import exact_ground_truth, tune_search_params
+from react_ray.leases import output_lease
 from react_ray.ray_utils import connect
 
 KEY_COLUMNS = {"image": "img_emb", "text": "txt_emb"}
@@ -217,6 +218,11 @@ def _describe_shard(output: str, name: str, files: list[EmbeddingFile]) -> dict:
 
 def build_index(config: IndexConfig, progress: bool = True) -> dict:
     """Build (or finish building) the index; return its manifest."""
+    with output_lease(config.output, "index"):
+        return _build_index(config, progress)
+
+
+def _build_index(config: IndexConfig, progress: bool) -> dict:
     start = time.perf_counter()
     info, files = embedding_set(config.embeddings)
     column = KEY_COLUMNS[config.keys]
@@ -349,7 +355,13 @@ def _append_plan(config: IndexConfig, manifest: dict, files: list[EmbeddingFile]
 
 def append_to_index(config: IndexConfig, progress: bool = True) -> dict:
     """Add the committed embedding files the index does not hold yet, as new shards encoded with the
-    same trained quantizer; publish the next manifest version. Rerunning after a crash resumes."""
+    same trained quantizer; publish the next manifest version. Rerunning after a crash resumes;
+    one build or append per index at a time (``leases.output_lease``)."""
+    with output_lease(config.output, "index --append"):
+        return _append_to_index(config, progress)
+
+
+def _append_to_index(config: IndexConfig, progress: bool) -> dict:
     start = time.perf_counter()
     manifest = read_manifest(config.output)
     info, files = embedding_set(config.embeddings)
