@@ -32,15 +32,23 @@ def _job(corpus: Path, out: Path) -> list[str]:
             "pool.max_actors=1"]
 
 
-@pytest.mark.ray
-def test_killed_run_then_rerun_gives_every_id_exactly_once(tmp_path):
+ENV = os.environ | {"RAY_AUTH_MODE": "disabled"}
+
+
+def _start_job(tmp_path) -> tuple[Path, Path, subprocess.Popen]:
+    """A generated corpus, and an embedding job over it running in its own process group."""
     corpus, out = tmp_path / "corpus", tmp_path / "emb"
     generate_corpus(GenerateConfig(output=str(corpus), corpus=CorpusConfig(
         num_shards=SHARDS, samples_per_shard=ROWS, image_size=40, eval_samples_per_class=1,
         formats=["webdataset"])), progress=False)
-    env = os.environ | {"RAY_AUTH_MODE": "disabled"}
-    job = subprocess.Popen(_job(corpus, out), cwd=ROOT, env=env, start_new_session=True,
+    job = subprocess.Popen(_job(corpus, out), cwd=ROOT, env=ENV, start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return corpus, out, job
+
+
+@pytest.mark.ray
+def test_killed_run_then_rerun_gives_every_id_exactly_once(tmp_path):
+    corpus, out, job = _start_job(tmp_path)
     deadline = time.monotonic() + 240
     while not list(out.glob("*.done")) and time.monotonic() < deadline and job.poll() is None:
         time.sleep(0.2)
@@ -48,7 +56,7 @@ def test_killed_run_then_rerun_gives_every_id_exactly_once(tmp_path):
     os.killpg(job.pid, signal.SIGKILL)  # the driver and the local Ray it started
     job.wait(timeout=60)
 
-    rerun = subprocess.run(_job(corpus, out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(_job(corpus, out), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     # A commit already in flight may still land while the killed cluster winds down: count at rerun time.
     done_at_kill = int(re.search(r"(\d+) already done", rerun.stdout).group(1))
@@ -69,18 +77,12 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_writes(tmp_p
     """Two real processes embed into one output: the second is refused at once, naming the first
     (a second run would delete the first's _parts and commit shards twice); the first finishes
     untouched, and releases the output."""
-    corpus, out = tmp_path / "corpus", tmp_path / "emb"
-    generate_corpus(GenerateConfig(output=str(corpus), corpus=CorpusConfig(
-        num_shards=SHARDS, samples_per_shard=ROWS, image_size=40, eval_samples_per_class=1,
-        formats=["webdataset"])), progress=False)
-    env = os.environ | {"RAY_AUTH_MODE": "disabled"}
-    first = subprocess.Popen(_job(corpus, out), cwd=ROOT, env=env, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    corpus, out, first = _start_job(tmp_path)
     deadline = time.monotonic() + 120
     while not (out / "_lease.json").exists() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert (out / "_lease.json").exists(), "the first run never took the output"
-    second = subprocess.run(_job(corpus, out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    second = subprocess.run(_job(corpus, out), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert second.returncode == 3, second.stderr[-2000:]
     assert f"{out} is being written by the embed run" in second.stderr and f"pid {first.pid}, started" in second.stderr
     assert first.wait(timeout=600) == 0
