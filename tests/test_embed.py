@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from faults import FAULTY_SHARD, faulty_shard
+from faults import FAULTY_SHARD, GOOD, faulty_shard, sample, tar_bytes
 from PIL import Image
 
 from react_ray import ids, storage
@@ -316,3 +316,15 @@ def test_a_changed_input_shard_is_refused_not_kept_as_done(ray_local, tmp_path, 
     with pytest.raises(ValueError, match=rf"1 input shard\(s\) changed since they were embedded: part-000001 "
                                          rf"\(.*00001.tar: {before:,} bytes then, {before + 1024:,} now\)"):
         run_embedding(_config(str(inputs), out), progress=False)
+
+
+def test_a_tar_member_over_the_cap_is_counted_not_read(tmp_path, monkeypatch):
+    from react_ray.embed import readers
+
+    monkeypatch.setattr(readers, "MAX_MEMBER_BYTES", 10_000)
+    big = GOOD + b"\0" * 20_000  # a member of 20 KB where the cap is 10 KB
+    (tmp_path / "00004.tar").write_bytes(tar_bytes([sample("a", GOOD, "ok"), sample("b", big, "too big")]))
+    *records, end = [r for block in read_shard(InputShard(str(tmp_path / "00004.tar"), 4, "webdataset"))
+                     for r in block]
+    assert [(r["key"], r["error"]) for r in records] == [("a", ""), ("b", "oversize_member")]
+    assert "b.jpg (" in records[1]["message"] and "> 10,000)" in records[1]["message"] and end["message"] == ""

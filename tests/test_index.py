@@ -302,3 +302,19 @@ def test_a_second_build_or_append_is_refused_while_one_writes_the_index(tmp_path
                                                 rf"\(host .*, pid {os.getpid()},"):
                 run(config, progress=False)
     assert not (tmp_path / "index" / "_lease.json").exists()
+
+
+def test_metadata_lookups_touch_storage_once_per_file(tmp_path, monkeypatch):
+    """10,000 ids from three files that do not exist: three existence checks, not 10,000 (one per
+    request on S3 each), and none on the next request."""
+    from react_ray.index import sharded
+
+    calls = []
+    real = sharded.storage.exists
+    monkeypatch.setattr(sharded.storage, "exists", lambda uri: calls.append(uri) or real(uri))
+    store = sharded.MetadataStore(str(tmp_path / "metadata"))
+    wanted = [int(ids.encode(shard, row)) for shard in (7, 8, 9) for row in range(3334)][:10_000]
+    assert store.lookup(wanted) == [None] * 10_000
+    assert len(calls) == 3
+    store.lookup(wanted)
+    assert len(calls) == 3

@@ -218,3 +218,27 @@ def test_reacts_retrieved_pairs_file_materializes_and_trains(ray_local, server, 
                                    optim={"lr": 1e-3, "warmup_steps": 1}, shuffle_buffer=0, log_every=1,
                                    checkpoint_every=2, decode_num_cpus=0.5))
     assert run.steps == 2 and np.isfinite(run.final_loss)
+
+
+def test_the_connection_goes_to_the_address_that_was_checked(server, monkeypatch):
+    """DNS rebinding: a name that resolves to an allowed address when checked and to the metadata
+    service a moment later. The fetch resolves once and connects to what it checked."""
+    import socket
+
+    from react_ray.retrieve import fetch
+
+    port = int(server.rsplit(":", 1)[1])
+    answers = iter([("127.0.0.1", port)] + [("169.254.169.254", port)] * 10)
+    calls, real = [], socket.getaddrinfo
+
+    def rebinding(host, *args, **kwargs):
+        if host != "rebind.test":  # numeric addresses (the connect itself) resolve as usual
+            return real(host, *args, **kwargs)
+        calls.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", next(answers))]
+
+    monkeypatch.setattr(fetch.socket, "getaddrinfo", rebinding)
+    policy = fetch.FetchPolicy(timeout=2.0, deadline=5.0, retries=0, allowed_networks=("127.0.0.1/32",))
+    data, reason, message = fetch.download(f"http://rebind.test:{port}/good/1", policy)
+    assert (data, reason) == (GOOD, None) and calls == ["rebind.test"]
+    assert fetch.download(f"http://rebind.test:{port}/good/1", policy)[1] == "blocked_address"  # now the IMDS
