@@ -14,6 +14,7 @@ pause, and the later of two simultaneous writers backs off (a narrow window, sta
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -118,3 +119,18 @@ def output_lease(output: str, stage: str, ttl_s: float | None = None, settle_s: 
         current = _read(uri)
         if current is not None and current["owner"] == mine["owner"]:
             storage.remove(uri)
+
+
+def holds_lease(stage: str):
+    """Decorator: the stage function (``config`` first, with an ``output``) runs under the lease of
+    ``config.output``."""
+
+    def wrap(run):
+        @functools.wraps(run)
+        def leased(config, *args, **kwargs):
+            with output_lease(config.output, stage):
+                return run(config, *args, **kwargs)
+
+        return leased
+
+    return wrap

@@ -23,7 +23,7 @@ from react_ray.config import EmbedConfig, ModelConfig
 from react_ray.embed import outputs
 from react_ray.embed.embedder import ClipEmbedder, ShardTally, decode_and_tokenize
 from react_ray.embed.readers import SUFFIX, InputShard, list_input_shards, read_blocks, shard_items
-from react_ray.leases import output_lease
+from react_ray.leases import holds_lease
 from react_ray.models.factory import image_preprocess, register_tiny_models
 from react_ray.ray_utils import connect
 
@@ -133,14 +133,10 @@ def build_dataset(config: EmbedConfig, shards: list[InputShard], run_id: str) ->
     )
 
 
+@holds_lease("embed")
 def run_embedding(config: EmbedConfig, progress: bool = True) -> outputs.RunSummary:
     """Embed every input shard that has no completion marker yet; return the set's summary. One
-    run per output at a time (``leases.output_lease``)."""
-    with output_lease(config.output, "embed"):
-        return _run_embedding(config, progress)
-
-
-def _run_embedding(config: EmbedConfig, progress: bool) -> outputs.RunSummary:
+    run per output at a time (``leases``)."""
     start = time.perf_counter()
     shards = list_input_shards(config.input, config.input_format)
     info = check_embedding_info(config)

@@ -37,7 +37,7 @@ from react_ray.index.sharded import (
     write_metadata_file,
 )
 from react_ray.index.tune import exact_ground_truth, tune_search_params
-from react_ray.leases import output_lease
+from react_ray.leases import holds_lease
 from react_ray.ray_utils import connect
 
 KEY_COLUMNS = {"image": "img_emb", "text": "txt_emb"}
@@ -216,13 +216,9 @@ def _describe_shard(output: str, name: str, files: list[EmbeddingFile]) -> dict:
     return {"file": name, **described, "embedding_files": [f.uri for f in files]}
 
 
+@holds_lease("index")
 def build_index(config: IndexConfig, progress: bool = True) -> dict:
     """Build (or finish building) the index; return its manifest."""
-    with output_lease(config.output, "index"):
-        return _build_index(config, progress)
-
-
-def _build_index(config: IndexConfig, progress: bool) -> dict:
     start = time.perf_counter()
     info, files = embedding_set(config.embeddings)
     column = KEY_COLUMNS[config.keys]
@@ -353,15 +349,11 @@ def _append_plan(config: IndexConfig, manifest: dict, files: list[EmbeddingFile]
     return shard_files
 
 
+@holds_lease("index --append")
 def append_to_index(config: IndexConfig, progress: bool = True) -> dict:
     """Add the committed embedding files the index does not hold yet, as new shards encoded with the
     same trained quantizer; publish the next manifest version. Rerunning after a crash resumes;
-    one build or append per index at a time (``leases.output_lease``)."""
-    with output_lease(config.output, "index --append"):
-        return _append_to_index(config, progress)
-
-
-def _append_to_index(config: IndexConfig, progress: bool) -> dict:
+    one build or append per index at a time (``leases``)."""
     start = time.perf_counter()
     manifest = read_manifest(config.output)
     info, files = embedding_set(config.embeddings)

@@ -33,6 +33,7 @@ from react_ray import ids, storage
 from react_ray.config import MaterializeConfig
 from react_ray.embed.outputs import read_parquet, write_parquet
 from react_ray.embed.readers import IMAGE_FORMATS, InputShard, read_shard
+from react_ray.leases import holds_lease
 from react_ray.ray_utils import connect
 from react_ray.retrieve.fetch import FetchPolicy, download, resize
 
@@ -170,6 +171,7 @@ def _materialize_batch(batch: dict, config: MaterializeConfig) -> dict:
     return {"shard": [s["shard"] for s in stats], "stats": [json.dumps(s) for s in stats]}
 
 
+@holds_lease("materialize")
 def run_materialize(config: MaterializeConfig, progress: bool = True) -> dict:
     """Materialize every pending shard of the retrieved set on Ray Data; return the summary of all shards."""
     start = time.perf_counter()

@@ -23,6 +23,7 @@ import pandas as pd
 from react_ray import storage
 from react_ray.embed.outputs import fetch_vectors
 from react_ray.index.sharded import ShardedIndex
+from react_ray.leases import holds_lease
 from react_ray.retrieve.decontaminate import Decontaminator
 from react_ray.retrieve.task import TaskSpec
 
@@ -208,6 +209,7 @@ def write_outputs(output: str, spec: TaskSpec, pairs: pd.DataFrame, log: StepLog
         "pairs": len(pairs), "decontamination": decontamination}, indent=1))
 
 
+@holds_lease("retrieve")
 def run_retrieval(config) -> tuple[pd.DataFrame, StepLog]:
     """The stage as a job: load task, model and indices, retrieve, write parquet, summary, gallery."""
     from react_ray.embed.outputs import write_parquet

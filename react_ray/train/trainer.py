@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 from react_ray import storage
 from react_ray.config import TrainConfig
+from react_ray.leases import holds_lease
 from react_ray.ray_utils import LOG_LEVEL, connect
 from react_ray.report import png_bytes, pyplot
 from react_ray.train.data import training_dataset
@@ -118,6 +119,7 @@ def plot_history(history: list[dict], title: str) -> bytes:
     return png_bytes(figure)
 
 
+@holds_lease("train")
 def run_training(config: TrainConfig) -> TrainSummary:
     start = time.perf_counter()
     connect(config.ray_address)
