@@ -19,11 +19,11 @@ import numpy as np
 import ray
 
 from react_ray.config import IndexConfig
-from react_ray.data.synthetic_embeddings import write_clustered_embedding_set
-from react_ray.embed.outputs import load_embeddings
-from react_ray.index.build import append_to_index, build_index
+from react_ray.formats.embedding_set import load_embeddings
 from react_ray.index.sharded import ShardedIndex
+from react_ray.jobs.index import append_to_index, build_index
 from react_ray.ray_utils import start_local
+from react_ray.synthetic.embeddings import write_clustered_embedding_set
 
 
 def main() -> None:
@@ -44,8 +44,14 @@ def main() -> None:
     start_local(args.cpus)
 
     def config(output: str) -> IndexConfig:
-        return IndexConfig(embeddings=str(emb), output=str(root / output), factory=args.factory, num_shards=2,
-                           train_samples=50_000, tune_queries=100)
+        return IndexConfig(
+            embeddings=str(emb),
+            output=str(root / output),
+            factory=args.factory,
+            num_shards=2,
+            train_samples=50_000,
+            tune_queries=100,
+        )
 
     build_index(config("grown"), progress=False)
     for name, data in markers.items():
@@ -68,10 +74,21 @@ def main() -> None:
     same = np.array_equal(indices[0].search(queries, 10)[1], indices[1].search(queries, 10)[1])
     shutil.rmtree(root, ignore_errors=True)
     half = args.files // 2 * args.rows
-    print(f"\n{args.files * args.rows:,} x {args.dim} vectors, {args.factory}; the second {half:,} arrive later")
-    print(f"  append the new half          {appended:7.1f} s  (drift check, add, merge, new manifest version)")
-    print(f"  rebuild all, same quantizer  {rebuilt:7.1f} s  (add, merge, tune: {manifest['seconds']})")
-    print(f"  append / rebuild             {appended / rebuilt:7.2f}   same neighbours at nprobe 16: {same}")
+    print(
+        f"\n{args.files * args.rows:,} x {args.dim} vectors, {args.factory}; the second {half:,} "
+        "arrive later"
+    )
+    print(
+        f"  append the new half          {appended:7.1f} s  (drift check, add, merge, new manifest "
+        "version)"
+    )
+    print(
+        f"  rebuild all, same quantizer  {rebuilt:7.1f} s  (add, merge, tune: {manifest.seconds})"
+    )
+    print(
+        f"  append / rebuild             {appended / rebuilt:7.2f}   same neighbours at nprobe 16: "
+        f"{same}"
+    )
 
 
 if __name__ == "__main__":

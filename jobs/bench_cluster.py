@@ -22,34 +22,60 @@ import ray
 from ray.cluster_utils import Cluster
 
 from react_ray.config import CorpusConfig, EmbedConfig, GenerateConfig, ModelConfig
-from react_ray.data.synthetic import generate_corpus
-from react_ray.embed.outputs import read_stats
-from react_ray.embed.pipeline import run_embedding
+from react_ray.formats.embedding_set import read_stats, shard_name
+from react_ray.jobs.embed import run_embedding
+from react_ray.synthetic.corpus import generate_corpus
 
 GPU_NODE = {"num_cpus": 1, "num_gpus": 1, "object_store_memory": 200 * 2**20}
 
 
-def one_run(corpus: str, output: str, model: str, grow_to: int, shards: int, batch: int) -> tuple[float, int]:
-    cluster = Cluster(initialize_head=True, connect=True, head_node_args={
-        "num_cpus": 3, "resources": {"cpu_node": 100}, "object_store_memory": 2**30, "include_dashboard": False})
+def one_run(
+    corpus: str, output: str, model: str, grow_to: int, shards: int, batch: int
+) -> tuple[float, int]:
+    cluster = Cluster(
+        initialize_head=True,
+        connect=True,
+        head_node_args={
+            "num_cpus": 3,
+            "resources": {"cpu_node": 100},
+            "object_store_memory": 2**30,
+            "include_dashboard": False,
+        },
+    )
     try:
         cluster.add_node(**GPU_NODE)
         cluster.wait_for_nodes()
-        config = EmbedConfig(input=corpus, output=output, model=ModelConfig(name=model), batch_size=batch,
-                             read_block_rows=batch, decode_num_cpus=1, decode_resources={"cpu_node": 1},
-                             pool={"num_gpus": 1, "num_cpus": 1, "device": "cpu", "min_actors": 1,
-                                   "max_actors": grow_to})
+        config = EmbedConfig(
+            input=corpus,
+            output=output,
+            model=ModelConfig(name=model),
+            batch_size=batch,
+            read_block_rows=batch,
+            decode={"num_cpus": 1, "custom": {"cpu_node": 1}},
+            pool={
+                "num_gpus": 1,
+                "num_cpus": 1,
+                "device": "cpu",
+                "min_actors": 1,
+                "max_actors": grow_to,
+            },
+        )
         job = threading.Thread(target=run_embedding, args=(config,), kwargs={"progress": False})
         start = time.perf_counter()
         job.start()
-        if grow_to > 1:  # the autoscaler's new nodes, once the pool is busy (added from the main thread)
-            while job.is_alive() and not any(f.endswith(".parquet") for _, _, fs in os.walk(output) for f in fs):
+        # the autoscaler's new nodes, once the pool is busy (added from the main thread)
+        if grow_to > 1:
+            while job.is_alive() and not any(
+                f.endswith(".parquet") for _, _, fs in os.walk(output) for f in fs
+            ):
                 time.sleep(0.2)
             for _ in range(grow_to - 1):
                 cluster.add_node(**GPU_NODE)
         job.join()
         seconds = time.perf_counter() - start
-        nodes = set().union(*(read_stats(output, f"part-{n:06d}").nodes["embed"] for n in range(shards)))
+        nodes = set().union(
+            *(read_stats(output, shard_name(n)).nodes["embed"] for n in range(shards))
+        )
         return seconds, len(nodes)
     finally:
         ray.shutdown()
@@ -65,17 +91,41 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
-        generate_corpus(GenerateConfig(output=f"{root}/corpus", corpus=CorpusConfig(
-            num_shards=args.shards, samples_per_shard=args.rows, image_size=64, eval_samples_per_class=1,
-            formats=["webdataset"])), progress=False)
-        fixed, fixed_nodes = one_run(f"{root}/corpus/webdataset", f"{root}/fixed", args.model, 1, args.shards, args.batch)
-        grown, grown_nodes = one_run(f"{root}/corpus/webdataset", f"{root}/grown", args.model, args.grow_to,
-                                     args.shards, args.batch)
+        generate_corpus(
+            GenerateConfig(
+                output=f"{root}/corpus",
+                corpus=CorpusConfig(
+                    num_shards=args.shards,
+                    samples_per_shard=args.rows,
+                    image_size=64,
+                    eval_samples_per_class=1,
+                    formats=["webdataset"],
+                ),
+            ),
+            progress=False,
+        )
+        fixed, fixed_nodes = one_run(
+            f"{root}/corpus/webdataset", f"{root}/fixed", args.model, 1, args.shards, args.batch
+        )
+        grown, grown_nodes = one_run(
+            f"{root}/corpus/webdataset",
+            f"{root}/grown",
+            args.model,
+            args.grow_to,
+            args.shards,
+            args.batch,
+        )
     pairs = args.shards * args.rows
     print(f"\n{pairs:,} pairs, {args.model}, pool min 1 / max {args.grow_to}")
-    print(f"  one GPU node throughout       {fixed:7.1f} s  ({pairs / fixed:6.1f} pairs/s, {fixed_nodes} node used)")
-    print(f"  grows to {args.grow_to} nodes mid-run       {grown:7.1f} s  ({pairs / grown:6.1f} pairs/s, "
-          f"{grown_nodes} nodes used)")
+    print(
+        f"  one GPU node throughout       {fixed:7.1f} s  ({pairs / fixed:6.1f} pairs/s, "
+        f"{fixed_nodes} node used)"
+    )
+    print(
+        f"  grows to {args.grow_to} nodes mid-run       {grown:7.1f} s  ({pairs / grown:6.1f} "
+        "pairs/s, "
+        f"{grown_nodes} nodes used)"
+    )
     print(f"  speed-up                      {fixed / grown:7.2f}x")
 
 

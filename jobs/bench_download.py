@@ -22,12 +22,12 @@ import pandas as pd
 import pyarrow as pa
 import ray
 
-from react_ray import ids
 from react_ray.config import CorpusConfig, MaterializeConfig
-from react_ray.data.synthetic import shard_samples
-from react_ray.embed.outputs import write_parquet
+from react_ray.formats import ids
+from react_ray.formats.embedding_set import write_parquet
+from react_ray.jobs.materialize import run_materialize
 from react_ray.ray_utils import start_local
-from react_ray.retrieve.materialize import run_materialize
+from react_ray.synthetic.corpus import shard_samples
 
 
 def main() -> None:
@@ -37,7 +37,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--cpus", type=int, default=2)
     args = parser.parse_args()
-    corpus = CorpusConfig(num_shards=1, samples_per_shard=min(args.images, 10_000), image_size=args.size)
+    corpus = CorpusConfig(
+        num_shards=1, samples_per_shard=min(args.images, 10_000), image_size=args.size
+    )
     images = [s["jpg"] for s in shard_samples(corpus, 0)]
 
     class Handler(BaseHTTPRequestHandler):
@@ -57,9 +59,20 @@ def main() -> None:
     base = f"http://127.0.0.1:{httpd.server_address[1]}"
     urls = [f"{base}/{i}.jpg" for i in range(args.images)]
     work = tempfile.mkdtemp(prefix="bench-download-")
-    rows = pd.DataFrame({"id": [int(ids.encode(0, i)) for i in range(args.images)], "key": urls, "url": urls,
-                         "caption": "x", "class": "c", "label": 0, "score": 1.0})
-    write_parquet(os.path.join(work, "retrieved.parquet"), pa.Table.from_pandas(rows, preserve_index=False))
+    rows = pd.DataFrame(
+        {
+            "id": [int(ids.encode(0, i)) for i in range(args.images)],
+            "key": urls,
+            "url": urls,
+            "caption": "x",
+            "class": "c",
+            "label": 0,
+            "score": 1.0,
+        }
+    )
+    write_parquet(
+        os.path.join(work, "retrieved.parquet"), pa.Table.from_pandas(rows, preserve_index=False)
+    )
 
     start = time.perf_counter()
     sample = urls[: min(500, len(urls))]
@@ -68,18 +81,38 @@ def main() -> None:
     sequential = len(sample) / (time.perf_counter() - start)
 
     start_local(args.cpus)
-    summary = run_materialize(MaterializeConfig(
-        retrieved=work, output=os.path.join(work, "out"), source="download", resize_mode="keep_ratio",
-        allowed_networks=["127.0.0.1/32"], image_size=224, resize_only_if_bigger=False, samples_per_shard=max(1, args.images // (2 * args.cpus)),
-        threads=args.threads, task_num_cpus=1), progress=False)
+    summary = run_materialize(
+        MaterializeConfig(
+            retrieved=work,
+            output=os.path.join(work, "out"),
+            source="download",
+            resize_mode="keep_ratio",
+            allowed_networks=["127.0.0.1/32"],
+            image_size=224,
+            resize_only_if_bigger=False,
+            samples_per_shard=max(1, args.images // (2 * args.cpus)),
+            threads=args.threads,
+            tasks={"num_cpus": 1},
+        ),
+        progress=False,
+    )
     ray.shutdown()
     httpd.shutdown()
-    rate = summary["success"] / summary["seconds"]
-    print(f"\ndownload benchmark: {args.images} JPEGs of {args.size}px from 127.0.0.1, {args.cpus} CPUs, "
-          f"{args.threads} threads per task, keep_ratio resize to 224")
-    print(f"  materialize: {summary['success']} ok, failed {summary['failed'] or 'none'}, {summary['seconds']:.1f}s "
-          f"(incl. Ray start-up): {rate:,.0f} images/s, {summary['bytes'] / summary['seconds'] / 2**20:.1f} MB/s written")
-    print(f"  plain sequential urllib loop (fetch only, no decode/resize): {sequential:,.0f} images/s")
+    rate = summary.success / summary.seconds
+    print(
+        f"\ndownload benchmark: {args.images} JPEGs of {args.size}px from 127.0.0.1, {args.cpus} "
+        "CPUs, "
+        f"{args.threads} threads per task, keep_ratio resize to 224"
+    )
+    print(
+        f"  materialize: {summary.success} ok, failed {summary.failed or 'none'}, "
+        f"{summary.seconds:.1f}s "
+        f"(incl. Ray start-up): {rate:,.0f} images/s, "
+        f"{summary.bytes / summary.seconds / 2**20:.1f} MB/s written"
+    )
+    print(
+        f"  plain sequential urllib loop (fetch only, no decode/resize): {sequential:,.0f} images/s"
+    )
 
 
 if __name__ == "__main__":

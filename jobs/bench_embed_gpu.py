@@ -16,9 +16,9 @@ import tempfile
 import ray
 
 from react_ray.config import CorpusConfig, EmbedConfig, GenerateConfig, ModelConfig
-from react_ray.data.synthetic import generate_corpus
-from react_ray.embed.pipeline import run_embedding
+from react_ray.jobs.embed import run_embedding
 from react_ray.ray_utils import start_local
+from react_ray.synthetic.corpus import generate_corpus
 
 PUBLISHED = {"ViT-B-32": 2500, "ViT-L-14": 312}  # clip-retrieval, images/s per A100
 
@@ -33,23 +33,39 @@ def main() -> None:
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="bench-embed-gpu-")
     corpus = os.path.join(work, "corpus")
-    generate_corpus(GenerateConfig(output=corpus, corpus=CorpusConfig(
-        num_shards=args.shards, samples_per_shard=args.rows, image_size=256, eval_samples_per_class=1,
-        formats=["webdataset"])))
+    generate_corpus(
+        GenerateConfig(
+            output=corpus,
+            corpus=CorpusConfig(
+                num_shards=args.shards,
+                samples_per_shard=args.rows,
+                image_size=256,
+                eval_samples_per_class=1,
+                formats=["webdataset"],
+            ),
+        )
+    )
     start_local()
     cpus = int(ray.cluster_resources().get("CPU", 1))
     for model in args.models:
         config = EmbedConfig(
-            input=f"{corpus}/webdataset", output=os.path.join(work, f"emb-{model}"), model=ModelConfig(name=model),
-            precision="fp16", batch_size=args.batch_size, read_block_rows=args.batch_size,
-            decode_num_cpus=1, pool={"min_actors": args.gpus, "max_actors": args.gpus, "num_gpus": 1,
-                                     "num_cpus": 1},
+            input=f"{corpus}/webdataset",
+            output=os.path.join(work, f"emb-{model}"),
+            model=ModelConfig(name=model),
+            precision="fp16",
+            batch_size=args.batch_size,
+            read_block_rows=args.batch_size,
+            decode={"num_cpus": 1},
+            pool={"min_actors": args.gpus, "max_actors": args.gpus, "num_gpus": 1, "num_cpus": 1},
         )
         summary = run_embedding(config, progress=False)
         per_gpu = summary.this_run_steady_rows_per_s / args.gpus
-        print(f"{model}: {summary.this_run_rows} pairs, {per_gpu:,.0f} images/s per GPU in steady state "
-              f"({summary.this_run_startup_seconds:.0f}s start-up, {cpus} CPUs decoding); "
-              f"clip-retrieval published {PUBLISHED.get(model, '?')}/s per A100")
+        print(
+            f"{model}: {summary.this_run_rows} pairs, {per_gpu:,.0f} images/s per GPU in steady "
+            "state "
+            f"({summary.this_run_startup_seconds:.0f}s start-up, {cpus} CPUs decoding); "
+            f"clip-retrieval published {PUBLISHED.get(model, '?')}/s per A100"
+        )
 
 
 if __name__ == "__main__":

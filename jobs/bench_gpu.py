@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from react_ray.config import CorpusConfig, ModelConfig, TrainConfig
-from react_ray.data.synthetic import write_shard
-from react_ray.embed.decode import decode_image
-from react_ray.embed.readers import list_input_shards, read_shard
+from react_ray.formats.decode import decode_image
+from react_ray.formats.readers import list_input_shards, read_shard
 from react_ray.models import build_model
+from react_ray.synthetic.corpus import write_shard
 from react_ray.train.loop import Stepper, build_for_training, make_optimizer
 
 PUBLISHED = {"ViT-B-32": 2500, "ViT-L-14": 312}
@@ -56,12 +56,20 @@ def _decode_shard(args) -> tuple[str, tuple, list[str]]:
 @torch.no_grad()
 def embed_end_to_end(name: str, shards, workers: int, batch: int) -> tuple[float, float, int]:
     clip = build_model(ModelConfig(name=name), device="cuda")
-    mean = torch.tensor(getattr(clip.model.visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073), device="cuda")
-    std = torch.tensor(getattr(clip.model.visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711), device="cuda")
+    mean = torch.tensor(
+        getattr(clip.model.visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073),
+        device="cuda",
+    )
+    std = torch.tensor(
+        getattr(clip.model.visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711),
+        device="cuda",
+    )
     size = clip.image_size
 
     def forward(pixels: np.ndarray, captions: list[str]) -> None:
-        images = torch.from_numpy(pixels).cuda(non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        images = (
+            torch.from_numpy(pixels).cuda(non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        )
         images = (images - mean[:, None, None]) / std[:, None, None]
         tokens = clip.tokenizer(captions).cuda(non_blocking=True)
         with torch.autocast("cuda", dtype=torch.float16):
@@ -80,11 +88,13 @@ def embed_end_to_end(name: str, shards, workers: int, batch: int) -> tuple[float
     count = 0
     with Pool(workers) as pool:
         start = time.perf_counter()
-        for name, shape, captions in pool.imap_unordered(_decode_shard, [(s, size) for s in shards]):
+        for name, shape, captions in pool.imap_unordered(
+            _decode_shard, [(s, size) for s in shards]
+        ):
             block = shared_memory.SharedMemory(name=name)
             pixels = np.ndarray(shape, np.uint8, buffer=block.buf)
             for i in range(0, len(pixels), batch):
-                forward(pixels[i:i + batch], captions[i:i + batch])
+                forward(pixels[i : i + batch], captions[i : i + batch])
             torch.cuda.synchronize()  # the block's pages are read by the copies above
             count += len(pixels)
             del pixels
@@ -96,8 +106,17 @@ def embed_end_to_end(name: str, shards, workers: int, batch: int) -> tuple[float
 
 
 def train_rate(mode: str, name: str, batch: int, steps: int) -> tuple[float, float]:
-    config = TrainConfig(data="-", output="-", model=ModelConfig(name=name), mode=mode, batch_size=batch,
-                         use_gpu=True, precision="fp16", grad_checkpointing=True, steps=steps)
+    config = TrainConfig(
+        data="-",
+        output="-",
+        model=ModelConfig(name=name),
+        mode=mode,
+        batch_size=batch,
+        worker={"num_gpus": 1},
+        precision="fp16",
+        grad_checkpointing=True,
+        steps=steps,
+    )
     clip, trainable = build_for_training(config, "cuda")
     params = dict(clip.model.named_parameters())
     share = sum(params[n].numel() for n in trainable) / sum(p.numel() for p in params.values())
@@ -123,23 +142,39 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=256)
     parser.add_argument("--train-steps", type=int, default=20)
     args = parser.parse_args()
-    print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, {args.workers} decode processes")
+    print(
+        f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, {args.workers} decode "
+        "processes"
+    )
     root = tempfile.mkdtemp(prefix="bench-gpu-")
-    corpus = CorpusConfig(num_shards=args.shards, samples_per_shard=args.rows, image_size=256, formats=["webdataset"])
+    corpus = CorpusConfig(
+        num_shards=args.shards, samples_per_shard=args.rows, image_size=256, formats=["webdataset"]
+    )
     start = time.perf_counter()
     with Pool(args.workers) as pool:
         pool.starmap(write_shard, [(root, corpus, i) for i in range(args.shards)])
     shards = list_input_shards(f"{root}/webdataset", "webdataset")
-    print(f"generated {args.shards * args.rows} pairs of 256 px JPEGs in {time.perf_counter() - start:.1f}s")
+    print(
+        f"generated {args.shards * args.rows} pairs of 256 px JPEGs in "
+        f"{time.perf_counter() - start:.1f}s"
+    )
     for name in ("ViT-B-32", "ViT-L-14"):
         rate, ceiling, count = embed_end_to_end(name, shards, args.workers, args.batch)
-        print(f"embed {name} fp16: {rate:,.0f} pairs/s end to end from shards ({count} pairs), model-only ceiling "
-              f"{ceiling:,.0f}/s; clip-retrieval published ~{PUBLISHED[name]:,}/s per A100", flush=True)
+        print(
+            f"embed {name} fp16: {rate:,.0f} pairs/s end to end from shards ({count} pairs), "
+            "model-only ceiling "
+            f"{ceiling:,.0f}/s; clip-retrieval published ~{PUBLISHED[name]:,}/s per A100",
+            flush=True,
+        )
     for mode in ("gated-image", "locked-text"):
         rate, share = train_rate(mode, "ViT-B-32", args.train_batch, args.train_steps)
-        print(f"train ViT-B-32 {mode} fp16 AMP, batch {args.train_batch}: {rate:,.0f} samples/s per GPU "
-              f"({share:.1%} of parameters trainable), peak memory "
-              f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
+        print(
+            f"train ViT-B-32 {mode} fp16 AMP, batch {args.train_batch}: {rate:,.0f} samples/s per "
+            "GPU "
+            f"({share:.1%} of parameters trainable), peak memory "
+            f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

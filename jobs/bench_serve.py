@@ -55,9 +55,21 @@ def load(url: str, make_body, clients: int, seconds: float) -> dict:
         t.join()
     wall = time.perf_counter() - start
     latencies.sort()
-    pick = lambda q: 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else float("nan")  # noqa: E731
-    return {"qps": len(latencies) / wall, "p50_ms": pick(0.5), "p99_ms": pick(0.99), "errors": len(errors),
-            "mean_ms": 1000 * statistics.fmean(latencies) if latencies else float("nan")}
+
+    def pick(q):
+        return (
+            1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+            if latencies
+            else float("nan")
+        )
+
+    return {
+        "qps": len(latencies) / wall,
+        "p50_ms": pick(0.5),
+        "p99_ms": pick(0.99),
+        "errors": len(errors),
+        "mean_ms": 1000 * statistics.fmean(latencies) if latencies else float("nan"),
+    }
 
 
 def main() -> None:
@@ -70,49 +82,101 @@ def main() -> None:
     from PIL import Image
     from ray import serve
 
-    from react_ray.config import IndexConfig, ModelConfig, RetrievalAppConfig, ServeConfig, ZeroShotAppConfig
-    from react_ray.data.synthetic_embeddings import write_clustered_embedding_set
-    from react_ray.index.build import build_index
+    from react_ray.config import (
+        IndexConfig,
+        ModelConfig,
+        RetrievalAppConfig,
+        ServeConfig,
+        ZeroShotAppConfig,
+    )
+    from react_ray.jobs.index import build_index
     from react_ray.ray_utils import start_local
+    from react_ray.synthetic.embeddings import write_clustered_embedding_set
     from serve_apps.run import start_apps
 
     root = tempfile.mkdtemp(prefix="bench-serve-")
     files = max(1, args.vectors // 100_000)
-    write_clustered_embedding_set(f"{root}/emb", num_files=files, rows_per_file=args.vectors // files, dim=32,
-                                  model="react-micro")
+    write_clustered_embedding_set(
+        f"{root}/emb",
+        num_files=files,
+        rows_per_file=args.vectors // files,
+        dim=32,
+        model="react-micro",
+    )
     start_local(args.cpus)
-    build_index(IndexConfig(embeddings=f"{root}/emb", output=f"{root}/index", num_shards=2, memory_budget_gb=2,
-                            tune_queries=200, task_num_cpus=1))
+    build_index(
+        IndexConfig(
+            embeddings=f"{root}/emb",
+            output=f"{root}/index",
+            num_shards=2,
+            memory_budget_gb=2,
+            tune_queries=200,
+            tasks={"num_cpus": 1},
+        )
+    )
     words = ["red", "blue", "green", "star", "circle", "square", "heart", "ring", "cross", "moon"]
-    search_body = lambda i, n: {"queries": [{"text": f"a photo of a {words[(i + n) % 10]} {words[(i * 3 + n) % 10]}"}],  # noqa: E731
-                                "index": "bench", "k": 10}
+
+    def search_body(i, n):
+        return {
+            "queries": [{"text": f"a photo of a {words[(i + n) % 10]} {words[(i * 3 + n) % 10]}"}],
+            "index": "bench",
+            "k": 10,
+        }
+
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="JPEG")
     image = base64.b64encode(buffer.getvalue()).decode()
-    classify_body = lambda i, n: {"images": [image], "classnames": words[:5], "templates": ["a photo of a {}."]}  # noqa: E731
+
+    def classify_body(i, n):
+        return {
+            "images": [image],
+            "classnames": words[:5],
+            "templates": ["a photo of a {}."],
+        }
+
     results = {}
     for batching in (True, False):
         port = _free_port()
-        config = ServeConfig(port=port, retrieval=RetrievalAppConfig(
-            indices={"bench": {"image": f"{root}/index"}}, model=ModelConfig(name="react-micro"), shard_groups=1,
-            batching=batching, replica_num_cpus=0.25),
-            zeroshot=ZeroShotAppConfig(models={"micro": ModelConfig(name="react-micro")}, default_model="micro",
-                                       replica_num_cpus=0.25) if batching else None)
+        config = ServeConfig(
+            port=port,
+            retrieval=RetrievalAppConfig(
+                indices={"bench": {"image": f"{root}/index"}},
+                model=ModelConfig(name="react-micro"),
+                shard_groups=1,
+                batching=batching,
+                replica={"num_cpus": 0.25},
+            ),
+            zeroshot=ZeroShotAppConfig(
+                models={"micro": ModelConfig(name="react-micro")},
+                default_model="micro",
+                replica={"num_cpus": 0.25},
+            )
+            if batching
+            else None,
+        )
         urls = start_apps(config)
         load(f"{urls['retrieval']}/v1/search", search_body, 4, 2)  # warm up
         results[f"retrieval, batching {'on' if batching else 'off'}"] = load(
-            f"{urls['retrieval']}/v1/search", search_body, args.clients, args.seconds)
+            f"{urls['retrieval']}/v1/search", search_body, args.clients, args.seconds
+        )
         if batching:
-            results["zero-shot (1 image, 5 classes)"] = load(f"{urls['zeroshot']}/v1/classify", classify_body,
-                                                             args.clients, args.seconds)
+            results["zero-shot (1 image, 5 classes)"] = load(
+                f"{urls['zeroshot']}/v1/classify", classify_body, args.clients, args.seconds
+            )
         serve.shutdown()
-    print(f"\n{args.vectors:,} vectors, {args.clients} clients x {args.seconds:.0f} s, {args.cpus} CPUs")
+    print(
+        f"\n{args.vectors:,} vectors, {args.clients} clients x {args.seconds:.0f} s, {args.cpus} "
+        "CPUs"
+    )
     print(f"{'run':34} {'QPS':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
     for name, r in results.items():
         print(f"{name:34} {r['qps']:8.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['errors']:7d}")
     on, off = results["retrieval, batching on"], results["retrieval, batching off"]
-    print(f"batching on / off QPS: {on['qps'] / off['qps']:.2f}; vs the ~20 QPS single-process reference: "
-          f"{on['qps'] / 20:.1f}x")
+    print(
+        f"batching on / off QPS: {on['qps'] / off['qps']:.2f}; vs the ~20 QPS single-process "
+        "reference: "
+        f"{on['qps'] / 20:.1f}x"
+    )
 
 
 if __name__ == "__main__":

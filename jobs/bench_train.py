@@ -21,17 +21,19 @@ import numpy as np
 import torch
 
 from react_ray.config import CorpusConfig, GenerateConfig, ModelConfig, TrainConfig
-from react_ray.data.synthetic import generate_corpus
-from react_ray.embed.readers import list_input_shards, read_shard
-from react_ray.models import get_tokenizer
+from react_ray.formats.readers import list_input_shards, read_shard
+from react_ray.jobs.train import run_training
+from react_ray.models import get_tokenizer, image_size
 from react_ray.ray_utils import start_local
-from react_ray.train.data import _transform, decode_args, decode_for_training, model_image_size
+from react_ray.synthetic.corpus import generate_corpus
+from react_ray.train.data import _transform, decode_args, decode_for_training
 from react_ray.train.loop import Stepper, build_for_training, make_optimizer
-from react_ray.train.trainer import read_history, run_training
+from react_ray.train.trainer import read_history
 
 
 def _plain_batches(config: TrainConfig):
-    """The same records, decoded and augmented in this process, batch after batch, pass after pass."""
+    """The same records, decoded and augmented in this process, batch after batch, pass after
+    pass."""
     transform = _transform(config.model.model_dump_json(), config.augment.model_dump_json())
     tokenizer = get_tokenizer(config.model.name)
     from PIL import Image
@@ -68,9 +70,11 @@ def ceiling(config: TrainConfig, steps: int, device: str = "cpu") -> float:
     """Model step only, on one pre-made batch: samples/s with no data work at all."""
     clip, _ = build_for_training(config, device)
     stepper = Stepper(clip.model, make_optimizer(clip.model, config), config, torch.device(device))
-    size = model_image_size(config.model.name)
+    size = image_size(config.model.name)
     images = torch.randn(config.batch_size, 3, size, size, device=device)
-    texts = get_tokenizer(config.model.name)([f"a photo of thing {i}" for i in range(config.batch_size)]).to(device)
+    texts = get_tokenizer(config.model.name)(
+        [f"a photo of thing {i}" for i in range(config.batch_size)]
+    ).to(device)
     for step in range(3):
         stepper(images, texts, step)
     if device == "cuda":
@@ -90,23 +94,57 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="plain loop / Ray Train turns")
-    parser.add_argument("--gpu", action="store_true", help="only the per-GPU AMP figure (needs CUDA)")
+    parser.add_argument(
+        "--gpu", action="store_true", help="only the per-GPU AMP figure (needs CUDA)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.cpus)
     if args.gpu:
-        config = TrainConfig(data="unused", output="unused", model=ModelConfig(name=args.model), mode="gated-image",
-                             batch_size=args.batch, use_gpu=True, precision="fp16", grad_checkpointing=True)
-        print(f"{args.model} gated-image, fp16 AMP, batch {args.batch}: "
-              f"{ceiling(config, args.steps, 'cuda'):.0f} samples/s per GPU (model step, pre-made batch)")
+        config = TrainConfig(
+            data="unused",
+            output="unused",
+            model=ModelConfig(name=args.model),
+            mode="gated-image",
+            batch_size=args.batch,
+            worker={"num_gpus": 1},
+            precision="fp16",
+            grad_checkpointing=True,
+        )
+        print(
+            f"{args.model} gated-image, fp16 AMP, batch {args.batch}: "
+            f"{ceiling(config, args.steps, 'cuda'):.0f} samples/s per GPU (model step, pre-made "
+            "batch)"
+        )
         return
     root = tempfile.mkdtemp(prefix="bench-train-")
-    generate_corpus(GenerateConfig(output=f"{root}/corpus", corpus=CorpusConfig(
-        num_shards=4, samples_per_shard=500, formats=["webdataset"])), progress=False)
-    common = dict(data=f"{root}/corpus/webdataset", model=ModelConfig(name=args.model), steps=args.steps,
-                  batch_size=args.batch, threads=args.cpus, cpus_per_worker=1, decode_num_cpus=0.5,
-                  cache_decoded=True, log_every=5, checkpoint_every=args.steps,
-                  grad_checkpointing=False, augment={"scale": (0.8, 1.0), "hflip": 0.0, "color_jitter": None,
-                                                     "auto_augment": None, "re_prob": 0.0, "decode_short_side": 32})
+    generate_corpus(
+        GenerateConfig(
+            output=f"{root}/corpus",
+            corpus=CorpusConfig(num_shards=4, samples_per_shard=500, formats=["webdataset"]),
+        ),
+        progress=False,
+    )
+    common = dict(
+        data=f"{root}/corpus/webdataset",
+        model=ModelConfig(name=args.model),
+        steps=args.steps,
+        batch_size=args.batch,
+        threads=args.cpus,
+        worker={"num_cpus": 1},
+        decode={"num_cpus": 0.5},
+        cache_decoded=True,
+        log_every=5,
+        checkpoint_every=args.steps,
+        grad_checkpointing=False,
+        augment={
+            "scale": (0.8, 1.0),
+            "hflip": 0.0,
+            "color_jitter": None,
+            "auto_augment": None,
+            "re_prob": 0.0,
+            "decode_short_side": 32,
+        },
+    )
     rows = []
     for mode in ("gated-image", "locked-text"):
         config = TrainConfig(output=f"{root}/plain-{mode}", mode=mode, **common)
@@ -124,11 +162,17 @@ def main() -> None:
         start_local(args.cpus)
         rates = []
         for in_worker in (False, True):
-            config = TrainConfig(output=f"{root}/ray-{turn}-{int(in_worker)}", mode="gated-image",
-                                 augment_in_worker=in_worker, **common)
+            config = TrainConfig(
+                output=f"{root}/ray-{turn}-{int(in_worker)}",
+                mode="gated-image",
+                augment_in_worker=in_worker,
+                **common,
+            )
             run_training(config)
             history = [r for r in read_history(config.output) if "loss" in r]
-            rates.append(float(np.mean([r["samples_per_s"] for r in history if r["step"] > args.steps // 5])))
+            rates.append(
+                float(np.mean([r["samples_per_s"] for r in history if r["step"] > args.steps // 5]))
+            )
         ray.shutdown()
         turns.append((plain, *rates))
     print(f"\nmodel {args.model}, global batch {args.batch}, {args.steps} steps, {args.cpus} CPUs")
@@ -136,13 +180,23 @@ def main() -> None:
     for mode, share, plain, top in rows:
         print(f"{mode:12} {share:9.1%} {plain:12.1f} {top:10.1f}")
     print(f"gated-image / locked-text plain step time: {rows[1][2] / rows[0][2]:.2f}")
-    print(f"{'turn':>4} {'plain loop/s':>12} {'Ray Train/s':>11} {'ratio':>5} {'augment_in_worker/s':>19} {'ratio':>5}")
+    print(
+        f"{'turn':>4} {'plain loop/s':>12} {'Ray Train/s':>11} {'ratio':>5} "
+        f"{'augment_in_worker/s':>19} {'ratio':>5}"
+    )
     for i, (plain, tasks, worker) in enumerate(turns):
-        print(f"{i + 1:>4} {plain:12.1f} {tasks:11.1f} {tasks / plain:5.2f} {worker:19.1f} {worker / plain:5.2f}")
+        print(
+            f"{i + 1:>4} {plain:12.1f} {tasks:11.1f} {tasks / plain:5.2f} {worker:19.1f} "
+            f"{worker / plain:5.2f}"
+        )
     for column, where in ((1, "in Ray Data tasks"), (2, "in the worker (augment_in_worker)")):
         ratio = float(np.median([t[column] / t[0] for t in turns]))
-        print(f"Ray Train gated-image, augmenting {where}: median ratio to the plain loop {ratio:.2f} (goal >= 0.9); "
-              f"to the model-step ceiling {float(np.median([t[column] for t in turns])) / rows[0][3]:.2f}")
+        print(
+            f"Ray Train gated-image, augmenting {where}: median ratio to the plain loop "
+            f"{ratio:.2f} (goal >= 0.9); "
+            "to the model-step ceiling "
+            f"{float(np.median([t[column] for t in turns])) / rows[0][3]:.2f}"
+        )
 
 
 if __name__ == "__main__":

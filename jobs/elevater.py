@@ -1,6 +1,7 @@
 """python jobs/elevater.py --config jobs/presets/elevater_laion.yaml [key.sub=value ...]
 
-The same file runs locally and under `ray job submit --working-dir . -- python jobs/elevater.py ...`.
+The same file runs locally and under `ray job submit --working-dir . -- python jobs/elevater.py
+...`.
 """
 
 import sys

@@ -1,6 +1,7 @@
 """python jobs/evaluate.py --config jobs/presets/evaluate_demo.yaml [key.sub=value ...]
 
-The same file runs locally and under `ray job submit --working-dir . -- python jobs/evaluate.py ...`.
+The same file runs locally and under `ray job submit --working-dir . -- python jobs/evaluate.py
+...`.
 """
 
 import sys

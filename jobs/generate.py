@@ -1,6 +1,7 @@
 """python jobs/generate.py --config jobs/presets/generate_demo.yaml [key.sub=value ...]
 
-The same file runs locally and under `ray job submit --working-dir . -- python jobs/generate.py ...`.
+The same file runs locally and under `ray job submit --working-dir . -- python jobs/generate.py
+...`.
 """
 
 import sys

@@ -1,6 +1,7 @@
 """python jobs/materialize.py --config jobs/presets/materialize_demo.yaml [key.sub=value ...]
 
-The same file runs locally and under `ray job submit --working-dir . -- python jobs/materialize.py ...`.
+The same file runs locally and under `ray job submit --working-dir . -- python jobs/materialize.py
+...`.
 """
 
 import sys

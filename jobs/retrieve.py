@@ -1,6 +1,7 @@
 """python jobs/retrieve.py --config jobs/presets/retrieve_demo.yaml [key.sub=value ...]
 
-The same file runs locally and under `ray job submit --working-dir . -- python jobs/retrieve.py ...`.
+The same file runs locally and under `ray job submit --working-dir . -- python jobs/retrieve.py
+...`.
 """
 
 import sys

@@ -35,56 +35,56 @@ class Stage:
 
 
 def _run_generate(config: GenerateConfig) -> int:
-    from react_ray.data.synthetic import generate_corpus
+    from react_ray.synthetic.corpus import generate_corpus
 
     print(generate_corpus(config))
     return 0
 
 
 def _run_embed(config: EmbedConfig) -> int:
-    from react_ray.embed.pipeline import run_embedding
+    from react_ray.jobs.embed import run_embedding
 
     print(run_embedding(config))
     return 0
 
 
 def _run_index(config: IndexConfig) -> int:
-    from react_ray.index.build import append_to_index, build_index
+    from react_ray.jobs.index import append_to_index, build_index
 
     (append_to_index if config.append else build_index)(config)
     return 0
 
 
 def _run_retrieve(config: RetrieveConfig) -> int:
-    from react_ray.retrieve.retrieval import run_retrieval
+    from react_ray.jobs.retrieve import run_retrieval
 
     run_retrieval(config)
     return 0
 
 
 def _run_materialize(config: MaterializeConfig) -> int:
-    from react_ray.retrieve.materialize import run_materialize
+    from react_ray.jobs.materialize import run_materialize
 
     run_materialize(config)
     return 0
 
 
 def _run_train(config: TrainConfig) -> int:
-    from react_ray.train.trainer import run_training
+    from react_ray.jobs.train import run_training
 
     print(run_training(config))
     return 0
 
 
 def _run_evaluate(config: EvaluateConfig) -> int:
-    from react_ray.evaluate.zeroshot import run_evaluation
+    from react_ray.jobs.evaluate import run_evaluation
 
     print(run_evaluation(config))
     return 0
 
 
 def _run_elevater(config: ElevaterConfig) -> int:
-    from react_ray.evaluate.elevater import run_elevater
+    from react_ray.jobs.evaluate import run_elevater
 
     run_elevater(config)
     return 0
@@ -103,16 +103,30 @@ def _run_demo(config: DemoConfig) -> int:
 
 
 STAGES: dict[str, Stage] = {
-    "generate": Stage("write the synthetic LAION-style corpus and eval set", GenerateConfig, _run_generate),
+    "generate": Stage(
+        "write the synthetic LAION-style corpus and eval set", GenerateConfig, _run_generate
+    ),
     "embed": Stage("embed image-text shards with OpenCLIP on Ray Data", EmbedConfig, _run_embed),
     "index": Stage("build sharded FAISS indices on Ray", IndexConfig, _run_index),
-    "retrieve": Stage("retrieve a task's training set from class names", RetrieveConfig, _run_retrieve),
-    "materialize": Stage("write the retrieved pairs as labeled training shards", MaterializeConfig,
-                         _run_materialize),
-    "train": Stage("REACT gated-image / locked-text tuning (or pre-training) on Ray Train", TrainConfig, _run_train),
-    "evaluate": Stage("zero-shot evaluation of several models in one table", EvaluateConfig, _run_evaluate),
-    "elevater": Stage("zero-shot on ELEVATER's 20 sets (REACT's benchmark), one table", ElevaterConfig,
-                      _run_elevater),
+    "retrieve": Stage(
+        "retrieve a task's training set from class names", RetrieveConfig, _run_retrieve
+    ),
+    "materialize": Stage(
+        "write the retrieved pairs as labeled training shards", MaterializeConfig, _run_materialize
+    ),
+    "train": Stage(
+        "REACT gated-image / locked-text tuning (or pre-training) on Ray Train",
+        TrainConfig,
+        _run_train,
+    ),
+    "evaluate": Stage(
+        "zero-shot evaluation of several models in one table", EvaluateConfig, _run_evaluate
+    ),
+    "elevater": Stage(
+        "zero-shot on ELEVATER's 20 sets (REACT's benchmark), one table",
+        ElevaterConfig,
+        _run_elevater,
+    ),
     "serve": Stage("run the retrieval and zero-shot Serve apps locally", ServeConfig, _run_serve),
     "demo": Stage("run the end-to-end demo on generated data", DemoConfig, _run_demo),
 }
@@ -131,9 +145,15 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, stage in STAGES.items():
         sub = commands.add_parser(name, help=stage.help)
-        sub.add_argument("--config", help="YAML preset (local path or s3://); defaults when omitted")
-        sub.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config fields")
-        sub.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        sub.add_argument(
+            "--config", help="YAML preset (local path or s3://); defaults when omitted"
+        )
+        sub.add_argument(
+            "overrides", nargs="*", metavar="key.sub=value", help="override config fields"
+        )
+        sub.add_argument(
+            "--print-config", action="store_true", help="print the resolved config and exit"
+        )
         if name == "index":
             sub.add_argument("--append", action="store_true", help="same as append=true")
     commands.add_parser("models", help="list the model names build_model accepts")

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from react_ray import storage
+from react_ray.formats import storage
 
 LEASE_FILE = "_lease.json"
 
@@ -35,8 +35,12 @@ class LeaseHeld(RuntimeError):
 
 def _describe(lease: dict) -> str:
     age = time.time() - lease["started"]
-    return (f"the {lease['stage']} run {lease['owner'][:8]} (host {lease['host']}, pid {lease['pid']}, started "
-            f"{age:.0f} s ago; its lease holds until {time.strftime('%H:%M:%S', time.localtime(lease['expires']))})")
+    return (
+        f"the {lease['stage']} run {lease['owner'][:8]} (host {lease['host']}, pid {lease['pid']}, "
+        "started "
+        f"{age:.0f} s ago; its lease holds until "
+        f"{time.strftime('%H:%M:%S', time.localtime(lease['expires']))})"
+    )
 
 
 def _read(uri: str) -> dict | None:
@@ -78,20 +82,32 @@ def _create_exclusive(uri: str, text: str) -> bool:
 
 
 @contextmanager
-def output_lease(output: str, stage: str, ttl_s: float | None = None, settle_s: float = 1.0) -> Iterator[dict]:
+def output_lease(
+    output: str, stage: str, ttl_s: float | None = None, settle_s: float = 1.0
+) -> Iterator[dict]:
     """Hold the lease of ``output`` for the block; LeaseHeld if a live run holds it."""
     ttl_s = ttl_s or float(os.environ.get("REACT_RAY_LEASE_TTL_S", "120"))
     uri = storage.join(output, LEASE_FILE)
-    mine = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "stage": stage,
-            "started": time.time(), "expires": time.time() + ttl_s}
+    mine = {
+        "owner": uuid.uuid4().hex,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "stage": stage,
+        "started": time.time(),
+        "expires": time.time() + ttl_s,
+    }
     held = _read(uri)
     if held is not None:
         died = _holder_died(held)
         if not died and held["expires"] > time.time():
-            raise LeaseHeld(f"{output} is being written by {_describe(held)}; wait for it to finish, or, if "
-                            f"that run died on another host, for its lease to expire")
-        print(f"{stage}: taking over the lease of {_describe(held)}: "
-              f"{'that process is gone' if died else 'its lease expired'}")
+            raise LeaseHeld(
+                f"{output} is being written by {_describe(held)}; wait for it to finish, or, if "
+                f"that run died on another host, for its lease to expire"
+            )
+        print(
+            f"{stage}: taking over the lease of {_describe(held)}: "
+            f"{'that process is gone' if died else 'its lease expired'}"
+        )
         storage.remove(uri)
     if not _create_exclusive(uri, json.dumps(mine)):
         raise LeaseHeld(f"{output} is being written by another run that took its lease just now")
@@ -99,7 +115,9 @@ def output_lease(output: str, stage: str, ttl_s: float | None = None, settle_s: 
         time.sleep(settle_s)
         current = _read(uri)
         if current is None or current["owner"] != mine["owner"]:
-            raise LeaseHeld(f"{output} is being written by another run that took its lease just now")
+            raise LeaseHeld(
+                f"{output} is being written by another run that took its lease just now"
+            )
     stop = threading.Event()
 
     def heartbeat():

@@ -51,7 +51,11 @@ def connect(address: str | None = None) -> None:
 def start_local(num_cpus: int | None = None, **options) -> None:
     """A new local Ray (never a cluster already on the machine) for tests and benchmarks."""
     _apply_raylet_env()
-    ray.init(address="local", num_cpus=num_cpus, **({"include_dashboard": False, "log_to_driver": False} | options))
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        **({"include_dashboard": False, "log_to_driver": False} | options),
+    )
 
 
 def quiet_ray_console() -> None:
@@ -60,7 +64,9 @@ def quiet_ray_console() -> None:
     are dropped."""
     if LOG_LEVEL == "INFO":
         return
-    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(files("react_ray.resources") / "ray_data_logging.yaml"))
+    os.environ.setdefault(
+        "RAY_DATA_LOGGING_CONFIG", str(files("react_ray.resources") / "ray_data_logging.yaml")
+    )
     if "ray.data" in sys.modules:  # already configured at its import: again, from the file
         from ray.data._internal.logging import configure_logging
 

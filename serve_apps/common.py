@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.responses import JSONResponse, Response
 
 from react_ray.config import AccessConfig
-from react_ray.embed.decode import decode_image
+from react_ray.formats.decode import decode_image
 
 # Reachable without a token: probes, the search page and the API's own description.
 OPEN_PATHS = {"/healthz", "/readyz", "/", "/docs", "/openapi.json"}
@@ -34,13 +34,17 @@ class Guard:
 
 
 def read_tokens(access: AccessConfig) -> dict:
-    """The tokens from the environment where the app is built (the driver, or Serve's controller)."""
-    return {"admin_token": os.environ.get(access.admin_token_env) or None,
-            "api_token": os.environ.get(access.api_token_env) or None}
+    """The tokens from the environment where the app is built (the driver, or Serve's
+    controller)."""
+    return {
+        "admin_token": os.environ.get(access.admin_token_env) or None,
+        "api_token": os.environ.get(access.api_token_env) or None,
+    }
 
 
 class _GuardMiddleware:
-    """Pure ASGI: refuses before the app reads anything, and counts streamed (chunked) bodies too."""
+    """Pure ASGI: refuses before the app reads anything, and counts streamed (chunked) bodies
+    too."""
 
     def __init__(self, app, api: FastAPI):
         self.app, self.api = app, api
@@ -60,7 +64,9 @@ class _GuardMiddleware:
             message = await receive()
             received += len(message.get("body", b""))
             if received > guard.max_request_bytes:
-                raise HTTPException(413, f"request body is over the limit of {guard.max_request_bytes:,} bytes")
+                raise HTTPException(
+                    413, f"request body is over the limit of {guard.max_request_bytes:,} bytes"
+                )
             return message
 
         async def send_with_cors(message):
@@ -73,30 +79,55 @@ class _GuardMiddleware:
     @staticmethod
     def _path(scope) -> str:
         path, root = scope["path"], scope.get("root_path", "")
-        return (path[len(root):] or "/") if root and path.startswith(root) else path
+        return (path[len(root) :] or "/") if root and path.startswith(root) else path
 
     def _check(self, scope, headers: dict, guard: Guard):
         """-> (a refusal response or None, CORS headers to add)."""
         path, method = self._path(scope), scope["method"]
         origin, cors = headers.get("origin"), []
-        # Same origin (the search page): the Origin's host is the Host asked for, whatever TLS did in front.
+        # Same origin (the search page): the Origin's host is the Host asked for, whatever TLS did
+        # in front.
         if origin is not None and urllib.parse.urlsplit(origin).netloc != headers.get("host", ""):
-            if origin not in guard.cors_origins:  # a browser on another site: no simple-request CSRF either
-                return JSONResponse({"detail": f"origin {origin} is not allowed (access.cors_origins)"}, 403), []
-            cors = [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
+            # a browser on another site: no simple-request CSRF either
+            if origin not in guard.cors_origins:
+                return JSONResponse(
+                    {"detail": f"origin {origin} is not allowed (access.cors_origins)"}, 403
+                ), []
+            cors = [
+                (b"access-control-allow-origin", origin.encode("latin-1")),
+                (b"vary", b"Origin"),
+            ]
             if method == "OPTIONS":  # preflight
-                return Response(status_code=204, headers={
-                    "access-control-allow-origin": origin, "access-control-allow-methods": "GET, POST",
-                    "access-control-allow-headers": "authorization, content-type, serve_multiplexed_model_id",
-                    "access-control-max-age": "600", "vary": "Origin"}), []
+                return Response(
+                    status_code=204,
+                    headers={
+                        "access-control-allow-origin": origin,
+                        "access-control-allow-methods": "GET, POST",
+                        "access-control-allow-headers": (
+                            "authorization, content-type, serve_multiplexed_model_id"
+                        ),
+                        "access-control-max-age": "600",
+                        "vary": "Origin",
+                    },
+                ), []
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > guard.max_request_bytes:
-            return JSONResponse({"detail": f"request body is {int(length):,} bytes; the limit is "
-                                           f"{guard.max_request_bytes:,}"}, 413), []
+            return JSONResponse(
+                {
+                    "detail": f"request body is {int(length):,} bytes; the limit is "
+                    f"{guard.max_request_bytes:,}"
+                },
+                413,
+            ), []
         if path.startswith("/admin/"):
             if guard.admin_token is None:
-                return JSONResponse({"detail": "admin routes are off: set the admin token's environment "
-                                               "variable (access.admin_token_env) where the app is built"}, 403), []
+                return JSONResponse(
+                    {
+                        "detail": "admin routes are off: set the admin token's environment "
+                        "variable (access.admin_token_env) where the app is built"
+                    },
+                    403,
+                ), []
             return _token_refusal(headers, guard.admin_token), cors
         if path not in OPEN_PATHS and guard.api_token is not None:
             return _token_refusal(headers, guard.api_token), cors
@@ -107,8 +138,11 @@ def _token_refusal(headers: dict, token: str):
     given = headers.get("authorization", "")
     if given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token.encode()):
         return None
-    return JSONResponse({"detail": "a valid bearer token is required (Authorization: Bearer ...)"}, 401,
-                        headers={"www-authenticate": "Bearer"})
+    return JSONResponse(
+        {"detail": "a valid bearer token is required (Authorization: Bearer ...)"},
+        401,
+        headers={"www-authenticate": "Bearer"},
+    )
 
 
 def guard_requests(app: FastAPI) -> None:
@@ -119,8 +153,15 @@ def guard_requests(app: FastAPI) -> None:
 async def _validation_error(request, error: RequestValidationError) -> JSONResponse:
     """FastAPI's 422 without echoing the input: a value such as 1e400 (inf) cannot be written as
     JSON (FastAPI's own handler then fails with a 500), and a huge one should not travel back."""
-    return JSONResponse({"detail": [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-                                    for e in error.errors()]}, 422)
+    return JSONResponse(
+        {
+            "detail": [
+                {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                for e in error.errors()
+            ]
+        },
+        422,
+    )
 
 
 def decode_base64_image(text: str, what: str, resize: dict, max_pixels: int) -> np.ndarray:

@@ -3,8 +3,9 @@
 ```
 HTTP -> RetrievalAPI (FastAPI ingress: validation, limits, metadata, the search page)
           -> QueryEncoder      (@serve.batch: texts and images of many requests per forward)
-          -> IndexShardGroup x G (@serve.batch: grouped by (index, modality, k, vectors?); each group
-                                  holds every G-th shard, so an index larger than a node splits over nodes)
+          -> IndexShardGroup x G (@serve.batch: grouped by (index, modality, k, vectors?);
+                                  each group holds every G-th shard, so an index larger
+                                  than a node splits over nodes)
           <- global top-k over the groups -> [near-duplicates out, by the hits' stored vectors]
           -> metadata (O(1) by id) -> JSON
 ```
@@ -19,7 +20,6 @@ A new index version (``react-ray index --append``) is picked up without downtime
 finish on the old one. Metadata needs no reload: an id's file is found from the id itself.
 """
 
-
 import asyncio
 import threading
 import time
@@ -33,18 +33,25 @@ from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field, model_validator
 from ray import serve
 
-from react_ray import storage
 from react_ray.config import ModelConfig, RetrievalAppConfig
+from react_ray.formats import storage
+from react_ray.formats.index_manifest import IndexManifest
 from react_ray.index.sharded import (
     MetadataStore,
     ShardedIndex,
     index_root,
     merge_topk,
-    read_manifest,
 )
 from react_ray.retrieve.fetch import FetchPolicy, download
 from react_ray.retrieve.retrieval import remove_near_duplicates
-from serve_apps.common import Guard, decode_base64_image, decode_image_bytes, guard_requests, read_tokens, within
+from serve_apps.common import (
+    Guard,
+    decode_base64_image,
+    decode_image_bytes,
+    guard_requests,
+    read_tokens,
+    within,
+)
 
 Modality = Literal["image", "text"]
 PAGE = Path(__file__).with_name("search.html")
@@ -59,9 +66,13 @@ class Query(BaseModel):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "Query":
-        given = [k for k in ("text", "image", "image_url", "vector") if getattr(self, k) is not None]
+        given = [
+            k for k in ("text", "image", "image_url", "vector") if getattr(self, k) is not None
+        ]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of text, image, image_url, vector; got {given or 'none'}")
+            raise ValueError(
+                f"give exactly one of text, image, image_url, vector; got {given or 'none'}"
+            )
         return self
 
 
@@ -70,8 +81,11 @@ class SearchRequest(BaseModel):
     index: str
     modality: Modality = "image"
     k: int = Field(default=10, ge=1)
-    deduplicate: bool = Field(default=False, description="drop near-duplicate hits (by their stored vectors, "
-                                                         "cosine >= the app's near_duplicate_threshold) and repeated URLs")
+    deduplicate: bool = Field(
+        default=False,
+        description="drop near-duplicate hits (by their stored vectors, "
+        "cosine >= the app's near_duplicate_threshold) and repeated URLs",
+    )
 
 
 class Hit(BaseModel):
@@ -94,15 +108,35 @@ class MetadataRequest(BaseModel):
 
 # clip-retrieval's /knn-service body, read by hand (its clients send no Content-Type; types are
 # checked as JSON gives them), described here for the OpenAPI page and for API fuzzers.
-KNN_REQUEST = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-    "type": "object", "required": ["modality", "num_images", "indice_name"],
-    "properties": {"text": {"type": "string"}, "image": {"type": "string", "description": "base64"},
-                   "image_url": {"type": "string"}, "embedding_input": {"type": "array", "items": {"type": "number"}},
-                   "modality": {"type": "string", "enum": ["image", "text"]}, "indice_name": {"type": "string"},
-                   "num_images": {"type": "integer", "minimum": 1}, "num_result_ids": {"type": "integer", "minimum": 1},
-                   "deduplicate": {"type": "boolean"}, "use_safety_model": {"type": "boolean"},
-                   "use_violence_detector": {"type": "boolean"}, "use_mclip": {"type": "boolean"},
-                   "aesthetic_score": {"type": "string"}, "aesthetic_weight": {"type": "string"}}}}}}}
+KNN_REQUEST = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["modality", "num_images", "indice_name"],
+                    "properties": {
+                        "text": {"type": "string"},
+                        "image": {"type": "string", "description": "base64"},
+                        "image_url": {"type": "string"},
+                        "embedding_input": {"type": "array", "items": {"type": "number"}},
+                        "modality": {"type": "string", "enum": ["image", "text"]},
+                        "indice_name": {"type": "string"},
+                        "num_images": {"type": "integer", "minimum": 1},
+                        "num_result_ids": {"type": "integer", "minimum": 1},
+                        "deduplicate": {"type": "boolean"},
+                        "use_safety_model": {"type": "boolean"},
+                        "use_violence_detector": {"type": "boolean"},
+                        "use_mclip": {"type": "boolean"},
+                        "aesthetic_score": {"type": "string"},
+                        "aesthetic_weight": {"type": "string"},
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 # ---------------------------------------------------------------- deployments
@@ -110,7 +144,9 @@ KNN_REQUEST = {"requestBody": {"required": True, "content": {"application/json":
 class QueryEncoder:
     """The CLIP text and image towers; requests are batched across callers."""
 
-    def __init__(self, model: dict, batching: bool, max_batch_size: int, batch_wait_timeout_s: float):
+    def __init__(
+        self, model: dict, batching: bool, max_batch_size: int, batch_wait_timeout_s: float
+    ):
         from react_ray.models import build_model
 
         self.clip = build_model(ModelConfig.model_validate(model))
@@ -140,35 +176,60 @@ class QueryEncoder:
 
 @serve.deployment(max_ongoing_requests=256)
 class IndexShardGroup:
-    """Every ``groups``-th shard of each index, searched in batches grouped by (index, modality, k)."""
+    """Every ``groups``-th shard of each index, searched in batches grouped by (index, modality,
+    k)."""
 
-    def __init__(self, indices: dict, group: int, groups: int, batching: bool, max_batch_size: int,
-                 batch_wait_timeout_s: float, reload_interval_s: float | None = None):
-        self.indices = {(name, modality): ShardedIndex(uri, group=(group, groups))
-                        for name, pair in indices.items() for modality, uri in pair.items() if uri}
+    def __init__(
+        self,
+        indices: dict,
+        group: int,
+        groups: int,
+        batching: bool,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+        reload_interval_s: float | None = None,
+    ):
+        self.indices = {
+            (name, modality): ShardedIndex(uri, group=(group, groups))
+            for name, pair in indices.items()
+            for modality, uri in pair.items()
+            if uri
+        }
         self.search.set_max_batch_size(max_batch_size if batching else 1)
         self.search.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.reload_interval_s, self._checked, self._reloading = reload_interval_s, time.monotonic(), threading.Lock()
+        self.reload_interval_s, self._checked, self._reloading = (
+            reload_interval_s,
+            time.monotonic(),
+            threading.Lock(),
+        )
 
     def _reload(self) -> dict[str, int]:
         with self._reloading:
             for key, index in list(self.indices.items()):
                 newer = index.reloaded()
                 if newer is not None:
-                    self.indices[key] = newer  # one assignment: a search holds either the old or the new index
+                    self.indices[key] = (
+                        newer  # one assignment: a search holds either the old or the new index
+                    )
             return self.versions()
 
     def versions(self) -> dict[str, int]:
-        return {f"{name}/{modality}": index.version for (name, modality), index in self.indices.items()}
+        return {
+            f"{name}/{modality}": index.version for (name, modality), index in self.indices.items()
+        }
 
     async def reload(self) -> dict[str, int]:
-        """Load every index whose manifest has a newer version, then swap it in; the versions now served."""
+        """Load every index whose manifest has a newer version, then swap it in; the versions now
+        served."""
         return await asyncio.to_thread(self._reload)
 
     def _reload_if_due(self) -> threading.Thread | None:
         """At most every reload_interval_s, in the background: searches never wait for it."""
-        if not self.reload_interval_s or time.monotonic() - self._checked < self.reload_interval_s \
-                or self._reloading.locked():
+        if (
+            not self.reload_interval_s
+            or time.monotonic() - self._checked < self.reload_interval_s
+            or self._reloading.locked()
+        ):
             return None
         self._checked = time.monotonic()
         thread = threading.Thread(target=self._reload, daemon=True)
@@ -177,7 +238,8 @@ class IndexShardGroup:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
     async def search(self, keys: list[tuple], vectors: list[np.ndarray]) -> list[tuple]:
-        """Each call: (index, modality, k, with_vectors) and its (n, d) queries -> (scores, ids, hit vectors or
+        """Each call: (index, modality, k, with_vectors) and its (n, d) queries -> (scores, ids, hit
+        vectors or
         None). Never mixes two requests' k or index."""
         self._reload_if_due()
         out: list = [None] * len(keys)
@@ -190,23 +252,36 @@ class IndexShardGroup:
                 index = self.indices[(name, modality)]
                 stacked = np.concatenate([vectors[i] for i in members])
                 if not index.shards:
-                    found = (np.full((len(stacked), k), -np.inf, np.float32), np.full((len(stacked), k), -1),
-                             np.zeros((len(stacked), k, index.dim), np.float32))
+                    found = (
+                        np.full((len(stacked), k), -np.inf, np.float32),
+                        np.full((len(stacked), k), -1),
+                        np.zeros((len(stacked), k, index.dim), np.float32),
+                    )
                 else:
-                    found = index.search_with_vectors(stacked, k) if with_vectors else index.search(stacked, k)
+                    found = (
+                        index.search_with_vectors(stacked, k)
+                        if with_vectors
+                        else index.search(stacked, k)
+                    )
                 start = 0
                 for i in members:
                     n = len(vectors[i])
-                    out[i] = (found[0][start:start + n], found[1][start:start + n],
-                              found[2][start:start + n] if with_vectors else None)
+                    out[i] = (
+                        found[0][start : start + n],
+                        found[1][start : start + n],
+                        found[2][start : start + n] if with_vectors else None,
+                    )
                     start += n
 
         await asyncio.to_thread(run)
         return out
 
 
-app = FastAPI(title="react-ray retrieval", version="1",
-              description="kNN search over LAION-style pairs; LAION kNN API compatible")
+app = FastAPI(
+    title="react-ray retrieval",
+    version="1",
+    description="kNN search over LAION-style pairs; LAION kNN API compatible",
+)
 guard_requests(app)
 
 
@@ -216,17 +291,29 @@ class RetrievalAPI:
     def __init__(self, encoder, groups: list, config: dict, tokens: dict):
         self.config = RetrievalAppConfig.model_validate(config)
         self.encoder, self.groups = encoder, groups
-        app.state.guard = Guard(self.config.max_request_bytes, cors_origins=self.config.access.cors_origins, **tokens)
-        self.manifests = {(name, modality): read_manifest(uri) for name, pair in self.config.indices.items()
-                          for modality, uri in pair.model_dump().items() if uri}
+        app.state.guard = Guard(
+            self.config.max_request_bytes, cors_origins=self.config.access.cors_origins, **tokens
+        )
+        self.manifests = {
+            (name, modality): IndexManifest.read(uri)
+            for name, pair in self.config.indices.items()
+            for modality, uri in pair.model_dump().items()
+            if uri
+        }
         first = next(iter(self.manifests.values()))
-        self.metadata = {key: MetadataStore(storage.join(index_root(getattr(self.config.indices[key[0]], key[1])),
-                                                         "metadata")) for key in self.manifests}
-        self.dim, self.decode_args = int(first["dim"]), None
+        self.metadata = {
+            key: MetadataStore(
+                storage.join(index_root(getattr(self.config.indices[key[0]], key[1])), "metadata")
+            )
+            for key in self.manifests
+        }
+        self.dim, self.decode_args = first.dim, None
         for key, manifest in self.manifests.items():
-            if manifest["model"] != self.config.model.name:
-                raise ValueError(f"index {key} was built with {manifest['model']!r}, the app encodes with "
-                                 f"{self.config.model.name!r}")
+            if manifest.model != self.config.model.name:
+                raise ValueError(
+                    f"index {key} was built with {manifest.model!r}, the app encodes with "
+                    f"{self.config.model.name!r}"
+                )
 
     # ------------------------------------------------------------ our API
     @app.post("/v1/search", response_model=SearchResponse)
@@ -238,42 +325,70 @@ class RetrievalAPI:
         key = (request.index, request.modality)
         if key not in self.manifests:
             known = sorted(f"{n}/{m}" for n, m in self.manifests)
-            raise HTTPException(404, f"unknown index {request.index!r} with modality {request.modality!r}; "
-                                     f"known: {', '.join(known)}")
+            raise HTTPException(
+                404,
+                f"unknown index {request.index!r} with modality {request.modality!r}; "
+                f"known: {', '.join(known)}",
+            )
         if request.k > self.config.max_k:
             raise HTTPException(422, f"k: got {request.k}; the limit is {self.config.max_k}")
         if len(request.queries) > self.config.max_queries:
-            raise HTTPException(413, f"{len(request.queries)} queries; the limit is {self.config.max_queries}")
+            raise HTTPException(
+                413, f"{len(request.queries)} queries; the limit is {self.config.max_queries}"
+            )
         if request.deduplicate and request.k * len(request.queries) > self.config.max_dedup_hits:
-            raise HTTPException(422, f"deduplicate: k x queries = {request.k * len(request.queries):,}; the limit is "
-                                     f"{self.config.max_dedup_hits:,} (each candidate travels with its vector)")
-        vectors = np.stack(await asyncio.gather(*(self._encode(q, i) for i, q in enumerate(request.queries))))
+            raise HTTPException(
+                422,
+                f"deduplicate: k x queries = {request.k * len(request.queries):,}; the limit is "
+                f"{self.config.max_dedup_hits:,} (each candidate travels with its vector)",
+            )
+        vectors = np.stack(
+            await asyncio.gather(*(self._encode(q, i) for i, q in enumerate(request.queries)))
+        )
         dedup = request.deduplicate
         fetch_k = request.k * 3 if dedup else request.k  # room for the duplicates that go
-        parts = await asyncio.gather(*(g.search.remote((request.index, request.modality, fetch_k, dedup), vectors)
-                                       for g in self.groups))
-        scores, ids, *vectors = (np.concatenate([p[i] for p in parts], 1) for i in range(3 if dedup else 2))
+        parts = await asyncio.gather(
+            *(
+                g.search.remote((request.index, request.modality, fetch_k, dedup), vectors)
+                for g in self.groups
+            )
+        )
+        scores, ids, *vectors = (
+            np.concatenate([p[i] for p in parts], 1) for i in range(3 if dedup else 2)
+        )
         scores, ids, *vectors = merge_topk(scores, ids, fetch_k, *vectors)
         hit_vectors = vectors[0] if dedup else None
         store = self.metadata[key]
 
-        def hits_with_metadata() -> list[list[Hit]]:  # range search and file reads: off the event loop
+        # range search and file reads: off the event loop
+        def hits_with_metadata() -> list[list[Hit]]:
             results = []
             for q, (row_scores, row_ids) in enumerate(zip(scores, ids)):
                 found = row_ids >= 0
                 hits = pd.DataFrame({"id": row_ids[found], "score": row_scores[found]})
                 if dedup:
-                    hits = self._dedup(hits, hit_vectors[q][found], store)[:request.k]
+                    hits = self._dedup(hits, hit_vectors[q][found], store)[: request.k]
                 metas = store.lookup(hits["id"].to_numpy())
-                results.append([Hit(id=int(i), score=float(s), url=(m or {}).get("url"),
-                                    caption=(m or {}).get("caption")) for i, s, m in zip(hits["id"], hits["score"], metas)])
+                results.append(
+                    [
+                        Hit(
+                            id=int(i),
+                            score=float(s),
+                            url=(m or {}).get("url"),
+                            caption=(m or {}).get("caption"),
+                        )
+                        for i, s, m in zip(hits["id"], hits["score"], metas)
+                    ]
+                )
             return results
 
         return await asyncio.to_thread(hits_with_metadata)
 
     def _dedup(self, hits: pd.DataFrame, vectors: np.ndarray, store: MetadataStore) -> pd.DataFrame:
-        """Drop a hit whose stored vector is within the cosine threshold of a better hit, or whose URL repeats."""
-        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)  # PQ decodes ~unit
+        """Drop a hit whose stored vector is within the cosine threshold of a better hit, or whose
+        URL repeats."""
+        # PQ decodes ~unit
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         hits = remove_near_duplicates(hits, vectors, self.config.near_duplicate_threshold)
         urls = [(m or {}).get("url") for m in store.lookup(hits["id"].to_numpy())]
         repeated = pd.Series(urls).duplicated().to_numpy() & pd.notna(urls)
@@ -284,30 +399,51 @@ class RetrievalAPI:
         if query.vector is not None:
             vector = np.asarray(query.vector, np.float32)
             if vector.shape != (self.dim,):
-                raise HTTPException(422, f"{what}.vector: got {vector.shape[0]} dimensions; the index holds "
-                                         f"{self.dim}-d vectors")
+                raise HTTPException(
+                    422,
+                    f"{what}.vector: got {vector.shape[0]} dimensions; the index holds "
+                    f"{self.dim}-d vectors",
+                )
             if not np.isfinite(vector).all() or not np.linalg.norm(vector):
                 raise HTTPException(422, f"{what}.vector: must be finite and non-zero")
             return vector / np.linalg.norm(vector)
         if query.text is not None:
             if len(query.text) > self.config.max_text_chars:
-                raise HTTPException(422, f"{what}.text: {len(query.text):,} characters; the limit is "
-                                         f"{self.config.max_text_chars}")
+                raise HTTPException(
+                    422,
+                    f"{what}.text: {len(query.text):,} characters; the limit is "
+                    f"{self.config.max_text_chars}",
+                )
             return await self.encoder.encode_texts.remote(query.text)
         if self.decode_args is None:
             self.decode_args = await self.encoder.decode_args.remote()
         if query.image is not None:
-            pixels = await asyncio.to_thread(decode_base64_image, query.image, f"{what}.image", self.decode_args,
-                                             self.config.max_image_pixels)
+            pixels = await asyncio.to_thread(
+                decode_base64_image,
+                query.image,
+                f"{what}.image",
+                self.decode_args,
+                self.config.max_image_pixels,
+            )
         else:
-            policy = FetchPolicy(timeout=self.config.image_url_timeout_s, deadline=self.config.image_url_deadline_s,
-                                 retries=0, max_bytes=self.config.image_url_max_bytes,
-                                 allowed_networks=tuple(self.config.image_url_allowed_networks))
+            policy = FetchPolicy(
+                timeout=self.config.image_url_timeout_s,
+                deadline=self.config.image_url_deadline_s,
+                retries=0,
+                max_bytes=self.config.image_url_max_bytes,
+                allowed_networks=tuple(self.config.image_url_allowed_networks),
+            )
             data, reason, _ = await asyncio.to_thread(download, query.image_url, policy)
-            if data is None:  # the reason only: no OS error text for a client to probe the network with
+            # the reason only: no OS error text for a client to probe the network with
+            if data is None:
                 raise HTTPException(400, f"{what}.image_url: could not fetch the image ({reason})")
-            pixels = await asyncio.to_thread(decode_image_bytes, data, f"{what}.image_url", self.decode_args,
-                                             self.config.max_image_pixels)
+            pixels = await asyncio.to_thread(
+                decode_image_bytes,
+                data,
+                f"{what}.image_url",
+                self.decode_args,
+                self.config.max_image_pixels,
+            )
         return await self.encoder.encode_images.remote(pixels)
 
     # ------------------------------------------------------------ the LAION kNN API
@@ -322,8 +458,12 @@ class RetrievalAPI:
         except ValueError:  # JSONDecodeError, bad UTF-8
             raise HTTPException(400, "the body is not valid JSON") from None
         search, num_images = self._knn_search(body)
-        hits = (await within(self.config.request_timeout_s, self._search(search), "search"))[0][:num_images]
-        return [{"id": h.id, "similarity": h.score, "url": h.url, "caption": h.caption} for h in hits]
+        hits = (await within(self.config.request_timeout_s, self._search(search), "search"))[0][
+            :num_images
+        ]
+        return [
+            {"id": h.id, "similarity": h.score, "url": h.url, "caption": h.caption} for h in hits
+        ]
 
     @staticmethod
     def _knn_search(body) -> tuple[SearchRequest, int]:
@@ -339,16 +479,34 @@ class RetrievalAPI:
             if name == "num_result_ids" and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise HTTPException(422, f"{name}: expected a positive integer, got {value!r}"[:200])
+                raise HTTPException(
+                    422, f"{name}: expected a positive integer, got {value!r}"[:200]
+                )
             counts[name] = value
         if not isinstance(body.get("deduplicate", False), bool):
-            raise HTTPException(422, f"deduplicate: expected true or false, got {body['deduplicate']!r}"[:200])
-        query_fields = {"text": "text", "image": "image", "image_url": "image_url", "embedding_input": "vector"}
-        given = {ours: body[theirs] for theirs, ours in query_fields.items() if body.get(theirs) is not None}
+            raise HTTPException(
+                422, f"deduplicate: expected true or false, got {body['deduplicate']!r}"[:200]
+            )
+        query_fields = {
+            "text": "text",
+            "image": "image",
+            "image_url": "image_url",
+            "embedding_input": "vector",
+        }
+        given = {
+            ours: body[theirs]
+            for theirs, ours in query_fields.items()
+            if body.get(theirs) is not None
+        }
         k = max(counts.values())
         try:
-            search = SearchRequest(queries=[Query(**given)], index=body["indice_name"], modality=body["modality"],
-                                   k=k, deduplicate=body.get("deduplicate", False))
+            search = SearchRequest(
+                queries=[Query(**given)],
+                index=body["indice_name"],
+                modality=body["modality"],
+                k=k,
+                deduplicate=body.get("deduplicate", False),
+            )
         except ValueError as error:  # pydantic's ValidationError: which field, what was wrong
             raise HTTPException(422, str(error)) from None
         return search, counts["num_images"]
@@ -357,10 +515,21 @@ class RetrievalAPI:
     async def metadata(self, request: MetadataRequest) -> list[dict]:
         key = next(((n, m) for n, m in self.manifests if n == request.indice_name), None)
         if key is None:
-            raise HTTPException(404, f"unknown index {request.indice_name!r}; known: {', '.join(sorted(self.config.indices))}")
+            raise HTTPException(
+                404,
+                f"unknown index {request.indice_name!r}; known: "
+                f"{', '.join(sorted(self.config.indices))}",
+            )
         metas = await asyncio.to_thread(self.metadata[key].lookup, request.ids)
-        return [{"id": i, "metadata": {k: v for k, v in m.items() if k != "id"}}  # url, caption, key, LAION columns
-                for i, m in zip(request.ids, metas) if m is not None]
+        return [
+            # url, caption, key, LAION columns
+            {
+                "id": i,
+                "metadata": {k: v for k, v in m.items() if k != "id"},
+            }
+            for i, m in zip(request.ids, metas)
+            if m is not None
+        ]
 
     # ------------------------------------------------------------ health and page
     @app.get("/healthz")
@@ -369,20 +538,36 @@ class RetrievalAPI:
 
     @app.get("/readyz")
     async def readyz(self) -> dict:
-        await asyncio.gather(self.encoder.decode_args.remote(), *(g.search.remote(
-            (n, m, 1, False), np.zeros((1, self.dim), np.float32)) for g in self.groups for n, m in list(self.manifests)[:1]))
+        await asyncio.gather(
+            self.encoder.decode_args.remote(),
+            *(
+                g.search.remote((n, m, 1, False), np.zeros((1, self.dim), np.float32))
+                for g in self.groups
+                for n, m in list(self.manifests)[:1]
+            ),
+        )
         versions = await asyncio.gather(*(g.versions.remote() for g in self.groups))
-        return {"status": "ready", "indices": sorted(self.config.indices), "shard_groups": len(self.groups),
-                "versions": versions}
+        return {
+            "status": "ready",
+            "indices": sorted(self.config.indices),
+            "shard_groups": len(self.groups),
+            "versions": versions,
+        }
 
     @app.post("/admin/reload")
     async def reload(self) -> dict:
-        """Pick up new index versions now (each group's replica that takes the call; the others within
+        """Pick up new index versions now (each group's replica that takes the call; the others
+        within
         reload_interval_s). Answers with the versions each group serves afterwards."""
         try:
             versions = await asyncio.gather(*(g.reload.remote() for g in self.groups))
-        except (ValueError, FileNotFoundError) as error:  # e.g. the index was rebuilt with another model
-            raise HTTPException(409, f"reload refused, still serving the previous version: {error}") from None
+        except (
+            ValueError,
+            FileNotFoundError,
+        ) as error:  # e.g. the index was rebuilt with another model
+            raise HTTPException(
+                409, f"reload refused, still serving the previous version: {error}"
+            ) from None
         return {"versions": versions}
 
     @app.get("/", response_class=HTMLResponse)
@@ -393,12 +578,20 @@ class RetrievalAPI:
 def build_app(args: dict) -> serve.Application:
     """``serve deploy`` / ``serve.run`` entry: ``import_path: serve_apps.retrieval:build_app``."""
     config = RetrievalAppConfig.model_validate(args)
-    batch = dict(batching=config.batching, max_batch_size=config.max_batch_size,
-                 batch_wait_timeout_s=config.batch_wait_timeout_s)
-    cpus = {"ray_actor_options": {"num_cpus": config.replica_num_cpus}}
+    batch = dict(
+        batching=config.batching,
+        max_batch_size=config.max_batch_size,
+        batch_wait_timeout_s=config.batch_wait_timeout_s,
+    )
+    cpus = {"ray_actor_options": config.replica.ray_options()}
     encoder = QueryEncoder.options(**cpus).bind(config.model.model_dump(), **batch)
     indices = {name: pair.model_dump() for name, pair in config.indices.items()}
-    groups = [IndexShardGroup.options(name=f"IndexShardGroup{g}", **cpus).bind(
-        indices, g, config.shard_groups, **batch, reload_interval_s=config.reload_interval_s)
-        for g in range(config.shard_groups)]
-    return RetrievalAPI.options(**cpus).bind(encoder, groups, config.model_dump(mode="json"), read_tokens(config.access))
+    groups = [
+        IndexShardGroup.options(name=f"IndexShardGroup{g}", **cpus).bind(
+            indices, g, config.shard_groups, **batch, reload_interval_s=config.reload_interval_s
+        )
+        for g in range(config.shard_groups)
+    ]
+    return RetrievalAPI.options(**cpus).bind(
+        encoder, groups, config.model_dump(mode="json"), read_tokens(config.access)
+    )

@@ -27,7 +27,9 @@ def start_apps(config: ServeConfig) -> dict[str, str]:
     for name, builder in builders.items():
         app_config = getattr(config, name)
         if app_config is not None:
-            serve.run(builder(app_config.model_dump(mode="json")), name=name, route_prefix=ROUTES[name])
+            serve.run(
+                builder(app_config.model_dump(mode="json")), name=name, route_prefix=ROUTES[name]
+            )
             urls[name] = f"http://{config.host}:{config.port}{ROUTES[name].rstrip('/')}"
     return urls
 

@@ -3,10 +3,10 @@
 POST ``/v1/classify`` with base64 images and either class names (+ templates) or a named task;
 the model is chosen by the ``serve_multiplexed_model_id`` header or the ``model`` field. Models
 load on demand from local or ``s3://`` checkpoints through Serve's model multiplexing, at most
-``REACT_RAY_MODELS_PER_REPLICA`` (default 3) per replica, least recently used leaving first; prompt-ensemble
+``REACT_RAY_MODELS_PER_REPLICA`` (default 3) per replica, least recently used leaving first;
+prompt-ensemble
 classifiers are cached per (model, classes, templates).
 """
-
 
 import asyncio
 import os
@@ -31,8 +31,12 @@ MODELS_PER_REPLICA = int(os.environ.get("REACT_RAY_MODELS_PER_REPLICA", "3"))
 class ClassifyRequest(BaseModel):
     images: list[str] = Field(min_length=1, description="base64 image bytes")
     classnames: list[str] | None = Field(default=None, min_length=1)
-    templates: list[str] | None = Field(default=None, min_length=1, description="default: the 80 ImageNet templates")
-    task: str | None = Field(default=None, description="a named task of the app (its classes and templates)")
+    templates: list[str] | None = Field(
+        default=None, min_length=1, description="default: the 80 ImageNet templates"
+    )
+    task: str | None = Field(
+        default=None, description="a named task of the app (its classes and templates)"
+    )
     top_k: int = Field(default=5, ge=1)
     model: str | None = None
 
@@ -56,7 +60,9 @@ guard_requests(app)
 class ZeroShotAPI:
     def __init__(self, config: dict, tokens: dict):
         self.config = ZeroShotAppConfig.model_validate(config)
-        app.state.guard = Guard(self.config.max_request_bytes, cors_origins=self.config.access.cors_origins, **tokens)
+        app.state.guard = Guard(
+            self.config.max_request_bytes, cors_origins=self.config.access.cors_origins, **tokens
+        )
         self.classifiers: OrderedDict = OrderedDict()
 
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
@@ -70,26 +76,39 @@ class ZeroShotAPI:
             raise HTTPException(422, "give exactly one of classnames or task")
         if request.task is not None:
             if request.task not in self.config.tasks:
-                raise HTTPException(404, f"unknown task {request.task!r}; known: {', '.join(sorted(self.config.tasks))}")
+                raise HTTPException(
+                    404,
+                    f"unknown task {request.task!r}; known: {', '.join(sorted(self.config.tasks))}",
+                )
             task = load_task(self.config.tasks[request.task])
             return task.classes, task.template_list
         templates = request.templates or shipped("templates")["imagenet80"]
         if len(request.classnames) > self.config.max_classes:
-            raise HTTPException(413, f"{len(request.classnames)} classes; the limit is {self.config.max_classes}")
+            raise HTTPException(
+                413, f"{len(request.classnames)} classes; the limit is {self.config.max_classes}"
+            )
         if len(templates) > self.config.max_templates:
-            raise HTTPException(413, f"{len(templates)} templates; the limit is {self.config.max_templates}")
+            raise HTTPException(
+                413, f"{len(templates)} templates; the limit is {self.config.max_templates}"
+            )
         limit = self.config.max_text_chars
         for what, texts in (("classnames", request.classnames), ("templates", templates)):
             if (long := next((i for i, t in enumerate(texts) if len(t) > limit), None)) is not None:
-                raise HTTPException(422, f"{what}[{long}]: {len(texts[long]):,} characters; the limit is {limit}")
+                raise HTTPException(
+                    422, f"{what}[{long}]: {len(texts[long]):,} characters; the limit is {limit}"
+                )
         bad = [t for t in templates if not is_plain_template(t)]
         if bad:
-            raise HTTPException(422, f"templates need exactly one '{{}}' for the class name and no other braces; "
-                                     f"these do not: {[t[:80] for t in bad[:3]]}")
+            raise HTTPException(
+                422,
+                f"templates need exactly one '{{}}' for the class name and no other braces; "
+                f"these do not: {[t[:80] for t in bad[:3]]}",
+            )
         return request.classnames, templates
 
-    def _classifier(self, model_id: str, clip, classnames: list[str], templates: list[str],
-                    deadline: float) -> torch.Tensor:
+    def _classifier(
+        self, model_id: str, clip, classnames: list[str], templates: list[str], deadline: float
+    ) -> torch.Tensor:
         key = (model_id, tuple(classnames), tuple(templates))
         if key in self.classifiers:
             self.classifiers.move_to_end(key)
@@ -105,28 +124,44 @@ class ZeroShotAPI:
         # routes to a replica that already holds that model).
         model_id = request.model or serve.get_multiplexed_model_id() or self.config.default_model
         if model_id is None:
-            raise HTTPException(422, "no model: set the 'model' field or the serve_multiplexed_model_id header")
+            raise HTTPException(
+                422, "no model: set the 'model' field or the serve_multiplexed_model_id header"
+            )
         if model_id not in self.config.models:
-            raise HTTPException(404, f"unknown model {model_id!r}; known: {', '.join(sorted(self.config.models))}")
+            raise HTTPException(
+                404, f"unknown model {model_id!r}; known: {', '.join(sorted(self.config.models))}"
+            )
         if len(request.images) > self.config.max_images:
-            raise HTTPException(413, f"{len(request.images)} images; the limit is {self.config.max_images}")
+            raise HTTPException(
+                413, f"{len(request.images)} images; the limit is {self.config.max_images}"
+            )
         classnames, templates = self._classes(request)
-        return await within(self.config.request_timeout_s, self._classify(model_id, request, classnames, templates),
-                            "classification")
+        return await within(
+            self.config.request_timeout_s,
+            self._classify(model_id, request, classnames, templates),
+            "classification",
+        )
 
     async def _classify(self, model_id, request, classnames, templates) -> ClassifyResponse:
         deadline = time.monotonic() + self.config.request_timeout_s
         clip = await self.get_model(model_id)
-        pixels = await asyncio.to_thread(lambda: [  # PIL work off the event loop
-            decode_base64_image(image, f"images[{i}]", clip.decode_args, self.config.max_image_pixels)
-            for i, image in enumerate(request.images)])
+        pixels = await asyncio.to_thread(
+            lambda: [  # PIL work off the event loop
+                decode_base64_image(
+                    image, f"images[{i}]", clip.decode_args, self.config.max_image_pixels
+                )
+                for i, image in enumerate(request.images)
+            ]
+        )
 
         def run():
             from PIL import Image
 
             weights = self._classifier(model_id, clip, classnames, templates, deadline)
             batch = torch.stack([clip.preprocess(Image.fromarray(p)) for p in pixels])
-            logits = float(clip.model.logit_scale.detach().exp()) * clip.encode_images(batch) @ weights.T
+            logits = (
+                float(clip.model.logit_scale.detach().exp()) * clip.encode_images(batch) @ weights.T
+            )
             return torch.softmax(logits, dim=1).numpy()
 
         probabilities = await asyncio.to_thread(run)
@@ -134,13 +169,18 @@ class ZeroShotAPI:
         predictions = []
         for row in probabilities:
             top = np.argsort(-row)[:k]
-            predictions.append(Prediction(labels=[classnames[i] for i in top], scores=[float(row[i]) for i in top]))
+            predictions.append(
+                Prediction(labels=[classnames[i] for i in top], scores=[float(row[i]) for i in top])
+            )
         return ClassifyResponse(model=model_id, predictions=predictions)
 
     @app.get("/v1/models")
     async def models(self) -> dict:
-        return {"models": sorted(self.config.models), "tasks": sorted(self.config.tasks),
-                "default_model": self.config.default_model}
+        return {
+            "models": sorted(self.config.models),
+            "tasks": sorted(self.config.tasks),
+            "default_model": self.config.default_model,
+        }
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
@@ -154,5 +194,6 @@ class ZeroShotAPI:
 def build_app(args: dict) -> serve.Application:
     """``serve deploy`` / ``serve.run`` entry: ``import_path: serve_apps.zeroshot:build_app``."""
     config = ZeroShotAppConfig.model_validate(args)
-    return ZeroShotAPI.options(ray_actor_options={"num_cpus": config.replica_num_cpus}).bind(
-        config.model_dump(mode="json"), read_tokens(config.access))
+    return ZeroShotAPI.options(ray_actor_options=config.replica.ray_options()).bind(
+        config.model_dump(mode="json"), read_tokens(config.access)
+    )

@@ -16,17 +16,23 @@ import time
 import numpy as np
 import pytest
 
-from react_ray import ids
 from react_ray.config import CorpusConfig, EmbedConfig, GenerateConfig, ModelConfig, TrainConfig
-from react_ray.data.synthetic import generate_corpus
-from react_ray.embed.outputs import load_embeddings, read_stats
-from react_ray.embed.pipeline import run_embedding
-from react_ray.train.trainer import read_history, run_training
+from react_ray.formats import ids
+from react_ray.formats.embedding_set import load_embeddings, read_stats
+from react_ray.jobs.embed import run_embedding
+from react_ray.jobs.train import run_training
+from react_ray.synthetic.corpus import generate_corpus
+from react_ray.train.trainer import read_history
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-CORPUS = CorpusConfig(num_shards=16, samples_per_shard=192, image_size=320, eval_samples_per_class=3,
-                      formats=["webdataset"])
+CORPUS = CorpusConfig(
+    num_shards=16,
+    samples_per_shard=192,
+    image_size=320,
+    eval_samples_per_class=3,
+    formats=["webdataset"],
+)
 TOTAL = CORPUS.num_shards * CORPUS.samples_per_shard
 GPU_NODE = {"num_cpus": 1, "num_gpus": 1, "object_store_memory": 200 * 2**20}
 
@@ -40,20 +46,30 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture
 def cluster():
-    """A head that holds the driver and the CPU work (resource ``cpu_node``); tests add worker nodes."""
+    """A head that holds the driver and the CPU work (resource ``cpu_node``); tests add worker
+    nodes."""
     import ray
     from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    cluster = Cluster(initialize_head=True, connect=True, head_node_args={
-        "num_cpus": 3, "resources": {"cpu_node": 100}, "object_store_memory": 2**30, "include_dashboard": False})
+    cluster = Cluster(
+        initialize_head=True,
+        connect=True,
+        head_node_args={
+            "num_cpus": 3,
+            "resources": {"cpu_node": 100},
+            "object_store_memory": 2**30,
+            "include_dashboard": False,
+        },
+    )
     yield cluster
     ray.shutdown()
     cluster.shutdown()  # ends exactly the raylets this fixture started
 
 
 def registered_checkpoint(run: str) -> bool:
-    """Whether Ray Train's controller has registered a checkpoint of ``run`` (its snapshot names one)."""
+    """Whether Ray Train's controller has registered a checkpoint of ``run`` (its snapshot names
+    one)."""
     try:
         with open(os.path.join(run, "checkpoint_manager_snapshot.json")) as snapshot:
             return json.load(snapshot).get("latest_checkpoint_result") is not None
@@ -70,15 +86,21 @@ def wait_until(condition, timeout: float, what: str) -> None:
 
 
 def embedding_started(output: str) -> bool:
-    """The first batch came back from the pool (its parquet part is written): the job is under way."""
+    """The first batch came back from the pool (its parquet part is written): the job is under
+    way."""
     return any(name.endswith(".parquet") for _, _, files in os.walk(output) for name in files)
 
 
 def embed_config(corpus, output: str, **pool) -> EmbedConfig:
     return EmbedConfig(
-        input=str(corpus / "webdataset"), output=output, model=ModelConfig(name="react-tiny"), batch_size=64,
-        read_block_rows=64, decode_num_cpus=1.5, decode_resources={"cpu_node": 1},
-        pool={"num_gpus": 1, "num_cpus": 1, "device": "cpu"} | pool)
+        input=str(corpus / "webdataset"),
+        output=output,
+        model=ModelConfig(name="react-tiny"),
+        batch_size=64,
+        read_block_rows=64,
+        decode={"num_cpus": 1.5, "custom": {"cpu_node": 1}},
+        pool={"num_gpus": 1, "num_cpus": 1, "device": "cpu"} | pool,
+    )
 
 
 def first_shard_done(output: str) -> bool:
@@ -86,10 +108,13 @@ def first_shard_done(output: str) -> bool:
 
 
 def embed_while(config: EmbedConfig, during, when=embedding_started) -> tuple:
-    """Run the embedding job in a thread; once ``when(output)``, call ``during()`` (on the main thread:
+    """Run the embedding job in a thread; once ``when(output)``, call ``during()`` (on the main
+    thread:
     Ray's node start-up installs signal handlers)."""
     result: dict = {}
-    job = threading.Thread(target=lambda: result.update(summary=run_embedding(config, progress=False)))
+    job = threading.Thread(
+        target=lambda: result.update(summary=run_embedding(config, progress=False))
+    )
     start = time.perf_counter()
     job.start()
     wait_until(lambda: when(config.output) or not job.is_alive(), 300, when.__name__)
@@ -101,13 +126,20 @@ def embed_while(config: EmbedConfig, during, when=embedding_started) -> tuple:
 
 def assert_every_id_exactly_once(output: str) -> None:
     found, _ = load_embeddings(output)
-    expected = np.concatenate([ids.encode(shard, np.arange(CORPUS.samples_per_shard))
-                               for shard in range(CORPUS.num_shards)])
+    expected = np.concatenate(
+        [
+            ids.encode(shard, np.arange(CORPUS.samples_per_shard))
+            for shard in range(CORPUS.num_shards)
+        ]
+    )
     assert len(found) == len(expected) and np.array_equal(np.sort(found), np.sort(expected))
 
 
-def test_pool_lives_on_gpu_nodes_decode_on_cpu_nodes_and_grows_with_the_cluster(cluster, corpus, tmp_path):
-    """The same job on one GPU node, then on one that the autoscaler grows to three once the first batch
+def test_pool_lives_on_gpu_nodes_decode_on_cpu_nodes_and_grows_with_the_cluster(
+    cluster, corpus, tmp_path
+):
+    """The same job on one GPU node, then on one that the autoscaler grows to three once the first
+    batch
     is embedded: the pool grows onto the new nodes, every id comes out once, and growing mid-run
     costs no more than a fifth of the time. Whether it ends sooner is not a claim this machine can
     test: the simulated nodes share its 2 cores with the decode tasks (measured 0.62x-1.06x over
@@ -119,7 +151,8 @@ def test_pool_lives_on_gpu_nodes_decode_on_cpu_nodes_and_grows_with_the_cluster(
     added = []
 
     def scale_up():
-        added.extend(cluster.add_node(**GPU_NODE) for _ in range(2))  # the autoscaler answers the demand
+        # the autoscaler answers the demand
+        added.extend(cluster.add_node(**GPU_NODE) for _ in range(2))
 
     config = embed_config(corpus, str(tmp_path / "emb"), min_actors=1, max_actors=3)
     summary, seconds = embed_while(config, scale_up)
@@ -129,10 +162,15 @@ def test_pool_lives_on_gpu_nodes_decode_on_cpu_nodes_and_grows_with_the_cluster(
     gpu_nodes = {first.node_id, *(node.node_id for node in added)}
     embedded_on = set().union(*(s.nodes["embed"] for s in stats))
     decoded_on = set().union(*(s.nodes["decode"] for s in stats))
-    print(f"\none GPU node: {one_node_seconds:.1f} s; grown to 3 mid-run: {seconds:.1f} s on {len(embedded_on)} "
-          f"GPU nodes ({seconds / one_node_seconds:.2f}x)")
+    print(
+        f"\none GPU node: {one_node_seconds:.1f} s; grown to 3 mid-run: {seconds:.1f} s on "
+        f"{len(embedded_on)} "
+        f"GPU nodes ({seconds / one_node_seconds:.2f}x)"
+    )
     assert embedded_on <= gpu_nodes and decoded_on == {cluster.head_node.node_id}
-    assert len(embedded_on) >= 2, f"the pool never grew onto the added nodes ({len(embedded_on)} node used)"
+    assert len(embedded_on) >= 2, (
+        f"the pool never grew onto the added nodes ({len(embedded_on)} node used)"
+    )
     assert seconds < 1.2 * one_node_seconds, "growing the pool mid-run made the job much slower"
 
 
@@ -146,12 +184,18 @@ def test_a_gpu_node_lost_mid_embedding_still_gives_every_id_exactly_once(cluster
         cluster.add_node(**GPU_NODE)
 
     config = embed_config(corpus, str(tmp_path / "emb"), min_actors=2, max_actors=2)
-    summary, _ = embed_while(config, lose_a_node, when=first_shard_done)  # both nodes have worked by then
+    # both nodes have worked by then
+    summary, _ = embed_while(config, lose_a_node, when=first_shard_done)
     assert summary.rows_embedded == TOTAL and summary.skipped == {}
     assert_every_id_exactly_once(config.output)
     print(f"\nGPU node lost mid-embedding: {TOTAL} of {TOTAL} ids, each exactly once")
-    assert doomed.node_id in set().union(*(read_stats(config.output, f"part-{n:06d}").nodes["embed"]
-                                           for n in range(CORPUS.num_shards)))  # it did work before it went
+    # it did work before it went
+    assert doomed.node_id in set().union(
+        *(
+            read_stats(config.output, f"part-{n:06d}").nodes["embed"]
+            for n in range(CORPUS.num_shards)
+        )
+    )
 
 
 def test_a_training_node_lost_resumes_from_the_last_checkpoint(cluster, corpus, tmp_path):
@@ -159,18 +203,36 @@ def test_a_training_node_lost_resumes_from_the_last_checkpoint(cluster, corpus, 
     doomed = cluster.add_node(**trainer_node)
     cluster.add_node(**trainer_node)
     cluster.wait_for_nodes()
-    config = TrainConfig(data=str(corpus / "webdataset"), output=str(tmp_path / "run"),
-                         model=ModelConfig(name="react-micro"), mode="gated-image", steps=30, batch_size=16, workers=2,
-                         cpus_per_worker=1, worker_resources={"trainer": 1}, decode_num_cpus=0.25,
-                         augment={"enabled": False}, optim={"lr": 5e-3, "warmup_steps": 2}, log_every=1,
-                         checkpoint_every=5, max_failures=2, shuffle_buffer=0)
+    config = TrainConfig(
+        data=str(corpus / "webdataset"),
+        output=str(tmp_path / "run"),
+        model=ModelConfig(name="react-micro"),
+        mode="gated-image",
+        steps=30,
+        batch_size=16,
+        workers=2,
+        worker={"num_cpus": 1, "custom": {"trainer": 1}},
+        decode={"num_cpus": 0.25},
+        augment={"enabled": False},
+        optim={"lr": 5e-3, "warmup_steps": 2},
+        log_every=1,
+        checkpoint_every=5,
+        max_failures=2,
+        shuffle_buffer=0,
+    )
     result: dict = {}
     job = threading.Thread(target=lambda: result.update(summary=run_training(config)))
     job.start()
-    # Only a checkpoint the controller has registered is resumed from (a folder on storage may not be
-    # yet): wait for Ray Train's own record of it, then lose a node. Nodes are added and removed from
+    # Only a checkpoint the controller has registered is resumed from (a folder on storage may not
+    # be
+    # yet): wait for Ray Train's own record of it, then lose a node. Nodes are added and removed
+    # from
     # the main thread (Ray's node start-up installs signal handlers).
-    wait_until(lambda: not job.is_alive() or registered_checkpoint(config.output), 300, "a registered checkpoint")
+    wait_until(
+        lambda: not job.is_alive() or registered_checkpoint(config.output),
+        300,
+        "a registered checkpoint",
+    )
     assert job.is_alive(), "the run ended before a node could be lost"
     cluster.remove_node(doomed, allow_graceful=False)
     cluster.add_node(**trainer_node)  # the autoscaler's replacement
@@ -180,4 +242,7 @@ def test_a_training_node_lost_resumes_from_the_last_checkpoint(cluster, corpus, 
     resumed = [r["step"] for r in history if r.get("event") == "resumed"]
     assert summary.resumes >= 1 and resumed and resumed[0] >= 5 and resumed[0] % 5 == 0
     assert [r["step"] for r in history if "loss" in r][-1] == 30
-    print(f"\ntraining node lost after a registered checkpoint: resumed at step {resumed[0]}, finished 30 steps")
+    print(
+        f"\ntraining node lost after a registered checkpoint: resumed at step {resumed[0]}, "
+        "finished 30 steps"
+    )

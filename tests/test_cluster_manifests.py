@@ -21,10 +21,17 @@ from react_ray.config import RetrievalAppConfig, ZeroShotAppConfig, load_config
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 SCHEMAS = ROOT.parent / "shared" / "schemas" / "kuberay-v1.7.0"
-CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
-             "RayService": "ray.io_rayservices.yaml"}
+CRD_FILES = {
+    "RayCluster": "ray.io_rayclusters.yaml",
+    "RayJob": "ray.io_rayjobs.yaml",
+    "RayService": "ray.io_rayservices.yaml",
+}
 KUBERAY_FILES = ["raycluster.yaml", "rayjobs.yaml", "rayservice.yaml"]
-RAY_PIN = re.search(r'"ray\[[^\]]*\]==([0-9.]+)', (ROOT / "pyproject.toml").read_text()).group(1).rstrip(".")
+RAY_PIN = (
+    re.search(r'"ray\[[^\]]*\]==([0-9.]+)', (ROOT / "pyproject.toml").read_text())
+    .group(1)
+    .rstrip(".")
+)
 
 
 def strict(schema: dict) -> dict:
@@ -52,14 +59,20 @@ def strict(schema: dict) -> dict:
 @functools.cache
 def crd_validator(kind: str) -> jsonschema.Draft7Validator:
     crd = yaml.safe_load((SCHEMAS / CRD_FILES[kind]).read_text())
-    schema = strict(next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"])
+    schema = strict(
+        next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    )
     jsonschema.Draft7Validator.check_schema(schema)
     return jsonschema.Draft7Validator(schema)
 
 
 def documents() -> list[tuple[str, dict]]:
-    return [(f"{name}#{i}", doc) for name in KUBERAY_FILES
-            for i, doc in enumerate(yaml.safe_load_all((CLUSTER / name).read_text())) if doc]
+    return [
+        (f"{name}#{i}", doc)
+        for name in KUBERAY_FILES
+        for i, doc in enumerate(yaml.safe_load_all((CLUSTER / name).read_text()))
+        if doc
+    ]
 
 
 @pytest.mark.skipif(not SCHEMAS.is_dir(), reason="the KubeRay CRDs ship in ../shared/schemas")
@@ -87,7 +100,13 @@ def cluster_specs() -> list[dict]:
     out = []
     for _, doc in documents():
         spec = doc["spec"]
-        out += [spec] if doc["kind"] == "RayCluster" else [spec["rayClusterConfig"]] if "rayClusterConfig" in spec else []
+        out += (
+            [spec]
+            if doc["kind"] == "RayCluster"
+            else [spec["rayClusterConfig"]]
+            if "rayClusterConfig" in spec
+            else []
+        )
     return out
 
 
@@ -124,13 +143,18 @@ def test_autoscaling_gpu_group_and_cpu_decode_group():
     limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert gpu["minReplicas"] == 0 < gpu["maxReplicas"] and limits["nvidia.com/gpu"] == "1"
     assert "cpu_node" in groups["cpu-decode"]["resources"]
-    embed = load_config(STAGES["embed"].config_type, str(ROOT / "jobs/presets/embed_laion_gpu.yaml"))
-    assert set(embed.decode_resources) <= set(groups["cpu-decode"]["resources"])  # decode lands on the CPU group
+    embed = load_config(
+        STAGES["embed"].config_type, str(ROOT / "jobs/presets/embed_laion_gpu.yaml")
+    )
+    # decode lands on the CPU group
+    assert set(embed.decode.custom) <= set(groups["cpu-decode"]["resources"])
     assert embed.pool.num_gpus == 1 and embed.pool.max_actors <= gpu["maxReplicas"]
 
 
 def test_no_inline_secrets():
-    secret = re.compile(r"(aws_secret_access_key|AWS_SECRET|password|token)\s*[:=]\s*\S", re.IGNORECASE)
+    secret = re.compile(
+        r"(aws_secret_access_key|AWS_SECRET|password|token)\s*[:=]\s*\S", re.IGNORECASE
+    )
     for path in CLUSTER.iterdir():
         assert not secret.search(path.read_text()), f"{path.name} holds a credential"
 
@@ -152,8 +176,13 @@ def test_every_rayjob_entrypoint_runs_a_real_job_with_a_valid_config():
 
 def serve_configs() -> list[tuple[str, dict]]:
     service = next(doc for _, doc in documents() if doc["kind"] == "RayService")
-    return [("serve_apps/serve_config.yaml", yaml.safe_load((ROOT / "serve_apps" / "serve_config.yaml").read_text())),
-            ("cluster/rayservice.yaml", yaml.safe_load(service["spec"]["serveConfigV2"]))]
+    return [
+        (
+            "serve_apps/serve_config.yaml",
+            yaml.safe_load((ROOT / "serve_apps" / "serve_config.yaml").read_text()),
+        ),
+        ("cluster/rayservice.yaml", yaml.safe_load(service["spec"]["serveConfigV2"])),
+    ]
 
 
 def test_rayservice_serves_exactly_serve_config_yaml():
@@ -167,14 +196,21 @@ def test_serve_configs_validate_with_serve_schema_and_our_app_configs(where, dat
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate(data)
-    arg_types = {"serve_apps.retrieval:build_app": RetrievalAppConfig, "serve_apps.zeroshot:build_app": ZeroShotAppConfig}
+    arg_types = {
+        "serve_apps.retrieval:build_app": RetrievalAppConfig,
+        "serve_apps.zeroshot:build_app": ZeroShotAppConfig,
+    }
     for app in schema.applications:
         module, attribute = app.import_path.split(":")
         assert callable(getattr(importlib.import_module(module), attribute))
         args = arg_types[app.import_path].model_validate(app.args)
         names = {d.name for d in app.deployments}
         if app.import_path.startswith("serve_apps.retrieval"):
-            assert names == {"RetrievalAPI", "QueryEncoder", *(f"IndexShardGroup{g}" for g in range(args.shard_groups))}
+            assert names == {
+                "RetrievalAPI",
+                "QueryEncoder",
+                *(f"IndexShardGroup{g}" for g in range(args.shard_groups)),
+            }
         else:
             assert names == {"ZeroShotAPI"}
 
@@ -187,8 +223,13 @@ def test_aws_launcher_yaml_passes_rays_own_validation():
     validate_config(config)
     types = config["available_node_types"]
     assert types["gpu_embed_spot"]["node_config"]["InstanceMarketOptions"] == {"MarketType": "spot"}
-    assert types["gpu_embed_spot"]["resources"]["GPU"] == 1 and types["gpu_train"]["resources"]["GPU"] == 8
-    assert types["cpu_decode"]["resources"]["cpu_node"] > 0 and types["head"]["resources"] == {"CPU": 0}
+    assert (
+        types["gpu_embed_spot"]["resources"]["GPU"] == 1
+        and types["gpu_train"]["resources"]["GPU"] == 8
+    )
+    assert types["cpu_decode"]["resources"]["cpu_node"] > 0 and types["head"]["resources"] == {
+        "CPU": 0
+    }
     broken = copy.deepcopy(raw)
     broken["available_node_types"]["gpu_embed_spot"]["min_wokers"] = 0
     with pytest.raises(Exception, match="min_wokers"):
@@ -203,17 +244,28 @@ def test_ray_token_auth_separate_service_accounts_and_no_ray_client_port():
     """Batch pods may write the bucket (react-ray-batch), Serve pods only read it (react-ray-serve);
     both clusters use Ray's token authentication; the Ray Client port is not exposed."""
     batch = yaml.safe_load((CLUSTER / "raycluster.yaml").read_text())["spec"]
-    service = next(doc for _, doc in documents() if doc["kind"] == "RayService")["spec"]["rayClusterConfig"]
+    service = next(doc for _, doc in documents() if doc["kind"] == "RayService")["spec"][
+        "rayClusterConfig"
+    ]
     for spec, account in ((batch, "react-ray-batch"), (service, "react-ray-serve")):
         assert spec["authOptions"] == {"mode": "token"}
         assert {t["spec"]["serviceAccountName"] for t in _pod_templates(spec)} == {account}
-        ports = [p["containerPort"] for t in _pod_templates(spec) for c in t["spec"]["containers"]
-                 for p in c.get("ports", [])]
+        ports = [
+            p["containerPort"]
+            for t in _pod_templates(spec)
+            for c in t["spec"]["containers"]
+            for p in c.get("ports", [])
+        ]
         assert 10001 not in ports
-    env = {e["name"]: e for e in service["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    env = {
+        e["name"]: e for e in service["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    }
     admin = env["REACT_RAY_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]
     assert admin == {"name": "react-ray-serve-tokens", "key": "admin-token"}
-    assert RetrievalAppConfig(indices={"x": {"image": "/x"}}).access.admin_token_env == "REACT_RAY_ADMIN_TOKEN"
+    assert (
+        RetrievalAppConfig(indices={"x": {"image": "/x"}}).access.admin_token_env
+        == "REACT_RAY_ADMIN_TOKEN"
+    )
 
 
 def _selects(selector: dict, labels: dict) -> bool:
@@ -221,27 +273,52 @@ def _selects(selector: dict, labels: dict) -> bool:
 
 
 def test_network_policies_cover_every_pod_and_keep_the_metadata_service_out_of_serve():
-    policies = {doc["metadata"]["name"]: doc for doc in yaml.safe_load_all((CLUSTER / "networkpolicy.yaml").read_text())}
-    assert all(p["apiVersion"] == "networking.k8s.io/v1" and p["kind"] == "NetworkPolicy" for p in policies.values())
+    policies = {
+        doc["metadata"]["name"]: doc
+        for doc in yaml.safe_load_all((CLUSTER / "networkpolicy.yaml").read_text())
+    }
+    assert all(
+        p["apiVersion"] == "networking.k8s.io/v1" and p["kind"] == "NetworkPolicy"
+        for p in policies.values()
+    )
     batch = yaml.safe_load((CLUSTER / "raycluster.yaml").read_text())["spec"]
-    service = next(doc for _, doc in documents() if doc["kind"] == "RayService")["spec"]["rayClusterConfig"]
+    service = next(doc for _, doc in documents() if doc["kind"] == "RayService")["spec"][
+        "rayClusterConfig"
+    ]
     for spec, name in ((batch, "react-ray-batch"), (service, "react-ray-serve")):
         policy = policies[name]["spec"]
         for template in _pod_templates(spec):
             labels = template["metadata"]["labels"]
             assert _selects(policy["podSelector"], labels)  # every pod is under its policy
-            assert not _selects(policies[({"react-ray-batch", "react-ray-serve"} - {name}).pop()]["spec"]
-                                ["podSelector"], labels)
-    # Outside the cluster's own pods: the batch head's dashboard (job submission), Serve's HTTP port.
-    open_ports = {name: [p["port"] for rule in policies[name]["spec"]["ingress"] if "ports" in rule
-                         for p in rule["ports"]] for name in policies}
+            assert not _selects(
+                policies[({"react-ray-batch", "react-ray-serve"} - {name}).pop()]["spec"][
+                    "podSelector"
+                ],
+                labels,
+            )
+    # Outside the cluster's own pods: the batch head's dashboard (job submission), Serve's HTTP
+    # port.
+    open_ports = {
+        name: [
+            p["port"]
+            for rule in policies[name]["spec"]["ingress"]
+            if "ports" in rule
+            for p in rule["ports"]
+        ]
+        for name in policies
+    }
     assert open_ports == {"react-ray-batch": [8265], "react-ray-serve": [8000]}
     serve_egress = policies["react-ray-serve"]["spec"]["egress"]
-    assert serve_egress == [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.169.254/32"]}}]}]
+    assert serve_egress == [
+        {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.169.254/32"]}}]}
+    ]
 
 
 def test_launcher_nodes_require_imdsv2_and_keep_the_dashboard_local():
     raw = yaml.safe_load((CLUSTER / "aws-launcher.yaml").read_text())
     for name, node in raw["available_node_types"].items():
-        assert node["node_config"]["MetadataOptions"] == {"HttpTokens": "required", "HttpPutResponseHopLimit": 1}, name
+        assert node["node_config"]["MetadataOptions"] == {
+            "HttpTokens": "required",
+            "HttpPutResponseHopLimit": 1,
+        }, name
     assert "--dashboard-host=127.0.0.1" in " ".join(raw["head_start_ray_commands"])

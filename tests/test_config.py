@@ -22,23 +22,42 @@ def test_every_preset_validates_and_names_its_launch_command(preset):
     config = load_config(STAGES[stage].config_type, str(preset))
     assert config.output if stage != "serve" else config.retrieval or config.zeroshot
     first = preset.read_text().splitlines()[0]
-    assert first.startswith(("# react-ray ", "# ray job submit")) and f"--config jobs/presets/{preset.name}" in first
+    assert (
+        first.startswith(("# react-ray ", "# ray job submit"))
+        and f"--config jobs/presets/{preset.name}" in first
+    )
     assert f"jobs/{stage}.py" in preset.read_text() or first.startswith(f"# react-ray {stage} ")
 
 
 def test_overrides_apply_with_yaml_types(tmp_path):
-    config = load_config(GenerateConfig, None, ["corpus.num_shards=7", "corpus.formats=[parquet]", "output=s3://b/c"])
-    assert (config.corpus.num_shards, config.corpus.formats, config.output) == (7, ["parquet"], "s3://b/c")
+    config = load_config(
+        GenerateConfig, None, ["corpus.num_shards=7", "corpus.formats=[parquet]", "output=s3://b/c"]
+    )
+    assert (config.corpus.num_shards, config.corpus.formats, config.output) == (
+        7,
+        ["parquet"],
+        "s3://b/c",
+    )
 
 
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("corpus.num_shards=0", r"corpus.num_shards: got 0; Input should be greater than or equal to 1"),
-        ("corpus.formats=[tfrecord]", r"corpus.formats.0: got 'tfrecord'; Input should be 'webdataset', 'parquet' or 'laion-metadata'"),
+        (
+            "corpus.num_shards=0",
+            r"corpus.num_shards: got 0; Input should be greater than or equal to 1",
+        ),
+        (
+            "corpus.formats=[tfrecord]",
+            r"corpus.formats.0: got 'tfrecord'; Input should be 'webdataset', 'parquet' or "
+            r"'laion-metadata'",
+        ),
         ("corpus.image_size=big", r"corpus.image_size: got 'big'; Input should be a valid integer"),
         ("corpus.shards=3", r"corpus.shards: unknown field"),
-        ("tuning_mode=half", r"tuning_mode: got 'half'; Input should be 'gated-image', 'locked-text' or 'full'"),
+        (
+            "tuning_mode=half",
+            r"tuning_mode: got 'half'; Input should be 'gated-image', 'locked-text' or 'full'",
+        ),
     ],
 )
 def test_invalid_values_name_field_value_and_allowed(override, message):
@@ -66,43 +85,98 @@ def test_cli_reports_invalid_config(capsys):
 
 
 def test_cli_print_config_resolves_preset_and_overrides(capsys):
-    assert main(["demo", "--config", str(ROOT / "jobs/presets/demo.yaml"), "model.name=react-micro", "--print-config"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--config",
+                str(ROOT / "jobs/presets/demo.yaml"),
+                "model.name=react-micro",
+                "--print-config",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "name: react-micro" in out and "num_shards: 20" in out
-    assert main(["index", "--config", str(ROOT / "jobs/presets/index_demo.yaml"), "--append", "--print-config"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "--config",
+                str(ROOT / "jobs/presets/index_demo.yaml"),
+                "--append",
+                "--print-config",
+            ]
+        )
+        == 0
+    )
     assert "append: true" in capsys.readouterr().out
 
 
 def test_job_entrypoint_runs_the_same_cli(tmp_path):
     out = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "generate.py"), f"output={tmp_path}/c", "corpus.num_shards=1",
-         "corpus.samples_per_shard=8", "corpus.eval_samples_per_class=1", "corpus.formats=[parquet]"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "generate.py"),
+            f"output={tmp_path}/c",
+            "corpus.num_shards=1",
+            "corpus.samples_per_shard=8",
+            "corpus.eval_samples_per_class=1",
+            "corpus.formats=[parquet]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     assert "corpus: 8 pairs in parquet" in out.stdout
     assert (tmp_path / "c" / "parquet" / "00000.parquet").exists()
 
 
-RELATIVE_PATHS = {  # stage -> a config naming every path field it has, relatively (or in another form)
+# stage -> a config naming every path field it has, relatively (or in another form)
+RELATIVE_PATHS = {
     "generate": {"output": "runs/c"},
-    "embed": {"input": "file://in", "output": "out", "model": {"checkpoint": "m.pt", "pretrained": "w/o.bin"}},
+    "embed": {
+        "input": "file://in",
+        "output": "out",
+        "model": {"checkpoint": "m.pt", "pretrained": "w/o.bin"},
+    },
     "index": {"embeddings": "emb", "output": "s3://bucket/index"},
-    "retrieve": {"task": "t.yaml", "image_index": "ii", "text_index": "ti", "output": "r",
-                 "decontaminate": {"eval_sets": ["ev", "s3://b/ev"], "embeddings": "ee"}},
+    "retrieve": {
+        "task": "t.yaml",
+        "image_index": "ii",
+        "text_index": "ti",
+        "output": "r",
+        "decontaminate": {"eval_sets": ["ev", "s3://b/ev"], "embeddings": "ee"},
+    },
     "materialize": {"retrieved": "r", "output": "~/shards", "embeddings": "emb"},
-    "train": {"data": "d", "output": "run", "model": {"pretrained": "laion2b_s34b_b79k", "name": "ViT-B-32"}},
-    "evaluate": {"eval_set": "ev", "task": "t.yaml", "output": "e", "training_set": "r",
-                 "models": {"base": {"checkpoint": "file:///abs/b.pt"}}},
-    "serve": {"retrieval": {"indices": {"demo": {"image": "ii", "text": "ti"}}},
-              "zeroshot": {"models": {"m": {"checkpoint": "m.pt"}}, "tasks": {"shapes": "t.yaml"}}},
+    "train": {
+        "data": "d",
+        "output": "run",
+        "model": {"pretrained": "laion2b_s34b_b79k", "name": "ViT-B-32"},
+    },
+    "evaluate": {
+        "eval_set": "ev",
+        "task": "t.yaml",
+        "output": "e",
+        "training_set": "r",
+        "models": {"base": {"checkpoint": "file:///abs/b.pt"}},
+    },
+    "serve": {
+        "retrieval": {"indices": {"demo": {"image": "ii", "text": "ti"}}},
+        "zeroshot": {"models": {"m": {"checkpoint": "m.pt"}}, "tasks": {"shapes": "t.yaml"}},
+    },
     "demo": {"output": "runs/demo"},
 }
 
 
 @pytest.mark.parametrize("stage", RELATIVE_PATHS)
-def test_every_path_field_is_resolved_against_the_current_directory_where_configs_load(stage, tmp_path, monkeypatch):
-    """Ray Train, Ray Data workers and Serve replicas run in other directories (and Ray Train refuses
+def test_every_path_field_is_resolved_against_the_current_directory_where_configs_load(
+    stage, tmp_path, monkeypatch
+):
+    """Ray Train, Ray Data workers and Serve replicas run in other directories (and Ray Train
+    refuses
     a relative storage path): local paths become absolute once, when the config is built."""
     import yaml
 
@@ -126,5 +200,8 @@ def test_every_path_field_is_resolved_against_the_current_directory_where_config
         elif given.startswith("~"):
             assert built == str(Path.home() / given[2:]), where
         else:
-            assert built == str(tmp_path / given.removeprefix("file://")) if not given.startswith("file:///") \
-                else built == given.removeprefix("file://"), where
+            assert (
+                built == str(tmp_path / given.removeprefix("file://"))
+                if not given.startswith("file:///")
+                else built == given.removeprefix("file://")
+            ), where

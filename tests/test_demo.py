@@ -24,5 +24,7 @@ def test_a_rerun_clears_only_an_earlier_demos_folder(tmp_path):
 
 
 def test_the_base_never_sees_the_retrieval_corpus():
-    with pytest.raises(ConfigError, match="the base must not be pre-trained on the pairs retrieval draws from"):
+    with pytest.raises(
+        ConfigError, match="the base must not be pre-trained on the pairs retrieval draws from"
+    ):
         load_config(DemoConfig, None, ["base_corpus.seed=0", "corpus.seed=0"])

@@ -1,4 +1,5 @@
-"""Sharded FAISS indices: planning, parallel build on Ray, exact merge, tuning, lookups, errors, s3."""
+"""Sharded FAISS indices: planning, parallel build on Ray, exact merge, tuning, lookups, errors,
+s3."""
 
 from __future__ import annotations
 
@@ -9,20 +10,20 @@ import faiss
 import numpy as np
 import pytest
 
-from react_ray import ids, storage
 from react_ray.config import IndexConfig
-from react_ray.data.synthetic_embeddings import write_clustered_embedding_set
-from react_ray.embed.outputs import fetch_vectors, load_embeddings
-from react_ray.index.build import append_to_index, build_index
+from react_ray.formats import ids, storage
+from react_ray.formats.embedding_set import fetch_vectors, load_embeddings
+from react_ray.formats.index_manifest import IndexManifest
 from react_ray.index.plan import plan_index
 from react_ray.index.sharded import (
     ShardedIndex,
     decodable,
     merge_topk,
-    read_manifest,
     search_and_reconstruct,
 )
 from react_ray.index.tune import recall_at_k
+from react_ray.jobs.index import append_to_index, build_index
+from react_ray.synthetic.embeddings import write_clustered_embedding_set
 
 GB = 2**30
 
@@ -44,7 +45,10 @@ def test_planner_picks_the_most_accurate_index_that_fits(n, dim, budget_gb, expe
 
 
 def test_planner_refuses_an_impossible_budget():
-    with pytest.raises(ValueError, match=r"5,000,000,000 x 768 vectors need at least .* the memory budget is 16.0 GB"):
+    with pytest.raises(
+        ValueError,
+        match=r"5,000,000,000 x 768 vectors need at least .* the memory budget is 16.0 GB",
+    ):
         plan_index(5_000_000_000, 768, 16 * GB)
 
 
@@ -57,7 +61,8 @@ def test_merge_topk_is_exact_and_drops_missing():
 
 @pytest.mark.parametrize("factory", ["IDMap,Flat", "IDMap,HNSW16", "IVF16,SQ8", "OPQ8,IVF16,PQ8x4"])
 def test_search_and_reconstruct_returns_each_hits_stored_vector(factory):
-    """What served deduplication compares: the same hits as search, with vectors close to the originals."""
+    """What served deduplication compares: the same hits as search, with vectors close to the
+    originals."""
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(4000, 32)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -69,10 +74,14 @@ def test_search_and_reconstruct_returns_each_hits_stored_vector(factory):
     assert np.array_equal(found, index.search(vectors[:20], 5)[1]) and decoded.shape == (20, 5, 32)
     originals = vectors[np.searchsorted(row_ids, found)]
     # Exact indices give the vector back; quantized ones give the codec's decoding of it.
-    expected = originals if factory.startswith("IDMap") else index.sa_decode(
-        index.sa_encode(originals.reshape(-1, 32))).reshape(originals.shape)
+    expected = (
+        originals
+        if factory.startswith("IDMap")
+        else index.sa_decode(index.sa_encode(originals.reshape(-1, 32))).reshape(originals.shape)
+    )
     np.testing.assert_allclose(decoded, expected, atol=1e-6)
-    assert factory.startswith("IDMap") or np.abs(decoded - originals).max() > 1e-3  # truly lossy: no shortcut
+    # truly lossy: no shortcut
+    assert factory.startswith("IDMap") or np.abs(decoded - originals).max() > 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +92,9 @@ def embeddings(tmp_path_factory):
 
 
 def _config(embeddings: str, output: str, **kw) -> IndexConfig:
-    return IndexConfig(embeddings=embeddings, output=output, train_samples=5000, tune_queries=100, **kw)
+    return IndexConfig(
+        embeddings=embeddings, output=output, train_samples=5000, tune_queries=100, **kw
+    )
 
 
 def _exact(embeddings: str, queries: np.ndarray, k: int, column: str = "img_emb"):
@@ -95,9 +106,13 @@ def _exact(embeddings: str, queries: np.ndarray, k: int, column: str = "img_emb"
 
 @pytest.mark.ray
 def test_sharded_flat_equals_single_exact_search(ray_local, embeddings, tmp_path):
-    manifest = build_index(_config(embeddings, str(tmp_path / "idx"), factory="IDMap,Flat", num_shards=3,
-                                   files_per_task=1), progress=False)
-    assert [s["count"] for s in manifest["shards"]] == [2 * (1500 - len(range(6, 1500, 7)))] * 3
+    manifest = build_index(
+        _config(
+            embeddings, str(tmp_path / "idx"), factory="IDMap,Flat", num_shards=3, files_per_task=1
+        ),
+        progress=False,
+    )
+    assert [s.count for s in manifest.shards] == [2 * (1500 - len(range(6, 1500, 7)))] * 3
     index = ShardedIndex(str(tmp_path / "idx"), expect_model="synthetic", expect_dim=64)
     queries = load_embeddings(embeddings, "txt_emb")[1][::97].astype(np.float32)
     scores, found = index.search(queries, 10)
@@ -112,10 +127,18 @@ def test_sharded_flat_equals_single_exact_search(ray_local, embeddings, tmp_path
 
 @pytest.mark.ray
 def test_ivf_pq_recall_on_clustered_text_queries_and_tuning(ray_local, embeddings, tmp_path):
-    manifest = build_index(_config(embeddings, str(tmp_path / "idx"), factory="IVF64,PQ64x4fs", num_shards=2,
-                                   target_recall=0.8), progress=False)
-    tuning = manifest["tuning"]
-    assert tuning["reached"] and manifest["search_params"]["nprobe"] == tuning["curve"][-1]["nprobe"]
+    manifest = build_index(
+        _config(
+            embeddings,
+            str(tmp_path / "idx"),
+            factory="IVF64,PQ64x4fs",
+            num_shards=2,
+            target_recall=0.8,
+        ),
+        progress=False,
+    )
+    tuning = manifest.tuning
+    assert tuning["reached"] and manifest.search_params["nprobe"] == tuning["curve"][-1]["nprobe"]
     assert tuning["queries"].startswith("100 caption embeddings (txt_emb) against img_emb")
     nprobes = [point["nprobe"] for point in tuning["curve"]]
     assert nprobes == sorted(nprobes) and all(p["recall"] < 0.8 for p in tuning["curve"][:-1])
@@ -124,7 +147,8 @@ def test_ivf_pq_recall_on_clustered_text_queries_and_tuning(ray_local, embedding
     queries = load_embeddings(embeddings, "txt_emb")[1][5::50].astype(np.float32)
     recall = recall_at_k(index.search(queries, 10)[1], _exact(embeddings, queries, 10)[1])
     assert recall >= 0.75, recall
-    # Fast-scan lists cannot be decoded once loaded: served dedup reads the hits' exact vectors instead.
+    # Fast-scan lists cannot be decoded once loaded: served dedup reads the hits' exact vectors
+    # instead.
     assert not any(decodable(shard) for shard in index.shards)
     _, found, vectors = index.search_with_vectors(queries[:5], 10)
     assert np.array_equal(found, index.search(queries[:5], 10)[1])
@@ -132,17 +156,28 @@ def test_ivf_pq_recall_on_clustered_text_queries_and_tuning(ray_local, embedding
 
 
 @pytest.mark.ray
-def test_rebuild_in_another_shard_order_maps_ids_to_the_same_metadata(ray_local, embeddings, tmp_path):
-    a = build_index(_config(embeddings, str(tmp_path / "a"), factory="IDMap,Flat", num_shards=2), progress=False)
-    b = build_index(_config(embeddings, str(tmp_path / "b"), factory="IDMap,Flat", num_shards=4, files_per_task=1),
-                    progress=False)
-    assert a["shards"][0]["embedding_files"] != b["shards"][0]["embedding_files"]
+def test_rebuild_in_another_shard_order_maps_ids_to_the_same_metadata(
+    ray_local, embeddings, tmp_path
+):
+    a = build_index(
+        _config(embeddings, str(tmp_path / "a"), factory="IDMap,Flat", num_shards=2), progress=False
+    )
+    b = build_index(
+        _config(
+            embeddings, str(tmp_path / "b"), factory="IDMap,Flat", num_shards=4, files_per_task=1
+        ),
+        progress=False,
+    )
+    assert a.shards[0].embedding_files != b.shards[0].embedding_files
     queries = load_embeddings(embeddings, "txt_emb")[1][::301].astype(np.float32)
     ia, ib = ShardedIndex(str(tmp_path / "a")), ShardedIndex(str(tmp_path / "b"))
     found_a, found_b = ia.search(queries, 5)[1], ib.search(queries, 5)[1]
     assert np.array_equal(found_a, found_b)
     assert ia.lookup(found_a.ravel()) == ib.lookup(found_b.ravel())
-    assert all(m["caption"] == f"caption of {i}" for m, i in zip(ib.lookup(found_b.ravel()), found_b.ravel()))
+    assert all(
+        m["caption"] == f"caption of {i}"
+        for m, i in zip(ib.lookup(found_b.ravel()), found_b.ravel())
+    )
 
 
 @pytest.mark.ray
@@ -153,17 +188,24 @@ def test_rerun_skips_finished_work_and_refuses_another_build(ray_local, embeddin
     build_index(_config(embeddings, str(out), factory="IDMap,Flat", num_shards=2), progress=False)
     assert stamps == {p.name: p.stat().st_mtime_ns for p in out.glob("*.index")}
     with pytest.raises(ValueError, match="holds another build \\(differs in factory\\)"):
-        build_index(_config(embeddings, str(out), factory="IVF16,Flat", num_shards=2), progress=False)
+        build_index(
+            _config(embeddings, str(out), factory="IVF16,Flat", num_shards=2), progress=False
+        )
 
 
 @pytest.mark.ray
 def test_text_to_text_keys(ray_local, embeddings, tmp_path):
-    manifest = build_index(_config(embeddings, str(tmp_path / "idx"), keys="text", factory="IDMap,HNSW32",
-                                   num_shards=2), progress=False)
-    assert manifest["key_column"] == "txt_emb" and "efSearch" in manifest["search_params"]
+    manifest = build_index(
+        _config(
+            embeddings, str(tmp_path / "idx"), keys="text", factory="IDMap,HNSW32", num_shards=2
+        ),
+        progress=False,
+    )
+    assert manifest.key_column == "txt_emb" and "efSearch" in manifest.search_params
     queries = load_embeddings(embeddings, "txt_emb")[1][:20].astype(np.float32)
     found = ShardedIndex(str(tmp_path / "idx")).search(queries, 1)[1][:, 0]
-    assert np.array_equal(found, load_embeddings(embeddings, "txt_emb")[0][:20])  # a caption finds itself
+    # a caption finds itself
+    assert np.array_equal(found, load_embeddings(embeddings, "txt_emb")[0][:20])
 
 
 def test_broken_indices_give_errors_naming_the_file(embeddings, tmp_path, ray_local):
@@ -182,7 +224,9 @@ def test_broken_indices_give_errors_naming_the_file(embeddings, tmp_path, ray_lo
     with pytest.raises(ValueError, match=r"index shard .*shard-00001.index is corrupt"):
         ShardedIndex(str(out))
     shard.write_bytes(bytes(data[:100]))
-    with pytest.raises(ValueError, match=r"index shard .*shard-00001.index cannot be read by faiss"):
+    with pytest.raises(
+        ValueError, match=r"index shard .*shard-00001.index cannot be read by faiss"
+    ):
         ShardedIndex(str(out), verify=False)
     shard.unlink()
     with pytest.raises(FileNotFoundError, match=r"index shard missing: .*shard-00001.index"):
@@ -197,9 +241,22 @@ def test_build_to_and_load_from_s3(ray_local, s3_bucket, tmp_path, monkeypatch):
     monkeypatch.setenv("REACT_RAY_CACHE", str(tmp_path / "cache"))
     emb = f"{s3_bucket}/emb"
     write_clustered_embedding_set(emb, num_files=3, rows_per_file=400, dim=32)
-    manifest = build_index(IndexConfig(embeddings=emb, output=f"{s3_bucket}/idx", factory="IDMap,Flat",
-                                       num_shards=2, train_samples=500, tune_queries=50), progress=False)
-    assert json.loads(storage.read_bytes(f"{s3_bucket}/idx/manifest.json"))["ntotal"] == manifest["ntotal"] == 1200
+    manifest = build_index(
+        IndexConfig(
+            embeddings=emb,
+            output=f"{s3_bucket}/idx",
+            factory="IDMap,Flat",
+            num_shards=2,
+            train_samples=500,
+            tune_queries=50,
+        ),
+        progress=False,
+    )
+    assert (
+        json.loads(storage.read_bytes(f"{s3_bucket}/idx/manifest.json"))["ntotal"]
+        == manifest.ntotal
+        == 1200
+    )
     index = ShardedIndex(f"{s3_bucket}/idx", expect_dim=32)
     queries = load_embeddings(emb, "txt_emb")[1][:5].astype(np.float32)
     scores, found = index.search(queries, 3)
@@ -215,15 +272,17 @@ def _hide_markers(emb, names) -> dict:
 
 
 @pytest.mark.ray
-def test_append_equals_a_one_shot_build_and_a_crash_leaves_the_previous_version(ray_local, tmp_path, monkeypatch):
-    import react_ray.index.build as build
+def test_append_equals_a_one_shot_build_and_a_crash_leaves_the_previous_version(
+    ray_local, tmp_path, monkeypatch
+):
+    from react_ray.index import build
 
     emb = tmp_path / "emb"
     write_clustered_embedding_set(str(emb), num_files=6, rows_per_file=800, dim=64)
     markers = _hide_markers(emb, [f"part-{n:06d}" for n in (3, 4, 5)])
     config = _config(str(emb), str(tmp_path / "grown"), factory="IVF16,Flat", num_shards=2)
     first = build_index(config, progress=False)
-    assert (first["version"], first["ntotal"]) == (1, 2400)
+    assert (first.version, first.ntotal) == (1, 2400)
     late = markers.pop("part-000005")
     for name, data in markers.items():
         (emb / f"{name}.done").write_bytes(data)
@@ -231,36 +290,54 @@ def test_append_equals_a_one_shot_build_and_a_crash_leaves_the_previous_version(
     def crash(*args):
         raise RuntimeError("killed while appending")
 
-    monkeypatch.setattr(build, "_describe_shard", crash)  # after the new shards are written, before publishing
+    # after the new shards are written, before publishing
+    monkeypatch.setattr(build, "_describe_shard", crash)
     with pytest.raises(RuntimeError, match="killed while appending"):
-        append_to_index(config.model_copy(update={"num_shards": 1}), progress=False)  # files 3, 4 -> shard 2
+        # files 3, 4 -> shard 2
+        append_to_index(config.model_copy(update={"num_shards": 1}), progress=False)
     monkeypatch.undo()
-    assert read_manifest(config.output)["version"] == 1 and ShardedIndex(config.output).ntotal == 2400
-    served = {g: ShardedIndex(config.output, group=(g, 2)) for g in (0, 1)}  # as two replica groups hold it
+    assert (
+        IndexManifest.read(config.output).version == 1
+        and ShardedIndex(config.output).ntotal == 2400
+    )
+    # as two replica groups hold it
+    served = {g: ShardedIndex(config.output, group=(g, 2)) for g in (0, 1)}
     assert served[0].reloaded() is None
     # Before the rerun, another file arrives and the operator asks for two shards: without the plan,
     # files 3 and 5 would be listed for the shard already written with 3 and 4 (5 absent, 4 twice).
     # The rerun finishes the append as planned; file 5 waits for the next one.
     (emb / "part-000005.done").write_bytes(late)
     grown = append_to_index(config, progress=False)  # the written shard is reused
-    new = served[0].reloaded()  # a reload loads only the new shard of its group and keeps the old one
-    assert (served[0].version, new.version, new.files) == (1, 2, ["shard-00000.index", "shard-00002.index"])
+    new = served[
+        0
+    ].reloaded()  # a reload loads only the new shard of its group and keeps the old one
+    assert (served[0].version, new.version, new.files) == (
+        1,
+        2,
+        ["shard-00000.index", "shard-00002.index"],
+    )
     assert new.shards[0] is served[0].shards[0] and new.reloaded() is None
-    assert (grown["version"], grown["ntotal"], len(grown["shards"])) == (2, 4000, 3)
-    listed = [uri.rsplit("/", 1)[-1] for uri in grown["shards"][2]["embedding_files"]]
+    assert (grown.version, grown.ntotal, len(grown.shards)) == (2, 4000, 3)
+    listed = [uri.rsplit("/", 1)[-1] for uri in grown.shards[2].embedding_files]
     assert sorted(listed) == ["part-000003.parquet", "part-000004.parquet"]
     assert ShardedIndex(config.output).ntotal == 4000  # five files of 800, none twice
-    assert read_manifest(str(tmp_path / "grown" / "manifest-v1.json"))["ntotal"] == 2400
-    drift = grown["appends"][0]["drift"]
-    assert 0.8 < drift["coarse_error_ratio"] < 1.2 and drift["code_error_ratio"] is None  # same distribution
+    assert IndexManifest.read(str(tmp_path / "grown" / "manifest-v1.json")).ntotal == 2400
+    drift = grown.appends[0].drift
+    # same distribution
+    assert 0.8 < drift["coarse_error_ratio"] < 1.2 and drift["code_error_ratio"] is None
     third = append_to_index(config, progress=False)  # the late file, in a fresh plan
-    assert (third["version"], third["ntotal"], len(third["shards"])) == (3, 4800, 4)
-    assert append_to_index(config, progress=False)["version"] == 3  # nothing new: nothing changes
+    assert (third.version, third.ntotal, len(third.shards)) == (3, 4800, 4)
+    assert append_to_index(config, progress=False).version == 3  # nothing new: nothing changes
 
     # A one-shot build over all six files with the same trained quantizer finds the same neighbours.
     (tmp_path / "oneshot").mkdir()
-    (tmp_path / "oneshot" / "_trained.index").write_bytes((tmp_path / "grown" / "_trained.index").read_bytes())
-    build_index(_config(str(emb), str(tmp_path / "oneshot"), factory="IVF16,Flat", num_shards=2), progress=False)
+    (tmp_path / "oneshot" / "_trained.index").write_bytes(
+        (tmp_path / "grown" / "_trained.index").read_bytes()
+    )
+    build_index(
+        _config(str(emb), str(tmp_path / "oneshot"), factory="IVF16,Flat", num_shards=2),
+        progress=False,
+    )
     queries = load_embeddings(str(emb), "txt_emb")[1][::97].astype(np.float32)
     appended, oneshot = ShardedIndex(config.output), ShardedIndex(str(tmp_path / "oneshot"))
     for index in (appended, oneshot):
@@ -274,8 +351,9 @@ def test_append_equals_a_one_shot_build_and_a_crash_leaves_the_previous_version(
 def test_append_warns_when_new_vectors_drift_from_the_build(ray_local, tmp_path, capsys):
     emb, other = tmp_path / "emb", tmp_path / "other"
     write_clustered_embedding_set(str(emb), num_files=4, rows_per_file=800, dim=64, seed=0)
-    write_clustered_embedding_set(str(other), num_files=4, rows_per_file=800, dim=64, seed=7, num_clusters=3,
-                                  spread=0.05)
+    write_clustered_embedding_set(
+        str(other), num_files=4, rows_per_file=800, dim=64, seed=7, num_clusters=3, spread=0.05
+    )
     for name in ("part-000002", "part-000003"):  # the new crawl covers a few topics only
         for suffix in (".parquet", ".done", ".stats.json"):
             (emb / f"{name}{suffix}").write_bytes((other / f"{name}{suffix}").read_bytes())
@@ -285,7 +363,7 @@ def test_append_warns_when_new_vectors_drift_from_the_build(ray_local, tmp_path,
     for name, data in markers.items():
         (emb / f"{name}.done").write_bytes(data)
     capsys.readouterr()
-    drift = append_to_index(config, progress=False)["appends"][0]["drift"]
+    drift = append_to_index(config, progress=False).appends[0].drift
     assert drift["imbalance_ratio"] > 1.5  # the new vectors crowd into a few of the trained lists
     assert "WARNING the new vectors drift from the build's" in capsys.readouterr().out
 
@@ -298,8 +376,11 @@ def test_a_second_build_or_append_is_refused_while_one_writes_the_index(tmp_path
     config = _config(str(tmp_path / "emb"), str(tmp_path / "index"), factory="IDMap,Flat")
     with output_lease(config.output, "index --append") as held:
         for run in (append_to_index, build_index):
-            with pytest.raises(LeaseHeld, match=rf"is being written by the index --append run {held['owner'][:8]} "
-                                                rf"\(host .*, pid {os.getpid()},"):
+            with pytest.raises(
+                LeaseHeld,
+                match=rf"is being written by the index --append run {held['owner'][:8]} "
+                rf"\(host .*, pid {os.getpid()},",
+            ):
                 run(config, progress=False)
     assert not (tmp_path / "index" / "_lease.json").exists()
 

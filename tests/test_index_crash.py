@@ -1,4 +1,5 @@
-"""``index --append`` killed with SIGKILL at random points, as a real process: readers always see the
+"""``index --append`` killed with SIGKILL at random points, as a real process: readers always see
+the
 previous version or the next one, and a rerun finishes with every id exactly once.
 
 Each run is a child process with its own private Ray (started before the clock for the kill runs,
@@ -16,9 +17,10 @@ import time
 import numpy as np
 import pytest
 
-from react_ray import ids
-from react_ray.data.synthetic_embeddings import write_clustered_embedding_set
-from react_ray.index.sharded import ShardedIndex, read_manifest
+from react_ray.formats import ids
+from react_ray.formats.index_manifest import IndexManifest
+from react_ray.index.sharded import ShardedIndex
+from react_ray.synthetic.embeddings import write_clustered_embedding_set
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -26,7 +28,7 @@ FILES, ROWS = 6, 800
 CHILD = """
 import sys, time
 from react_ray.config import IndexConfig
-from react_ray.index.build import append_to_index, build_index
+from react_ray.jobs.index import append_to_index, build_index
 from react_ray.ray_utils import start_local
 start_local(2)
 config = IndexConfig(embeddings=sys.argv[1], output=sys.argv[2], factory="IVF16,Flat", num_shards=2,
@@ -40,8 +42,14 @@ print(f"done {time.perf_counter() - start:.2f}", flush=True)
 
 def start_child(embeddings, output, mode: str) -> subprocess.Popen:
     env = os.environ | {"RAY_AUTH_MODE": "disabled"}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(embeddings), str(output), mode], env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(embeddings), str(output), mode],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     for line in child.stdout:
         if line.startswith("ready"):
             return child
@@ -76,7 +84,7 @@ def test_append_killed_at_random_points_leaves_old_or_new_and_a_rerun_completes(
         (emb / f"part-{n:06d}.done").unlink()
     build_seconds = run_child(emb, out, "build")
     first = sorted(indexed_ids(str(out)))
-    assert len(first) == 3 * ROWS and read_manifest(str(out))["version"] == 1
+    assert len(first) == 3 * ROWS and IndexManifest.read(str(out)).version == 1
     for n, marker in late.items():
         (emb / f"part-{n:06d}.done").write_bytes(marker)
     everything = np.sort(np.concatenate([ids.encode(n, np.arange(ROWS)) for n in range(FILES)]))
@@ -89,13 +97,20 @@ def test_append_killed_at_random_points_leaves_old_or_new_and_a_rerun_completes(
         time.sleep(delay)
         finished = child.poll() is not None
         kill_group(child)
-        manifest = read_manifest(str(out))
+        manifest = IndexManifest.read(str(out))
         held = np.sort(indexed_ids(str(out)))  # what a reader (a Serve replica) would load now
-        assert manifest["version"] in (1, 2)
-        assert np.array_equal(held, first) if manifest["version"] == 1 else np.array_equal(held, everything)
-        seen.append(f"{delay:.1f}s->v{manifest['version']}{' (had finished)' if finished else ''}")
+        assert manifest.version in (1, 2)
+        assert (
+            np.array_equal(held, first)
+            if manifest.version == 1
+            else np.array_equal(held, everything)
+        )
+        seen.append(f"{delay:.1f}s->v{manifest.version}{' (had finished)' if finished else ''}")
     run_child(emb, out, "append")  # the rerun after the last kill
     final = np.sort(indexed_ids(str(out)))
-    print(f"\nbuild {build_seconds:.1f}s; kills after ready: {', '.join(seen)}; final version "
-          f"{read_manifest(str(out))['version']}, {len(final)} ids")
-    assert read_manifest(str(out))["version"] == 2 and np.array_equal(final, everything)  # each id exactly once
+    print(
+        f"\nbuild {build_seconds:.1f}s; kills after ready: {', '.join(seen)}; final version "
+        f"{IndexManifest.read(str(out)).version}, {len(final)} ids"
+    )
+    # each id exactly once
+    assert IndexManifest.read(str(out)).version == 2 and np.array_equal(final, everything)

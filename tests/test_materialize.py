@@ -1,4 +1,5 @@
-"""Materialization: URL downloads against a real HTTP server on 127.0.0.1, and corpus bytes by id."""
+"""Materialization: URL downloads against a real HTTP server on 127.0.0.1, and corpus bytes by
+id."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import pytest
 from faults import bomb_png, strip_png
 from PIL import Image
 
-from react_ray import ids
 from react_ray.config import (
     CorpusConfig,
     EmbedConfig,
@@ -24,10 +24,11 @@ from react_ray.config import (
     MaterializeConfig,
     ModelConfig,
 )
-from react_ray.data.synthetic import generate_corpus
-from react_ray.embed.outputs import read_parquet, write_parquet
-from react_ray.embed.pipeline import run_embedding
-from react_ray.retrieve.materialize import run_materialize
+from react_ray.formats import ids
+from react_ray.formats.embedding_set import read_parquet, write_parquet
+from react_ray.jobs.embed import run_embedding
+from react_ray.jobs.materialize import run_materialize
+from react_ray.synthetic.corpus import generate_corpus
 
 
 def _jpeg(size=(600, 400)) -> bytes:
@@ -58,7 +59,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, GOOD)
         elif path.startswith("/small/"):  # 300x200, under REACT's 384: left as it is
             self._send(200, SMALL)
-        elif path == "/to-metadata":  # a redirect into the cloud metadata service: checked like the first URL
+        # a redirect into the cloud metadata service: checked like the first URL
+        elif path == "/to-metadata":
             self.send_response(302)
             self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
             self.end_headers()
@@ -66,7 +68,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(302)
             self.send_header("Location", "file:///etc/hostname")
             self.end_headers()
-        elif path == "/drip":  # a byte every 0.3 s, for ever: only a deadline on the whole fetch ends it
+        # a byte every 0.3 s, for ever: only a deadline on the whole fetch ends it
+        elif path == "/drip":
             self.send_response(200)
             self.send_header("Content-Length", "1000000")
             self.end_headers()
@@ -110,21 +113,42 @@ def server():
     httpd.shutdown()
 
 
-EXPECTED = {"/good/1": None, "/good/2": None, "/missing": "http_error", "/slow": "timeout",
-            "/truncated": "truncated_image", "/text": "corrupt_image", "/bomb": "oversize_image", "/flaky": None,
-            "/broken": "http_error", "/to-metadata": "blocked_address", "/to-file": "unsupported_scheme",
-            "/drip": "timeout", "/garbage": "network_error", "/strip": "unencodable_image",
-            "/a path with spaces/é.jpg": "http_error", "file:///etc/hostname": "unsupported_scheme"}
+EXPECTED = {
+    "/good/1": None,
+    "/good/2": None,
+    "/missing": "http_error",
+    "/slow": "timeout",
+    "/truncated": "truncated_image",
+    "/text": "corrupt_image",
+    "/bomb": "oversize_image",
+    "/flaky": None,
+    "/broken": "http_error",
+    "/to-metadata": "blocked_address",
+    "/to-file": "unsupported_scheme",
+    "/drip": "timeout",
+    "/garbage": "network_error",
+    "/strip": "unencodable_image",
+    "/a path with spaces/é.jpg": "http_error",
+    "file:///etc/hostname": "unsupported_scheme",
+}
 
 
 EXPECTED_REASONS = pd.Series([r for r in EXPECTED.values() if r]).value_counts().to_dict()
 
 
 def _retrieved(tmp_path, base: str) -> str:
-    rows = [{"id": int(ids.encode(0, i)), "key": f"k{i}", "url": path if "://" in path else base + path,
-             "caption": f"caption {i}",
-             "class": "cat" if i % 2 else "dog", "label": i % 2, "score": 1.0 - i / 100}
-            for i, path in enumerate(EXPECTED)]
+    rows = [
+        {
+            "id": int(ids.encode(0, i)),
+            "key": f"k{i}",
+            "url": path if "://" in path else base + path,
+            "caption": f"caption {i}",
+            "class": "cat" if i % 2 else "dog",
+            "label": i % 2,
+            "score": 1.0 - i / 100,
+        }
+        for i, path in enumerate(EXPECTED)
+    ]
     uri = str(tmp_path / "retrieved.parquet")
     write_parquet(uri, pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False))
     return uri
@@ -132,54 +156,109 @@ def _retrieved(tmp_path, base: str) -> str:
 
 @pytest.mark.ray
 def test_download_counts_every_failure_and_retries_only_failed(ray_local, server, tmp_path):
-    config = MaterializeConfig(retrieved=_retrieved(tmp_path, server), output=str(tmp_path / "train"),
-                               source="download", samples_per_shard=5, resize_mode="keep_ratio", image_size=64,
-                               allowed_networks=["127.0.0.1/32"],  # the test server; never the redirect targets
-                               timeout=1.0, deadline=2.0, retries=2, backoff=0.05, threads=4)
+    config = MaterializeConfig(
+        retrieved=_retrieved(tmp_path, server),
+        output=str(tmp_path / "train"),
+        source="download",
+        samples_per_shard=5,
+        resize_mode="keep_ratio",
+        image_size=64,
+        allowed_networks=["127.0.0.1/32"],  # the test server; never the redirect targets
+        timeout=1.0,
+        deadline=2.0,
+        retries=2,
+        backoff=0.05,
+        threads=4,
+    )
     summary = run_materialize(config, progress=False)
-    assert summary["failed"] == EXPECTED_REASONS and summary["success"] == 3  # good x2 + flaky (after retries)
-    status = pd.concat([read_parquet(str(path)).to_pandas()
-                        for path in sorted((tmp_path / "train").glob("*.status.parquet"))])
+    # good x2 + flaky (after retries)
+    assert summary.failed == EXPECTED_REASONS and summary.success == 3
+    status = pd.concat(
+        [
+            read_parquet(str(path)).to_pandas()
+            for path in sorted((tmp_path / "train").glob("*.status.parquet"))
+        ]
+    )
     paths = [list(EXPECTED)[row] for row in ids.decode(status["id"].to_numpy())[2]]
-    assert dict(zip(paths, status["reason"])) == {path: reason or "" for path, reason in EXPECTED.items()}
-    assert len(status) == len(EXPECTED) and (status["message"][status["status"] == "failed"] != "").all()
+    assert dict(zip(paths, status["reason"])) == {
+        path: reason or "" for path, reason in EXPECTED.items()
+    }
+    assert (
+        len(status) == len(EXPECTED)
+        and (status["message"][status["status"] == "failed"] != "").all()
+    )
     with tarfile.open(tmp_path / "train" / "00000.tar") as tar:
         names = sorted(tar.getnames())
         assert "000000000.jpg" in names and "000000000.cls" in names
         image = Image.open(io.BytesIO(tar.extractfile("000000000.jpg").read()))
-        assert image.size == (96, 64)  # img2dataset's keep_ratio: the 600x400 image's shortest side to 64
+        # img2dataset's keep_ratio: the 600x400 image's shortest side to 64
+        assert image.size == (
+            96,
+            64,
+        )
         meta = json.loads(tar.extractfile("000000000.json").read())
         assert meta["class"] == "dog" and meta["label"] == 0 and meta["url"].endswith("/good/1")
 
     STATE["broken_fixed"] = True
     again = run_materialize(config.model_copy(update={"retry_failed": True}), progress=False)
-    assert again["this_run_fetched"] == sum(1 for r in EXPECTED.values() if r)  # only the failures
-    assert again["success"] == 4 and again["failed"]["http_error"] == EXPECTED_REASONS["http_error"] - 1
+    assert again.this_run_fetched == sum(1 for r in EXPECTED.values() if r)  # only the failures
+    assert again.success == 4 and again.failed["http_error"] == EXPECTED_REASONS["http_error"] - 1
     rerun = run_materialize(config, progress=False)  # plain rerun: every shard is done
-    assert rerun["this_run_shards"] == 0 and rerun["success"] == 4
+    assert rerun.this_run_shards == 0 and rerun.success == 4
 
 
 @pytest.mark.ray
 def test_corpus_source_materializes_by_id(ray_local, tmp_path):
     corpus = str(tmp_path / "corpus")
-    generate_corpus(GenerateConfig(output=corpus, corpus=CorpusConfig(
-        num_shards=2, samples_per_shard=20, image_size=40, eval_samples_per_class=1, formats=["webdataset"])),
-        progress=False)
+    generate_corpus(
+        GenerateConfig(
+            output=corpus,
+            corpus=CorpusConfig(
+                num_shards=2,
+                samples_per_shard=20,
+                image_size=40,
+                eval_samples_per_class=1,
+                formats=["webdataset"],
+            ),
+        ),
+        progress=False,
+    )
     emb = str(tmp_path / "emb")
-    run_embedding(EmbedConfig(input=f"{corpus}/webdataset", output=emb, model=ModelConfig(name="react-micro"),
-                              batch_size=16), progress=False)
+    run_embedding(
+        EmbedConfig(
+            input=f"{corpus}/webdataset",
+            output=emb,
+            model=ModelConfig(name="react-micro"),
+            batch_size=16,
+        ),
+        progress=False,
+    )
     table = read_parquet(f"{emb}/part-000001.parquet").to_pandas().iloc[[3, 7]]
     retrieved = table.assign(**{"class": ["a", "b"], "label": [0, 1], "score": [0.9, 0.8]})
-    write_parquet(str(tmp_path / "retrieved.parquet"), pa.Table.from_pandas(
-        retrieved.drop(columns=["img_emb", "txt_emb"]), preserve_index=False))
-    summary = run_materialize(MaterializeConfig(retrieved=str(tmp_path), output=str(tmp_path / "train"),
-                                                embeddings=emb, resize_mode="no"), progress=False)
-    assert summary["success"] == 2 and summary["failed"] == {}
+    write_parquet(
+        str(tmp_path / "retrieved.parquet"),
+        pa.Table.from_pandas(retrieved.drop(columns=["img_emb", "txt_emb"]), preserve_index=False),
+    )
+    summary = run_materialize(
+        MaterializeConfig(
+            retrieved=str(tmp_path),
+            output=str(tmp_path / "train"),
+            embeddings=emb,
+            resize_mode="no",
+        ),
+        progress=False,
+    )
+    assert summary.success == 2 and summary.failed == {}
     with tarfile.open(tmp_path / "train" / "00000.tar") as tar:
         meta = json.loads(tar.extractfile("000000001.json").read())
-        assert meta["source_key"] == retrieved["key"].iloc[1] and tar.extractfile("000000001.cls").read() == b"1"
+        assert (
+            meta["source_key"] == retrieved["key"].iloc[1]
+            and tar.extractfile("000000001.cls").read() == b"1"
+        )
         with tarfile.open(f"{corpus}/webdataset/00001.tar") as source:
-            original = Image.open(io.BytesIO(source.extractfile(f"{meta['source_key']}.jpg").read()))
+            original = Image.open(
+                io.BytesIO(source.extractfile(f"{meta['source_key']}.jpg").read())
+            )
         copy = Image.open(io.BytesIO(tar.extractfile("000000001.jpg").read()))
         assert copy.size == original.size == (40, 40)
     with pytest.raises(Exception, match="source=corpus needs embeddings"):
@@ -188,35 +267,82 @@ def test_corpus_source_materializes_by_id(ray_local, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.s3
-def test_reacts_retrieved_pairs_file_materializes_and_trains(ray_local, server, s3_bucket, tmp_path):
+def test_reacts_retrieved_pairs_file_materializes_and_trains(
+    ray_local, server, s3_bucket, tmp_path
+):
     """REACT's imagenet_10m.parquet has two columns, URL and TEXT (img2dataset's input): one of that
     shape on the local S3 server, its URLs on the local HTTP server, goes through materialize with
     REACT's img2dataset options, then into a training run."""
     from react_ray.config import TrainConfig
-    from react_ray.train.trainer import run_training
+    from react_ray.jobs.train import run_training
 
-    paths = ["/good/a", "/small/b", "/missing", "/good/c", "/small/d", "/text", "/good/e", "/small/f", "/good/g"]
-    table = pa.table({"URL": [server + p for p in paths], "TEXT": [f"a photo number {i}" for i in range(len(paths))]})
+    paths = [
+        "/good/a",
+        "/small/b",
+        "/missing",
+        "/good/c",
+        "/small/d",
+        "/text",
+        "/good/e",
+        "/small/f",
+        "/good/g",
+    ]
+    table = pa.table(
+        {
+            "URL": [server + p for p in paths],
+            "TEXT": [f"a photo number {i}" for i in range(len(paths))],
+        }
+    )
     write_parquet(f"{s3_bucket}/react/imagenet_10m.parquet", table)
-    config = MaterializeConfig(retrieved=f"{s3_bucket}/react/imagenet_10m.parquet", output=str(tmp_path / "shards"),
-                               source="download", url_col="URL", caption_col="TEXT", samples_per_shard=4,
-                               allowed_networks=["127.0.0.1/32"],
-                               image_size=384, resize_only_if_bigger=True, resize_mode="keep_ratio",
-                               skip_reencode=True, timeout=2.0, retries=0)
+    config = MaterializeConfig(
+        retrieved=f"{s3_bucket}/react/imagenet_10m.parquet",
+        output=str(tmp_path / "shards"),
+        source="download",
+        url_col="URL",
+        caption_col="TEXT",
+        samples_per_shard=4,
+        allowed_networks=["127.0.0.1/32"],
+        image_size=384,
+        resize_only_if_bigger=True,
+        resize_mode="keep_ratio",
+        skip_reencode=True,
+        timeout=2.0,
+        retries=0,
+    )
     summary = run_materialize(config, progress=False)
-    assert summary["success"] == 7 and summary["failed"] == {"http_error": 1, "corrupt_image": 1}
+    assert summary.success == 7 and summary.failed == {"http_error": 1, "corrupt_image": 1}
     with tarfile.open(tmp_path / "shards" / "00000.tar") as tar:
         members = {n: tar.extractfile(n).read() for n in tar.getnames()}
-    assert members["000000000.txt"] == b"a photo number 0" and "000000000.cls" not in members  # no labels
-    assert Image.open(io.BytesIO(members["000000000.jpg"])).size == (576, 384)  # shortest side to 384
+    # no labels
+    assert members["000000000.txt"] == b"a photo number 0" and "000000000.cls" not in members
+    # shortest side to 384
+    assert Image.open(io.BytesIO(members["000000000.jpg"])).size == (
+        576,
+        384,
+    )
     assert members["000000001.jpg"] == SMALL  # smaller than 384: its own bytes (skip_reencode)
     assert json.loads(members["000000001.json"])["id"] == 1  # the row's position in REACT's file
-    with pytest.raises(ValueError, match=r"has no column 'url' \(columns: URL, TEXT\); set url_col"):
-        run_materialize(config.model_copy(update={"url_col": "url", "output": str(tmp_path / "x")}), progress=False)
-    run = run_training(TrainConfig(data=str(tmp_path / "shards"), output=str(tmp_path / "run"),
-                                   model=ModelConfig(name="react-micro"), steps=2, batch_size=4,
-                                   optim={"lr": 1e-3, "warmup_steps": 1}, shuffle_buffer=0, log_every=1,
-                                   checkpoint_every=2, decode_num_cpus=0.5))
+    with pytest.raises(
+        ValueError, match=r"has no column 'url' \(columns: URL, TEXT\); set url_col"
+    ):
+        run_materialize(
+            config.model_copy(update={"url_col": "url", "output": str(tmp_path / "x")}),
+            progress=False,
+        )
+    run = run_training(
+        TrainConfig(
+            data=str(tmp_path / "shards"),
+            output=str(tmp_path / "run"),
+            model=ModelConfig(name="react-micro"),
+            steps=2,
+            batch_size=4,
+            optim={"lr": 1e-3, "warmup_steps": 1},
+            shuffle_buffer=0,
+            log_every=1,
+            checkpoint_every=2,
+            decode={"num_cpus": 0.5},
+        )
+    )
     assert run.steps == 2 and np.isfinite(run.final_loss)
 
 
@@ -238,7 +364,10 @@ def test_the_connection_goes_to_the_address_that_was_checked(server, monkeypatch
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", next(answers))]
 
     monkeypatch.setattr(fetch.socket, "getaddrinfo", rebinding)
-    policy = fetch.FetchPolicy(timeout=2.0, deadline=5.0, retries=0, allowed_networks=("127.0.0.1/32",))
+    policy = fetch.FetchPolicy(
+        timeout=2.0, deadline=5.0, retries=0, allowed_networks=("127.0.0.1/32",)
+    )
     data, reason, message = fetch.download(f"http://rebind.test:{port}/good/1", policy)
     assert (data, reason) == (GOOD, None) and calls == ["rebind.test"]
-    assert fetch.download(f"http://rebind.test:{port}/good/1", policy)[1] == "blocked_address"  # now the IMDS
+    # now the IMDS
+    assert fetch.download(f"http://rebind.test:{port}/good/1", policy)[1] == "blocked_address"

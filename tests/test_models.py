@@ -27,9 +27,20 @@ from react_ray.models.params import parameter_report
 
 # The gated keys of REACT's released checkpoints, per block, in their order.
 REACT_GATED_SUFFIXES = [
-    "alpha_attn", "alpha_dense", "ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias",
-    "attn.out_proj.weight", "attn.out_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight",
-    "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
+    "alpha_attn",
+    "alpha_dense",
+    "ln_1.weight",
+    "ln_1.bias",
+    "attn.in_proj_weight",
+    "attn.in_proj_bias",
+    "attn.out_proj.weight",
+    "attn.out_proj.bias",
+    "ln_2.weight",
+    "ln_2.bias",
+    "mlp.c_fc.weight",
+    "mlp.c_fc.bias",
+    "mlp.c_proj.weight",
+    "mlp.c_proj.bias",
 ]
 
 
@@ -61,7 +72,11 @@ def test_step0_gated_model_equals_base():
 
 @pytest.mark.parametrize(
     "name, indices, width",
-    [("ViT-B-32", range(6, 12), 768), ("ViT-B-16", range(6, 12), 768), ("ViT-L-14", range(18, 24), 1024)],
+    [
+        ("ViT-B-32", range(6, 12), 768),
+        ("ViT-B-16", range(6, 12), 768),
+        ("ViT-L-14", range(18, 24), 1024),
+    ],
 )
 def test_real_configs_match_react_keys_and_shapes(name, indices, width):
     register_tiny_models()
@@ -69,7 +84,11 @@ def test_real_configs_match_react_keys_and_shapes(name, indices, width):
         model = open_clip.create_model(name, device="meta")
         assert insert_gated_blocks(model, 6) == list(indices)
     gated = {k: tuple(v.shape) for k, v in model.state_dict().items() if ".gated_attn_block." in k}
-    expected = [f"visual.transformer.resblocks.{i}.gated_attn_block.{s}" for i in indices for s in REACT_GATED_SUFFIXES]
+    expected = [
+        f"visual.transformer.resblocks.{i}.gated_attn_block.{s}"
+        for i in indices
+        for s in REACT_GATED_SUFFIXES
+    ]
     assert list(gated) == expected
     i = indices[0]
     prefix = f"visual.transformer.resblocks.{i}.gated_attn_block."
@@ -117,8 +136,14 @@ def test_trainable_sets_per_mode():
     assert set(trainable) == {n for n in names if ".gated_attn_block." in n} | {"logit_scale"}
     base = build_model(ModelConfig(name="react-micro"))
     trainable = apply_tuning_mode(base.model, "locked-text")
-    assert set(trainable) == {n for n, _ in base.model.named_parameters() if n.startswith("visual.")} | {"logit_scale"}
-    text_params = [n for n, _ in base.model.named_parameters() if not n.startswith("visual.") and n != "logit_scale"]
+    assert set(trainable) == {
+        n for n, _ in base.model.named_parameters() if n.startswith("visual.")
+    } | {"logit_scale"}
+    text_params = [
+        n
+        for n, _ in base.model.named_parameters()
+        if not n.startswith("visual.") and n != "logit_scale"
+    ]
     assert text_params and not set(text_params) & set(trainable)
     with pytest.raises(ValueError, match="tuning mode: got 'frozen'.*gated-image, locked-text"):
         apply_tuning_mode(base.model, "frozen")
@@ -133,9 +158,15 @@ def test_gradients_reach_only_the_trainable_set():
         block.alpha_attn.data.fill_(0.5)
         block.alpha_dense.data.fill_(0.5)
     gated.model.train()
-    image_features, text_features, scale = gated.model(torch.randn(4, 3, 32, 32), gated.tokenizer(["a"] * 4))
+    image_features, text_features, scale = gated.model(
+        torch.randn(4, 3, 32, 32), gated.tokenizer(["a"] * 4)
+    )
     (scale * image_features @ text_features.T).logsumexp(1).mean().backward()
-    with_grad = {n for n, p in gated.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    with_grad = {
+        n
+        for n, p in gated.model.named_parameters()
+        if p.grad is not None and p.grad.abs().sum() > 0
+    }
     assert with_grad == trainable
 
 
@@ -190,18 +221,29 @@ def test_checkpoint_mismatch_is_a_precise_error(tmp_path):
     state = base.model.state_dict()
     del state["logit_scale"]
     torch.save(state, tmp_path / "broken.pt")
-    with pytest.raises(ValueError, match=r"broken.pt does not fit the model: 1 missing keys \(e.g. \['logit_scale'\]\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"broken.pt does not fit the model: 1 missing keys \(e.g. \['logit_scale'\]\)",
+    ):
         build_model(ModelConfig(name="react-micro", checkpoint=str(tmp_path / "broken.pt")))
-    with pytest.raises(ValueError, match="unexpected keys"):  # a gated checkpoint forced into a plain model
+    # a gated checkpoint forced into a plain model
+    with pytest.raises(ValueError, match="unexpected keys"):
         _, gated = _gated_pair()
         export_react_checkpoint(gated.model, str(tmp_path / "gated.pt"), gated.spec)
-        build_model(ModelConfig(name="react-micro", checkpoint=str(tmp_path / "gated.pt"), gated_layers=0))
+        build_model(
+            ModelConfig(name="react-micro", checkpoint=str(tmp_path / "gated.pt"), gated_layers=0)
+        )
 
 
 def test_unknown_model_and_pretrained_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"model.name: unknown model 'ViT-B-33'\. Close matches: .*ViT-B-32"):
+    with pytest.raises(
+        ValueError, match=r"model.name: unknown model 'ViT-B-33'\. Close matches: .*ViT-B-32"
+    ):
         build_model("ViT-B-33")
-    with pytest.raises(ValueError, match=r"model.pretrained: 'laion9b' is not a tag of ViT-B-32; its tags are: .*openai"):
+    with pytest.raises(
+        ValueError,
+        match=r"model.pretrained: 'laion9b' is not a tag of ViT-B-32; its tags are: .*openai",
+    ):
         build_model(ModelConfig(name="ViT-B-32", pretrained="laion9b"))
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         build_model(ModelConfig(name="react-micro", pretrained=str(tmp_path / "missing.pt")))
@@ -211,13 +253,19 @@ def test_unknown_model_and_pretrained_errors(tmp_path):
 
 def test_quickgelu_weights_need_the_quickgelu_model_and_keep_reacts_k():
     """OpenAI's weights were trained with QuickGELU; open_clip would only warn and build GELU."""
-    with pytest.raises(ValueError, match=r"the 'openai' weights of ViT-B-32 were trained with QuickGELU; use name: "
-                                         r"ViT-B-32-quickgelu"):
+    with pytest.raises(
+        ValueError,
+        match=r"the 'openai' weights of ViT-B-32 were trained with QuickGELU; use name: "
+        r"ViT-B-32-quickgelu",
+    ):
         build_model(ModelConfig(name="ViT-B-32", pretrained="openai"))
-    assert _resolve_pretrained("ViT-B-32-quickgelu", "openai") == "openai"  # accepted before any download
+    # accepted before any download
+    assert _resolve_pretrained("ViT-B-32-quickgelu", "openai") == "openai"
     assert _resolve_pretrained("ViT-B-32", "laion2b_s34b_b79k") == "laion2b_s34b_b79k"
-    assert [react_gated_layers(f"{n}-quickgelu") for n in ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-bigG-14")] \
-        == [6, 6, 6, 12]
+    assert [
+        react_gated_layers(f"{n}-quickgelu")
+        for n in ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-bigG-14")
+    ] == [6, 6, 6, 12]
 
 
 def test_pretrained_weights_file_loads(tmp_path):
@@ -225,7 +273,10 @@ def test_pretrained_weights_file_loads(tmp_path):
     base = build_model("react-micro")
     torch.save(base.model.state_dict(), tmp_path / "weights.pt")
     again = build_model(ModelConfig(name="react-micro", pretrained=str(tmp_path / "weights.pt")))
-    assert all(torch.equal(a, b) for a, b in zip(base.model.state_dict().values(), again.model.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(base.model.state_dict().values(), again.model.state_dict().values())
+    )
 
 
 @pytest.mark.s3
@@ -240,7 +291,8 @@ def test_checkpoint_from_s3(s3_bucket, tmp_path, monkeypatch):
 
 
 def test_bigg_gated_blocks_keep_reacts_mlp_ratio():
-    """REACT's gated block never takes the tower's MLP ratio: 4.0 on bigG, whose own blocks use 4.9231."""
+    """REACT's gated block never takes the tower's MLP ratio: 4.0 on bigG, whose own blocks use
+    4.9231."""
     with torch.device("meta"):
         model = open_clip.create_model("ViT-bigG-14", device="meta")
         assert insert_gated_blocks(model, react_gated_layers("ViT-bigG-14")) == list(range(36, 48))
@@ -252,34 +304,95 @@ def test_bigg_gated_blocks_keep_reacts_mlp_ratio():
 def _react_release_state(name: str, indices: list[int]) -> dict[str, torch.Tensor]:
     """A state_dict with a released checkpoint's exact keys and shapes, on the meta device: the
     base model's OpenCLIP keys, then REACT's gated keys (reference/react-method.md) per block."""
-    state = {k: torch.empty(v.shape, dtype=torch.float16, device="meta")
-             for k, v in open_clip.create_model(name, device="meta").state_dict().items()}
+    state = {
+        k: torch.empty(v.shape, dtype=torch.float16, device="meta")
+        for k, v in open_clip.create_model(name, device="meta").state_dict().items()
+    }
     width = open_clip.get_model_config(name)["vision_cfg"]["width"]
-    shapes = {"alpha_attn": (), "alpha_dense": (), "ln_1.weight": (width,), "ln_1.bias": (width,),
-              "attn.in_proj_weight": (3 * width, width), "attn.in_proj_bias": (3 * width,),
-              "attn.out_proj.weight": (width, width), "attn.out_proj.bias": (width,), "ln_2.weight": (width,),
-              "ln_2.bias": (width,), "mlp.c_fc.weight": (4 * width, width), "mlp.c_fc.bias": (4 * width,),
-              "mlp.c_proj.weight": (width, 4 * width), "mlp.c_proj.bias": (width,)}
+    shapes = {
+        "alpha_attn": (),
+        "alpha_dense": (),
+        "ln_1.weight": (width,),
+        "ln_1.bias": (width,),
+        "attn.in_proj_weight": (3 * width, width),
+        "attn.in_proj_bias": (3 * width,),
+        "attn.out_proj.weight": (width, width),
+        "attn.out_proj.bias": (width,),
+        "ln_2.weight": (width,),
+        "ln_2.bias": (width,),
+        "mlp.c_fc.weight": (4 * width, width),
+        "mlp.c_fc.bias": (4 * width,),
+        "mlp.c_proj.weight": (width, 4 * width),
+        "mlp.c_proj.bias": (width,),
+    }
     for i in indices:
         for suffix in REACT_GATED_SUFFIXES:
             state[f"visual.transformer.resblocks.{i}.gated_attn_block.{suffix}"] = torch.empty(
-                shapes[suffix], dtype=torch.float16, device="meta")
+                shapes[suffix], dtype=torch.float16, device="meta"
+            )
     return state
 
 
-@pytest.mark.parametrize("name, tag, model, indices, mean", [
-    ("react_ViT-B-32", "react_clip_ret_laion400m", "ViT-B-32-quickgelu", range(6, 12), 0.48145466),
-    ("react_ViT-B-32-quickgelu", "react_openclip_laion400m_ret_laion400m", "ViT-B-32-quickgelu", range(6, 12),
-     0.48145466),
-    ("react_ViT-B-32", "react_openclip_laion2b_ret_laion400m", "ViT-B-32", range(6, 12), 0.48145466),
-    ("ViT-B-32", "react_clip_ret_laion400m", "ViT-B-32-quickgelu", [], 0.48145466),  # locked-text
-    ("react_ViT-B-16", "react_clip_ret_laion400m", "ViT-B-16-quickgelu", range(6, 12), 0.48145466),
-    ("ViT-B-16", "react_clip_ret_laion400m", "ViT-B-16-quickgelu", [], 0.48145466),
-    ("react_ViT-L-14", "react_clip_ret_laion2b", "ViT-L-14-quickgelu", range(18, 24), 0.48145466),
-    ("react_ViT-L-14", "react_openclip_laion2b_ret_laion2b", "ViT-L-14", range(18, 24), 0.5),
-    ("react_ViT-bigG-14", "react_openclip_laion2b_ret_laion2b", "ViT-bigG-14", range(36, 48), 0.48145466),
-])
-def test_reacts_released_checkpoints_load_by_their_names(tmp_path, monkeypatch, name, tag, model, indices, mean):
+@pytest.mark.parametrize(
+    "name, tag, model, indices, mean",
+    [
+        (
+            "react_ViT-B-32",
+            "react_clip_ret_laion400m",
+            "ViT-B-32-quickgelu",
+            range(6, 12),
+            0.48145466,
+        ),
+        (
+            "react_ViT-B-32-quickgelu",
+            "react_openclip_laion400m_ret_laion400m",
+            "ViT-B-32-quickgelu",
+            range(6, 12),
+            0.48145466,
+        ),
+        (
+            "react_ViT-B-32",
+            "react_openclip_laion2b_ret_laion400m",
+            "ViT-B-32",
+            range(6, 12),
+            0.48145466,
+        ),
+        # locked-text
+        (
+            "ViT-B-32",
+            "react_clip_ret_laion400m",
+            "ViT-B-32-quickgelu",
+            [],
+            0.48145466,
+        ),
+        (
+            "react_ViT-B-16",
+            "react_clip_ret_laion400m",
+            "ViT-B-16-quickgelu",
+            range(6, 12),
+            0.48145466,
+        ),
+        ("ViT-B-16", "react_clip_ret_laion400m", "ViT-B-16-quickgelu", [], 0.48145466),
+        (
+            "react_ViT-L-14",
+            "react_clip_ret_laion2b",
+            "ViT-L-14-quickgelu",
+            range(18, 24),
+            0.48145466,
+        ),
+        ("react_ViT-L-14", "react_openclip_laion2b_ret_laion2b", "ViT-L-14", range(18, 24), 0.5),
+        (
+            "react_ViT-bigG-14",
+            "react_openclip_laion2b_ret_laion2b",
+            "ViT-bigG-14",
+            range(36, 48),
+            0.48145466,
+        ),
+    ],
+)
+def test_reacts_released_checkpoints_load_by_their_names(
+    tmp_path, monkeypatch, name, tag, model, indices, mean
+):
     """A `model:` entry names a release as REACT does; the local copy (exact keys and shapes, meta
     tensors: no 10 GB files here) loads strictly into the model that fits it."""
     from react_ray.models.releases import RELEASED_FILES
@@ -287,8 +400,11 @@ def test_reacts_released_checkpoints_load_by_their_names(tmp_path, monkeypatch, 
     monkeypatch.setenv("REACT_RAY_WEIGHTS", str(tmp_path))
     spec = ModelConfig(name=name, pretrained=tag)
     assert (spec.name, spec.gated_layers, spec.release) == (model, len(indices), f"{name}:{tag}")
-    missing = pytest.raises(FileNotFoundError, match=rf"REACT's {name}:{tag} is read from .*; fetch "
-                                                     r"react-vl/react-in1k/\S+\.pt from the Hugging Face hub")
+    missing = pytest.raises(
+        FileNotFoundError,
+        match=rf"REACT's {name}:{tag} is read from .*; fetch "
+        r"react-vl/react-in1k/\S+\.pt from the Hugging Face hub",
+    )
     with missing:
         build_model(spec, device="meta")
     file = RELEASED_FILES[(name.removesuffix("-quickgelu"), tag)]
@@ -298,5 +414,7 @@ def test_reacts_released_checkpoints_load_by_their_names(tmp_path, monkeypatch, 
     activation = type(clip.model.visual.transformer.resblocks[-1].mlp.gelu)
     assert (activation is open_clip.transformer.QuickGELU) == model.endswith("-quickgelu")
     assert clip.preprocess_cfg.mean[0] == pytest.approx(mean)
-    with pytest.raises(ValueError, match="REACT released no react_ViT-B-16:react_clip_ret_laion2b; its checkpoints"):
+    with pytest.raises(
+        ValueError, match="REACT released no react_ViT-B-16:react_clip_ret_laion2b; its checkpoints"
+    ):
         ModelConfig(name="react_ViT-B-16", pretrained="react_clip_ret_laion2b")

@@ -28,13 +28,15 @@ STAGE_HEADING = "## Stage by stage"
 def fenced_blocks(text: str) -> list[list[str]]:
     """Each ```bash block of the README as its command lines (comments and blank lines dropped)."""
     blocks = re.findall(r"^```(?:bash|sh)?\n(.*?)^```", text, re.DOTALL | re.MULTILINE)
-    return [[line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-            for block in blocks]
+    return [
+        [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        for block in blocks
+    ]
 
 
 def block_after(text: str, heading: str) -> list[str]:
     assert heading in text, f"the README has no {heading!r} section"
-    return fenced_blocks(text[text.index(heading):])[0]
+    return fenced_blocks(text[text.index(heading) :])[0]
 
 
 def test_readme_starts_with_the_two_commands():
@@ -49,7 +51,15 @@ def test_every_stage_preset_of_the_stage_block_exists_and_loads():
 
     commands = block_after((ROOT / "README.md").read_text(), STAGE_HEADING)
     stages = [c.split()[1] for c in commands if c.startswith("react-ray ")]
-    assert set(stages) >= {"generate", "train", "embed", "index", "retrieve", "materialize", "evaluate"}
+    assert set(stages) >= {
+        "generate",
+        "train",
+        "embed",
+        "index",
+        "retrieve",
+        "materialize",
+        "evaluate",
+    }
     for command in commands:
         if command.startswith("react-ray "):
             _, stage, _, preset, *overrides = command.split()
@@ -72,53 +82,85 @@ def newcomer_env(clone: Path) -> dict:
 
 def run_script(clone: Path, script: str, timeout: float) -> str:
     """``script`` in bash from the clone's root, stopping at the first failing command."""
-    out = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=clone, env=newcomer_env(clone),
-                         capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, f"{script}\nexit {out.returncode}\n{out.stdout[-6000:]}\n{out.stderr[-6000:]}"
+    out = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=clone,
+        env=newcomer_env(clone),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert out.returncode == 0, (
+        f"{script}\nexit {out.returncode}\n{out.stdout[-6000:]}\n{out.stderr[-6000:]}"
+    )
     return out.stdout + out.stderr
 
 
 @pytest.mark.slow
 def test_the_readme_first_command_runs_the_demo_and_react_beats_its_base(clone):
-    """``./run demo`` as the README writes it: every stage, and REACT above its base with a 95% interval
+    """``./run demo`` as the README writes it: every stage, and REACT above its base with a 95%
+    interval
     whose lower bound is above zero."""
     command = fenced_blocks((clone / "README.md").read_text())[0][0]
     start = time.perf_counter()
     stdout = run_script(clone, command, timeout=2400)
     seconds = time.perf_counter() - start
-    verdict = re.search(r"REACT gated-image (beats|does NOT beat|does not clearly beat) its base: ([+-][0-9.]+) "
-                        r"points top-1, 95% interval \[([+-][0-9.]+), ([+-][0-9.]+)\] \(([0-9.]+)% -> ([0-9.]+)%, "
-                        r"(\d+) held-out images\)", stdout)
+    verdict = re.search(
+        r"REACT gated-image (beats|does NOT beat|does not clearly beat) its base: ([+-][0-9.]+) "
+        r"points top-1, 95% interval \[([+-][0-9.]+), ([+-][0-9.]+)\] \(([0-9.]+)% -> ([0-9.]+)%, "
+        r"(\d+) held-out images\)",
+        stdout,
+    )
     assert verdict, stdout[-4000:]
     outcome, gain, low, high, base, react, images = verdict.groups()
-    print(f"\n{command}: {seconds:.0f} s; base {base}% -> REACT {react}%, {gain} points [{low}, {high}], "
-          f"{images} images")
+    print(
+        f"\n{command}: {seconds:.0f} s; base {base}% -> REACT {react}%, {gain} points [{low}, "
+        f"{high}], "
+        f"{images} images"
+    )
     assert outcome == "beats" and float(low) > 0 and float(react) > float(base)
     assert float(low) <= float(gain) <= float(high) and int(images) == 3000
     run = clone / "runs" / "demo"
     assert "corpus: 4000 pairs in webdataset" in stdout and "corpus: 10000 pairs" in stdout
     assert re.search(r"full: 450 steps on 1 worker\(s\).*trainable 3,478,913 of 3,478,913", stdout)
     assert "embedding set: 20 shards, 10,000 rows in, 10,000 embedded" in stdout
-    assert (run / "embeddings" / "part-000019.done").exists() and (run / "index" / "manifest.json").exists()
-    assert len(re.findall(r"^\s+-?\d\.\d{3}  \d{9}  ", stdout, re.MULTILINE)) == 5  # five hits with metadata
+    assert (run / "embeddings" / "part-000019.done").exists() and (
+        run / "index" / "manifest.json"
+    ).exists()
+    # five hits with metadata
+    assert len(re.findall(r"^\s+-?\d\.\d{3}  \d{9}  ", stdout, re.MULTILINE)) == 5
     assert "retrieve shapes: 10 classes x 5 templates" in stdout
-    found = re.search(r"planted copies of eval images that retrieval found: (\d+); removed (\d+)", stdout)
+    found = re.search(
+        r"planted copies of eval images that retrieval found: (\d+); removed (\d+)", stdout
+    )
     assert found and int(found.group(2)) > 0
     assert "was decontaminated against this eval set" in stdout
     assert re.search(r"materialize: [\d,]+ of [\d,]+ pairs in \d+ shards; failed none", stdout)
     assert re.search(r"gated-image: 300 steps on 1 worker\(s\)", stdout)
     assert re.search(r"ViT-B-32\s+151,277,313\s+6\s+7,087,874\s+42,527,245", stdout)
     report = (run / "report.html").read_text()
-    assert "REACT gated-image beats its base" in report and report.count("data:image/png;base64") == 3
-    for name in ("base/model.pt", "react/model.pt", "react/training.png", "evaluation/evaluation.json",
-                 "retrieved/gallery.html", "retrieved/decontamination.html", "accuracy.png"):
+    assert (
+        "REACT gated-image beats its base" in report and report.count("data:image/png;base64") == 3
+    )
+    for name in (
+        "base/model.pt",
+        "react/model.pt",
+        "react/training.png",
+        "evaluation/evaluation.json",
+        "retrieved/gallery.html",
+        "retrieved/decontamination.html",
+        "accuracy.png",
+    ):
         assert (run / name).exists(), name
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode, floor", [("text-to-image", 0.13), ("text-to-text", 0.18), ("both", 0.15)])
+@pytest.mark.parametrize(
+    "mode, floor", [("text-to-image", 0.13), ("text-to-text", 0.18), ("both", 0.15)]
+)
 def test_retrieval_with_the_demos_trained_base_is_precise_in_every_mode(clone, mode, floor):
-    """The demo's base (trained, not a stand-in) retrieves the task's pairs from its retrieval corpus:
+    """The demo's base (trained, not a stand-in) retrieves the task's pairs from its retrieval
+    corpus:
     the share whose image truly shows the class (the generator's ground truth) is above the class's
     share of the corpus (about 10%) in each mode. The floors sit under the figures of the last run
     (0.144, 0.200, 0.169): a 3.5M-parameter CLIP pre-trained for 450 steps retrieves weakly, and
@@ -134,13 +176,20 @@ def test_retrieval_with_the_demos_trained_base_is_precise_in_every_mode(clone, m
     run = clone / "runs" / "demo"
     assert (run / "base" / "model.pt").exists(), "runs after the demo test"
     clip = build_model(ModelConfig(name="react-mini", checkpoint=str(run / "base" / "model.pt")))
-    indices = {"image": ShardedIndex(str(run / "index")), "text": ShardedIndex(str(run / "index-text"))}
-    spec = load_task(str(clone / "jobs" / "tasks" / "shapes.yaml")).model_copy(update={"mode": mode})
+    indices = {
+        "image": ShardedIndex(str(run / "index")),
+        "text": ShardedIndex(str(run / "index-text")),
+    }
+    spec = load_task(str(clone / "react_ray" / "resources" / "shapes.yaml")).model_copy(
+        update={"mode": mode}
+    )
     pairs, _ = retrieve(spec, indices, lambda texts: clip.encode_texts(texts).numpy())
     truth = pd.read_parquet(run / "corpus" / "ground_truth.parquet").set_index("key")["shape"]
     hits = truth.loc[pairs["key"]].to_numpy() == pairs["class"].to_numpy()
     prior = truth.value_counts(normalize=True)
-    chance = float(sum(prior.get(c, 0) * n for c, n in pairs["class"].value_counts().items()) / len(pairs))
+    chance = float(
+        sum(prior.get(c, 0) * n for c, n in pairs["class"].value_counts().items()) / len(pairs)
+    )
     print(f"\n{mode}: {len(pairs)} pairs, precision {hits.mean():.3f} (chance {chance:.3f})")
     assert hits.mean() >= floor and hits.mean() > 1.3 * chance
 
@@ -153,9 +202,18 @@ def test_the_stage_by_stage_block_runs_each_stage_from_relative_paths(clone):
     run = clone / "runs" / "stages"
     assert stdout.count("corpus: 1000 pairs") == 2  # the retrieval corpus and the base's
     assert "embedding set: 4 shards, 1,000 rows in, 1,000 embedded" in stdout
-    for path in ("base/model.pt", "embeddings/part-000003.done", "index/manifest.json", "index-text/manifest.json",
-                 "retrieved/retrieved.parquet", "retrieved/decontamination.html", "train-shards",
-                 "react/model.pt", "react/training.png", "evaluation/evaluation.json"):
+    for path in (
+        "base/model.pt",
+        "embeddings/part-000003.done",
+        "index/manifest.json",
+        "index-text/manifest.json",
+        "retrieved/retrieved.parquet",
+        "retrieved/decontamination.html",
+        "train-shards",
+        "react/model.pt",
+        "react/training.png",
+        "evaluation/evaluation.json",
+    ):
         assert (run / path).exists(), path
     report = json.loads((run / "evaluation" / "evaluation.json").read_text())
     assert set(report["results"]) == {"base", "react"} and report["results"]["base"]["n"] == 200
@@ -166,36 +224,65 @@ def test_the_stage_by_stage_block_runs_each_stage_from_relative_paths(clone):
 
 @pytest.mark.slow
 def test_the_serving_block_answers_a_search_over_http(clone):
-    """``react-ray serve`` with ``serve_demo.yaml``, as the README's serving block writes it, after
-    the demo: the LAION kNN API and the zero-shot API answer on 127.0.0.1:8000."""
+    """``react-ray serve`` with ``serve_demo.yaml``, as the serving block of docs/stages.md writes
+    it,
+    after the demo: the LAION kNN API and the zero-shot API answer on 127.0.0.1:8000."""
     assert (clone / "runs" / "demo" / "react" / "model.pt").exists(), "runs after the demo test"
     text = (clone / "README.md").read_text()
-    activate = block_after(text, STAGE_HEADING)[0]  # the README's commands run in the activated .venv
-    command = next(c for c in block_after(text, "### Serving") if c.startswith("react-ray serve"))
-    server = subprocess.Popen(["bash", "-c", f"{activate}\n{command}"], cwd=clone, env=newcomer_env(clone), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # the README's commands run in the activated .venv
+    activate = block_after(text, STAGE_HEADING)[0]
+    serving = (clone / "docs" / "stages.md").read_text()
+    command = next(c for c in block_after(serving, "## Serving") if c.startswith("react-ray serve"))
+    server = subprocess.Popen(
+        ["bash", "-c", f"{activate}\n{command}"],
+        cwd=clone,
+        env=newcomer_env(clone),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 300
         while True:
             assert server.poll() is None, server.stdout.read()[-4000:]
             try:
-                if all(requests.get(f"http://127.0.0.1:8000{app}/healthz", timeout=2).ok for app in ("", "/zeroshot")):
+                if all(
+                    requests.get(f"http://127.0.0.1:8000{app}/healthz", timeout=2).ok
+                    for app in ("", "/zeroshot")
+                ):
                     break  # both apps are up (they deploy one after the other)
             except requests.RequestException:  # not listening yet, or the proxy waits for the apps
                 pass
             assert time.time() < deadline, "the server did not come up in 300 s"
             time.sleep(1)
-        answer = requests.post("http://127.0.0.1:8000/knn-service", timeout=30, json={
-            "text": "a photo of a red star", "modality": "image", "num_images": 5, "indice_name": "demo"})
+        answer = requests.post(
+            "http://127.0.0.1:8000/knn-service",
+            timeout=30,
+            json={
+                "text": "a photo of a red star",
+                "modality": "image",
+                "num_images": 5,
+                "indice_name": "demo",
+            },
+        )
         assert answer.status_code == 200, answer.text
         hits = answer.json()
-        assert len(hits) == 5 and all({"id", "similarity", "caption", "url"} <= set(h) for h in hits)
+        assert len(hits) == 5 and all(
+            {"id", "similarity", "caption", "url"} <= set(h) for h in hits
+        )
         scores = [h["similarity"] for h in hits]
         assert scores == sorted(scores, reverse=True)
-        classify = requests.post("http://127.0.0.1:8000/zeroshot/v1/classify", timeout=60, json={
-            "task": "shapes", "model": "react", "images": [_eval_image_b64(clone)]})
+        classify = requests.post(
+            "http://127.0.0.1:8000/zeroshot/v1/classify",
+            timeout=60,
+            json={"task": "shapes", "model": "react", "images": [_eval_image_b64(clone)]},
+        )
         assert classify.status_code == 200, classify.text
-        assert classify.json()["model"] == "react" and len(classify.json()["predictions"][0]["labels"]) == 5
+        assert (
+            classify.json()["model"] == "react"
+            and len(classify.json()["predictions"][0]["labels"]) == 5
+        )
     finally:
         os.killpg(server.pid, signal.SIGINT)  # Ctrl-C, as the README says
         try:

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from react_ray import storage
 from react_ray.config import CorpusConfig, GenerateConfig
-from react_ray.data.synthetic import COLORS, SHAPES, SYNONYMS, generate_corpus
+from react_ray.formats import storage
+from react_ray.synthetic.corpus import COLORS, SHAPES, SYNONYMS, generate_corpus
 
 SMALL = CorpusConfig(num_shards=2, samples_per_shard=60, image_size=48, eval_samples_per_class=3)
 
@@ -45,7 +45,9 @@ def test_webdataset_shards_have_img2dataset_layout(corpus_dir):
 def test_parquet_laion_metadata_and_truth_agree(corpus_dir):
     images = pq.read_table(f"{corpus_dir}/parquet/00000.parquet").to_pylist()
     laion = pq.read_table(f"{corpus_dir}/laion-metadata/part-00000.parquet")
-    assert {"URL", "TEXT", "WIDTH", "HEIGHT", "similarity", "punsafe", "pwatermark"} <= set(laion.column_names)
+    assert {"URL", "TEXT", "WIDTH", "HEIGHT", "similarity", "punsafe", "pwatermark"} <= set(
+        laion.column_names
+    )
     truth = {r["key"]: r for r in pq.read_table(f"{corpus_dir}/ground_truth.parquet").to_pylist()}
     assert len(truth) == 120
     for row, url, text in zip(images, laion["URL"].to_pylist(), laion["TEXT"].to_pylist()):
@@ -60,7 +62,9 @@ def test_captions_follow_ground_truth(corpus_dir):
     assert {"descriptive", "short", "alt-text", "noise"} <= kinds
     for r in rows:
         named = [s for s in SHAPES if any(syn in r["caption"] for syn in SYNONYMS[s])]
-        if r["caption_kind"] in ("short", "alt-text") or (r["caption_kind"] == "descriptive" and r["shape"]):
+        if r["caption_kind"] in ("short", "alt-text") or (
+            r["caption_kind"] == "descriptive" and r["shape"]
+        ):
             assert r["shape"] in named, r
         if r["caption_kind"] == "wrong":
             assert r["shape"] not in named, r
@@ -97,16 +101,23 @@ def test_generation_is_deterministic(tmp_path):
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
     other = config.model_copy(update={"seed": 1})
     generate_corpus(GenerateConfig(output=str(tmp_path / "c"), corpus=other), progress=False)
-    assert (tmp_path / "a/webdataset/00000.tar").read_bytes() != (tmp_path / "c/webdataset/00000.tar").read_bytes()
+    assert (tmp_path / "a/webdataset/00000.tar").read_bytes() != (
+        tmp_path / "c/webdataset/00000.tar"
+    ).read_bytes()
 
 
 @pytest.mark.s3
 def test_generates_all_formats_to_s3(s3_bucket):
     out = f"{s3_bucket}/laion-like"
-    summary = generate_corpus(GenerateConfig(output=out, corpus=SMALL.model_copy(update={"write_images": True})),
-                              progress=False)
+    summary = generate_corpus(
+        GenerateConfig(output=out, corpus=SMALL.model_copy(update={"write_images": True})),
+        progress=False,
+    )
     assert summary.num_pairs == 120
-    assert storage.list_files(f"{out}/webdataset", ".tar") == [f"{out}/webdataset/00000.tar", f"{out}/webdataset/00001.tar"]
+    assert storage.list_files(f"{out}/webdataset", ".tar") == [
+        f"{out}/webdataset/00000.tar",
+        f"{out}/webdataset/00001.tar",
+    ]
     assert len(storage.list_files(f"{out}/parquet", ".parquet")) == 2
     assert len(storage.list_files(f"{out}/laion-metadata", ".parquet")) == 2
     assert len(storage.list_files(f"{out}/images", ".jpg")) == 120
@@ -115,20 +126,28 @@ def test_generates_all_formats_to_s3(s3_bucket):
 
 
 def test_planted_eval_copies_are_near_copies_and_change_nothing_else(tmp_path):
-    """planted_eval_copies: N corpus rows become re-encoded / resized / cropped eval images; the rest is unchanged."""
+    """planted_eval_copies: N corpus rows become re-encoded / resized / cropped eval images; the
+    rest is unchanged."""
     planted = SMALL.model_copy(update={"planted_eval_copies": 6})
     generate_corpus(GenerateConfig(output=str(tmp_path / "p"), corpus=planted), progress=False)
     generate_corpus(GenerateConfig(output=str(tmp_path / "c"), corpus=SMALL), progress=False)
     truth = pq.read_table(tmp_path / "p" / "ground_truth.parquet").to_pandas()
     copies = truth[truth["planted_from"].notna()]
-    assert len(copies) == 6 and sorted(copies["plant_transform"]) == sorted(["reencoded", "resized", "cropped"] * 2)
+    assert len(copies) == 6 and sorted(copies["plant_transform"]) == sorted(
+        ["reencoded", "resized", "cropped"] * 2
+    )
     assert copies["planted_from"].is_unique and set(copies["key"].str[:5]) == {"00000", "00001"}
     evals = _tar_members(str(tmp_path / "p" / "eval" / "eval-00000.tar"))
     for shard in ("00000", "00001"):
-        with_copies, without = (_tar_members(str(tmp_path / d / "webdataset" / f"{shard}.tar")) for d in "pc")
+        with_copies, without = (
+            _tar_members(str(tmp_path / d / "webdataset" / f"{shard}.tar")) for d in "pc"
+        )
         changed = {name.split(".")[0] for name in with_copies if with_copies[name] != without[name]}
         assert changed == set(copies.loc[copies["key"].str.startswith(shard), "key"])
-    pixels = lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((48, 48)), np.float32)
+
+    def pixels(data):
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((48, 48)), np.float32)
+
     eval_keys = sorted({name.split(".")[0] for name in evals})
     eval_pixels = np.stack([pixels(evals[f"{k}.jpg"]) for k in eval_keys])
     for row in copies.itertuples():
@@ -136,5 +155,6 @@ def test_planted_eval_copies_are_near_copies_and_change_nothing_else(tmp_path):
         assert data != evals[f"{row.planted_from}.jpg"]
         assert (Image.open(io.BytesIO(data)).size == (72, 72)) == (row.plant_transform == "resized")
         distance = np.abs(eval_pixels - pixels(data)).mean(axis=(1, 2, 3))
-        assert eval_keys[int(np.argmin(distance))] == row.planted_from  # of all eval images, closest to its source
+        # of all eval images, closest to its source
+        assert eval_keys[int(np.argmin(distance))] == row.planted_from
         assert row.shape == SHAPES[int(evals[f"{row.planted_from}.cls"])]

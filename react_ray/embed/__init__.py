@@ -1,1 +1,2 @@
-"""Stage 1: image-text shards -> image and caption embeddings (see ``pipeline.run_embedding``)."""
+"""Stage 1: image-text shards -> image and caption embeddings (wiring in ``pipeline``; the job
+is ``react_ray.jobs.embed``)."""

@@ -10,70 +10,112 @@ which ``decode`` (also run by download tasks and Serve replicas) does not need.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections import Counter
 
 import numpy as np
-import ray
 import torch
 
-from react_ray import storage
 from react_ray.config import ModelConfig
-from react_ray.embed.decode import decode_batch
-from react_ray.embed.outputs import batch_parts_dir, embedding_table, write_parquet
-from react_ray.models import build_model, get_tokenizer
+from react_ray.formats import storage
+from react_ray.formats.decode import decode_batch
+from react_ray.formats.embedding_set import (
+    batch_parts_dir,
+    embedding_table,
+    shard_name,
+    write_parquet,
+)
+from react_ray.models import autocast, build_model, get_tokenizer
 
-AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-REPORT_COLUMNS = ("shard", "records", "embedded", "end_count", "shard_error", "part", "skipped", "seconds", "nodes")
+REPORT_COLUMNS = (
+    "shard",
+    "records",
+    "embedded",
+    "end_count",
+    "shard_error",
+    "part",
+    "skipped",
+    "seconds",
+    "nodes",
+)
 
 
-def decode_and_tokenize(batch: dict, image_size: int, max_pixels: int, model_name: str, resize_mode: str = "shortest",
-                        interpolation: str = "bicubic") -> dict:
+def node_id() -> str:
+    """The Ray node this runs on ("local" outside Ray): the shard stats list who did the work."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
+
+def decode_and_tokenize(
+    batch: dict,
+    image_size: int,
+    max_pixels: int,
+    model_name: str,
+    resize_mode: str = "shortest",
+    interpolation: str = "bicubic",
+) -> dict:
     """decode_batch plus caption tokens, so the model actor (on a GPU, its one Python thread feeds
     the device) only runs the model; each row is tagged with the node that prepared it (the shard
     stats list the nodes)."""
     out = decode_batch(batch, image_size, max_pixels, resize_mode, interpolation)
     tokens = get_tokenizer(model_name)([str(c) for c in out["caption"]]).numpy()
-    return out | {"tokens": tokens,
-                  "decode_node": np.full(len(out["kind"]), ray.get_runtime_context().get_node_id(), object)}
+    return out | {
+        "tokens": tokens,
+        "decode_node": np.full(len(out["kind"]), node_id(), object),
+    }
 
 
 class ClipEmbedder:
-    def __init__(self, model: dict, precision: str, device: str, output: str, run_id: str, threads: int | None = None,
-                 prepare: dict | None = None):
-        # CPU intra-op threads (Ray pins them to int(num_cpus); an actor with 1.5 CPUs should use 2).
+    def __init__(
+        self,
+        model: dict,
+        precision: str,
+        device: str,
+        output: str,
+        run_id: str,
+        threads: int | None = None,
+        prepare: dict | None = None,
+    ):
+        # CPU intra-op threads (Ray pins them to int(num_cpus); an actor with 1.5 CPUs should use
+        # 2).
         # libgomp keeps a thread team per calling thread and, once a process has more team threads
         # than CPUs, stops spinning at barriers, so every op waits for wake-ups (15% slower,
         # measured). Ray Data calls this object from another thread than the one building it: build
         # with one thread, and start the team on the thread that runs the model (``embed``).
-        self.threads, self.prepare = threads, prepare  # prepare: decode_and_tokenize's arguments, to run it here
+        # prepare: decode_and_tokenize's arguments, to run it here
+        self.threads, self.prepare = (
+            threads,
+            prepare,
+        )
         if threads:
             torch.set_num_threads(1)
         self.clip = build_model(ModelConfig.model_validate(model), device=device)
         self.precision, self.output, self.run_id = precision, output, run_id
         self.device = torch.device(device)
-        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        self.node = node_id()
         cfg = self.clip.model.visual.preprocess_cfg
         self.mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg["std"], device=self.device).view(1, 3, 1, 1)
 
-    def _autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
-
     def embed(self, pixels: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (N, S, S, 3) + N tokenized captions -> (img_emb, txt_emb), float16, L2-normalised."""
+        """uint8 (N, S, S, 3) + N tokenized captions -> (img_emb, txt_emb), float16,
+        L2-normalised."""
         if self.threads and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
-        images = torch.from_numpy(pixels).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        images = (
+            torch.from_numpy(pixels).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        )
         images = (images / 255.0 - self.mean) / self.std
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), autocast(self.device, self.precision):
             img = self.clip.model.encode_image(images, normalize=True)
-            txt = self.clip.model.encode_text(torch.as_tensor(tokens).to(self.device), normalize=True)
-        return img.float().cpu().numpy().astype(np.float16), txt.float().cpu().numpy().astype(np.float16)
+            txt = self.clip.model.encode_text(
+                torch.as_tensor(tokens).to(self.device), normalize=True
+            )
+        return img.float().cpu().numpy().astype(np.float16), txt.float().cpu().numpy().astype(
+            np.float16
+        )
 
     def __call__(self, batch: dict) -> dict:
         start = time.perf_counter()
@@ -92,30 +134,59 @@ class ClipEmbedder:
             ok = records[good[records]]
             part = ""
             if len(ok):
-                name = f"part-{shard:06d}"
-                part = storage.join(batch_parts_dir(self.output, name), f"{self.run_id}-{int(batch['id'][ok[0]])}.parquet")
+                name = shard_name(shard)
+                part = storage.join(
+                    batch_parts_dir(self.output, name),
+                    f"{self.run_id}-{int(batch['id'][ok[0]])}.parquet",
+                )
                 pick = good_index[ok]
                 urls = [str(u) or None for u in batch["url"][ok]]
-                write_parquet(part, embedding_table(batch["id"][ok], batch["key"][ok], urls, batch["caption"][ok],
-                                                    img_emb[pick], txt_emb[pick], batch["meta"][ok]))
+                write_parquet(
+                    part,
+                    embedding_table(
+                        batch["id"][ok],
+                        batch["key"][ok],
+                        urls,
+                        batch["caption"][ok],
+                        img_emb[pick],
+                        txt_emb[pick],
+                        batch["meta"][ok],
+                    ),
+                )
             bad = records[~good[records]]
             ends = rows[kinds[rows] == "end"]
             report["shard"].append(shard)
             report["records"].append(len(records))
             report["embedded"].append(len(ok))
-            report["end_count"].append(int(batch["caption"][ends[0]]) if len(ends) else -1)
-            report["shard_error"].append(str(batch["message"][ends[0]]) if len(ends) else "")
+            report["end_count"].append(int(batch["shard_rows"][ends[0]]) if len(ends) else -1)
+            report["shard_error"].append(str(batch["shard_error"][ends[0]]) if len(ends) else "")
             report["part"].append(part)
-            report["skipped"].append(json.dumps([
-                {"id": int(batch["id"][i]), "key": str(batch["key"][i]), "reason": str(errors[i]),
-                 "message": str(batch["message"][i])}
-                for i in bad
-            ]))
+            report["skipped"].append(
+                json.dumps(
+                    [
+                        {
+                            "id": int(batch["id"][i]),
+                            "key": str(batch["key"][i]),
+                            "reason": str(errors[i]),
+                            "message": str(batch["message"][i]),
+                        }
+                        for i in bad
+                    ]
+                )
+            )
             report["seconds"].append(time.perf_counter() - start)
-            decoders = sorted({str(n) for n in batch["decode_node"][rows]}) if "decode_node" in batch else []
+            decoders = (
+                sorted({str(n) for n in batch["decode_node"][rows]})
+                if "decode_node" in batch
+                else []
+            )
             report["nodes"].append(json.dumps({"decode": decoders, "embed": [self.node]}))
-        return {c: np.array(v, dtype=object if c in ("shard_error", "part", "skipped", "nodes") else None)
-                for c, v in report.items()}
+        return {
+            c: np.array(
+                v, dtype=object if c in ("shard_error", "part", "skipped", "nodes") else None
+            )
+            for c, v in report.items()
+        }
 
 
 class ShardTally:

@@ -1,4 +1,5 @@
-"""Wiring the embedding stage on Ray Data: read shards -> decode + tokenize on CPU -> embed on an actor pool.
+"""Wiring the embedding stage on Ray Data: read shards -> decode + tokenize on CPU -> embed on an
+actor pool.
 
 ```
 shards (one task each) --read--> records --decode, tokenize (CPU tasks; or in the actors:
@@ -14,51 +15,62 @@ import json
 import math
 import time
 import uuid
+from dataclasses import dataclass
 
 import ray
 from tqdm.auto import tqdm
 
-from react_ray import storage
 from react_ray.config import EmbedConfig, ModelConfig
-from react_ray.embed import outputs
 from react_ray.embed.embedder import ClipEmbedder, ShardTally, decode_and_tokenize
-from react_ray.embed.readers import SUFFIX, InputShard, list_input_shards, read_blocks, shard_items
-from react_ray.leases import holds_lease
-from react_ray.models.factory import image_preprocess, register_tiny_models
-from react_ray.ray_utils import connect
+from react_ray.formats import embedding_set, storage
+from react_ray.formats.embedding_set import EmbeddingSetInfo
+from react_ray.formats.readers import (
+    SUFFIX,
+    InputShard,
+    list_input_shards,
+    read_blocks,
+    shard_items,
+)
+from react_ray.models.factory import embed_dim, image_preprocess
 
 
-def embedding_info(config: EmbedConfig) -> dict:
-    """What every vector of this embedding set was made with (the index stage checks it)."""
-    import open_clip
+def embedding_info(config: EmbedConfig) -> EmbeddingSetInfo:
+    """What every vector of this embedding set is made with (the later stages check it)."""
+    return EmbeddingSetInfo(
+        model=config.model.name,
+        pretrained=config.model.pretrained,
+        checkpoint=config.model.checkpoint,
+        dim=embed_dim(config.model.name),
+        precision=config.precision,
+        source_id=config.source_id,
+        input=config.input,
+        input_format=config.input_format,
+    )
 
-    register_tiny_models()
-    return {
-        "model": config.model.name, "pretrained": config.model.pretrained, "checkpoint": config.model.checkpoint,
-        "dim": int(open_clip.get_model_config(config.model.name)["embed_dim"]), "precision": config.precision,
-        "normalized": True, "metric": "inner_product", "id_layout": "source<<52 | shard<<24 | row",
-        "source_id": config.source_id, "input": config.input, "input_format": config.input_format,
-    }
 
-
-def check_embedding_info(config: EmbedConfig) -> dict:
+def check_embedding_info(config: EmbedConfig) -> EmbeddingSetInfo:
     """Write ``_embedding.json`` on the first run; refuse to add vectors of another model, or of
     another input, later."""
     info = embedding_info(config)
-    uri = storage.join(config.output, "_embedding.json")
-    if storage.exists(uri):
-        existing = json.loads(storage.read_bytes(uri))
-        if existing.get("input") != info["input"]:
-            # Shard numbers come from file names: another crawl's 00000.tar would pass as "already done".
-            raise ValueError(f"{config.output} holds the embeddings of {existing.get('input')}; this run reads "
-                             f"{info['input']}. Embed each input into its own output (with its own source_id, "
-                             "so that ids never collide when indices combine them).")
-        for field in ("model", "pretrained", "checkpoint", "dim", "source_id", "input_format"):
-            if existing.get(field) != info[field]:
-                raise ValueError(f"{config.output} holds embeddings with {field}={existing.get(field)!r}; this run "
-                                 f"has {field}={info[field]!r}. Use another output or the same {field}.")
-    else:
-        storage.write_text_atomic(uri, json.dumps(info, indent=1))
+    if not EmbeddingSetInfo.exists(config.output):
+        info.write(config.output)
+        return info
+    existing = EmbeddingSetInfo.read(config.output)
+    if existing.input != info.input:
+        # Shard numbers come from file names: another crawl's 00000.tar would pass as "already
+        # done".
+        raise ValueError(
+            f"{config.output} holds the embeddings of {existing.input}; this run reads "
+            f"{info.input}. Embed each input into its own output (with its own source_id, "
+            "so that ids never collide when indices combine them)."
+        )
+    for field in ("model", "pretrained", "checkpoint", "dim", "source_id", "input_format"):
+        if getattr(existing, field) != getattr(info, field):
+            raise ValueError(
+                f"{config.output} holds embeddings with {field}={getattr(existing, field)!r}; this "
+                "run "
+                f"has {field}={getattr(info, field)!r}. Use another output or the same {field}."
+            )
     return info
 
 
@@ -66,42 +78,65 @@ def input_sizes(config: EmbedConfig) -> dict[str, int]:
     """{input shard URI: bytes}: what a resumed run compares (image folders have no shard files)."""
     if config.input_format == "image-folder":
         return {}
-    folder = storage.join(config.input, "img_emb") if config.input_format == "laion-embeddings" else config.input
+    folder = (
+        storage.join(config.input, "img_emb")
+        if config.input_format == "laion-embeddings"
+        else config.input
+    )
     return storage.file_sizes(folder, SUFFIX[config.input_format])
 
 
-def check_inputs_unchanged(config: EmbedConfig, shards: list[InputShard], sizes: dict[str, int]) -> dict:
+def check_inputs_unchanged(
+    config: EmbedConfig, shards: list[InputShard], sizes: dict[str, int]
+) -> dict:
     """The input sizes recorded by earlier runs (``_inputs.json``); refuse when a shard embedded
     before has another size now: a marker says "done" for content that is gone."""
     uri = storage.join(config.output, "_inputs.json")
     recorded = json.loads(storage.read_bytes(uri)) if storage.exists(uri) else {}
-    changed = [f"{s.name} ({s.uri}: {recorded[s.name]['bytes']:,} bytes then, {sizes[s.uri]:,} now)"
-               for s in shards if s.name in recorded and s.uri in sizes and recorded[s.name]["bytes"] != sizes[s.uri]]
+    changed = [
+        f"{s.name} ({s.uri}: {recorded[s.name]['bytes']:,} bytes then, {sizes[s.uri]:,} now)"
+        for s in shards
+        if s.name in recorded and s.uri in sizes and recorded[s.name]["bytes"] != sizes[s.uri]
+    ]
     if changed:
-        raise ValueError(f"embed: {len(changed)} input shard(s) changed since they were embedded: "
-                         f"{'; '.join(changed[:5])}. Their embeddings describe the old files: embed the new data "
-                         f"into another output, or delete those shards' files from {config.output} to redo them.")
+        raise ValueError(
+            f"embed: {len(changed)} input shard(s) changed since they were embedded: "
+            f"{'; '.join(changed[:5])}. Their embeddings describe the old files: embed the new "
+            "data "
+            f"into another output, or delete those shards' files from {config.output} to redo them."
+        )
     return recorded
 
 
-def record_inputs(config: EmbedConfig, recorded: dict, shards: list[InputShard], sizes: dict[str, int]) -> None:
+def record_inputs(
+    config: EmbedConfig, recorded: dict, shards: list[InputShard], sizes: dict[str, int]
+) -> None:
     recorded |= {s.name: {"uri": s.uri, "bytes": sizes[s.uri]} for s in shards if s.uri in sizes}
-    storage.write_text_atomic(storage.join(config.output, "_inputs.json"), json.dumps(recorded, indent=1))
+    storage.write_text_atomic(
+        storage.join(config.output, "_inputs.json"), json.dumps(recorded, indent=1)
+    )
 
 
 @ray.remote(num_cpus=0.25)
-def _commit(output: str, name: str, parts: list[str], stats: outputs.ShardStats) -> outputs.ShardStats:
-    return outputs.commit_shard(output, name, parts, stats)
+def _commit(
+    output: str, name: str, parts: list[str], stats: embedding_set.ShardStats
+) -> embedding_set.ShardStats:
+    return embedding_set.commit_shard(output, name, parts, stats)
 
 
 def decode_settings(model: ModelConfig) -> dict:
     """How CPU tasks resize images for ``model``: as its weights' eval transform does."""
     preprocess = image_preprocess(model)
     if preprocess.resize_mode not in ("shortest", "squash"):
-        raise ValueError(f"model: {model.name} resizes with {preprocess.resize_mode!r}, which the embedding "
-                         "decoder does not reproduce (shortest, squash)")
-    return {"image_size": preprocess.size if isinstance(preprocess.size, int) else preprocess.size[0],
-            "resize_mode": preprocess.resize_mode, "interpolation": preprocess.interpolation}
+        raise ValueError(
+            f"model: {model.name} resizes with {preprocess.resize_mode!r}, which the embedding "
+            "decoder does not reproduce (shortest, squash)"
+        )
+    return {
+        "image_size": preprocess.size if isinstance(preprocess.size, int) else preprocess.size[0],
+        "resize_mode": preprocess.resize_mode,
+        "interpolation": preprocess.interpolation,
+    }
 
 
 def build_dataset(config: EmbedConfig, shards: list[InputShard], run_id: str) -> ray.data.Dataset:
@@ -109,11 +144,16 @@ def build_dataset(config: EmbedConfig, shards: list[InputShard], run_id: str) ->
     device = config.pool.device or ("cuda" if config.pool.num_gpus > 0 else "cpu")
     # Reading and decoding spread over all (CPU) nodes as tasks; the model actors pack by default.
     # The differing strategies also keep Ray Data from fusing decode into the model actors.
-    cpu_task = {"num_cpus": config.decode_num_cpus, "scheduling_strategy": "SPREAD"}
-    if config.decode_resources:
-        cpu_task["resources"] = config.decode_resources
-    read = {"source": config.source_id, "block_rows": config.read_block_rows, "caption_required": config.caption_required}
-    prepare = {"max_pixels": config.max_image_pixels, "model_name": config.model.name} | decode_settings(config.model)
+    cpu_task = config.decode.ray_options() | {"scheduling_strategy": "SPREAD"}
+    read = {
+        "source": config.source_id,
+        "block_rows": config.read_block_rows,
+        "caption_required": config.caption_required,
+    }
+    prepare = {
+        "max_pixels": config.max_image_pixels,
+        "model_name": config.model.name,
+    } | decode_settings(config.model)
     if not config.decode_in_actor:
         read |= {"then": decode_and_tokenize, **prepare}
     return (
@@ -121,47 +161,60 @@ def build_dataset(config: EmbedConfig, shards: list[InputShard], run_id: str) ->
         .map_batches(read_blocks, batch_size=1, fn_kwargs=read, **cpu_task)
         .map_batches(
             ClipEmbedder,
-            fn_constructor_kwargs={"model": config.model.model_dump(), "precision": config.precision,
-                                   "device": device, "output": config.output, "run_id": run_id,
-                                   # On CPU an actor uses its share of cores (a simulated GPU node's too)
-                                   "threads": None if device == "cuda" else math.ceil(config.pool.num_cpus),
-                                   "prepare": prepare if config.decode_in_actor else None},
-            compute=ray.data.ActorPoolStrategy(min_size=config.pool.min_actors, max_size=config.pool.max_actors),
-            num_gpus=config.pool.num_gpus, num_cpus=config.pool.num_cpus, batch_size=config.batch_size,
-            scheduling_strategy="DEFAULT", **({"resources": config.pool.resources} if config.pool.resources else {}),
+            fn_constructor_kwargs={
+                "model": config.model.model_dump(),
+                "precision": config.precision,
+                "device": device,
+                "output": config.output,
+                "run_id": run_id,
+                # On CPU an actor uses its share of cores (a simulated GPU node's too)
+                "threads": None if device == "cuda" else math.ceil(config.pool.num_cpus),
+                "prepare": prepare if config.decode_in_actor else None,
+            },
+            compute=ray.data.ActorPoolStrategy(
+                min_size=config.pool.min_actors, max_size=config.pool.max_actors
+            ),
+            batch_size=config.batch_size,
+            scheduling_strategy="DEFAULT",
+            **config.pool.ray_options(),
         )
     )
 
 
-@holds_lease("embed")
-def run_embedding(config: EmbedConfig, progress: bool = True) -> outputs.RunSummary:
-    """Embed every input shard that has no completion marker yet; return the set's summary. One
-    run per output at a time (``leases``)."""
-    start = time.perf_counter()
+@dataclass
+class EmbeddingPlan:
+    """What a run will do: the set's description, its input shards, those not committed yet."""
+
+    info: EmbeddingSetInfo
+    shards: list[InputShard]
+    pending: list[InputShard]
+    sizes: dict[str, int]  # input shard URI -> bytes
+    recorded: dict  # what earlier runs recorded of their inputs
+
+
+def plan_embedding(config: EmbedConfig) -> EmbeddingPlan:
+    """The input shards without a completion marker; refuses an output that holds another model's
+    or another input's vectors, or whose inputs changed since they were embedded."""
     shards = list_input_shards(config.input, config.input_format)
     info = check_embedding_info(config)
     sizes = input_sizes(config)
     recorded = check_inputs_unchanged(config, shards, sizes)
-    pending = [s for s in shards if not outputs.is_done(config.output, s.name)][: config.max_shards]
-    print(f"embed: {len(shards)} input shards, {len(shards) - len(pending)} already done, {len(pending)} to do "
-          f"({info['model']}, dim {info['dim']}, {config.precision})")
-    timing = RunTiming(start)
-    if pending and config.input_format == "laion-embeddings":
+    pending = [s for s in shards if not embedding_set.is_done(config.output, s.name)]
+    return EmbeddingPlan(info, shards, pending[: config.max_shards], sizes, recorded)
+
+
+def embed_pending(config: EmbedConfig, plan: EmbeddingPlan, progress: bool) -> RunTiming:
+    """Embed (or ingest) the plan's pending shards on the connected Ray cluster, committing each
+    shard as it completes."""
+    timing = RunTiming(time.perf_counter())
+    if plan.pending and config.input_format == "laion-embeddings":
         from react_ray.embed.ingest import ingest_laion_embeddings
 
-        timing.rows = ingest_laion_embeddings(config, pending, info["dim"], progress)
-    elif pending:
-        _embed_shards(config, pending, timing, progress)
-    record_inputs(config, recorded, pending, sizes)  # every pending shard is committed by now
-    summary = outputs.summarize(config.output)
-    summary.this_run_shards, summary.this_run_rows = len(pending), timing.rows
-    summary.this_run_seconds = time.perf_counter() - start
-    if timing.first_at is not None:
-        summary.this_run_startup_seconds = timing.first_at - start
-        steady = time.perf_counter() - timing.first_at
-        summary.this_run_steady_rows_per_s = (timing.rows - timing.first_rows) / steady if steady > 0 else 0.0
-    outputs.save_summary(config.output, summary)
-    return summary
+        timing.rows = ingest_laion_embeddings(config, plan.pending, plan.info.dim, progress)
+    elif plan.pending:
+        _embed_shards(config, plan.pending, timing, progress)
+    record_inputs(config, plan.recorded, plan.pending, plan.sizes)  # all committed by now
+    return timing
 
 
 class RunTiming:
@@ -176,39 +229,60 @@ class RunTiming:
             self.first_at, self.first_rows = time.perf_counter(), self.rows
 
 
-def _embed_shards(config: EmbedConfig, pending: list[InputShard], timing: RunTiming, progress: bool) -> None:
-    connect(config.ray_address)
+def _embed_shards(
+    config: EmbedConfig, pending: list[InputShard], timing: RunTiming, progress: bool
+) -> None:
     run_id = uuid.uuid4().hex[:8]
     by_number = {s.number: s for s in pending}
     tally, commits = ShardTally(), []
     bar = tqdm(total=len(pending), desc="embed shards", unit="shard", disable=not progress)
-    for batch in build_dataset(config, pending, run_id).iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in build_dataset(config, pending, run_id).iter_batches(
+        batch_size=None, batch_format="numpy"
+    ):
         for i in range(len(batch["shard"])):
             row = {k: batch[k][i] for k in batch}
             timing.add(int(row["records"]))
             complete = tally.add(row)
             if complete is not None:
-                commits.append(_commit.remote(config.output, by_number[complete].name, tally.parts.get(complete, []),
-                                              _stats(tally, by_number[complete])))
+                commits.append(
+                    _commit.remote(
+                        config.output,
+                        by_number[complete].name,
+                        tally.parts.get(complete, []),
+                        _stats(tally, by_number[complete]),
+                    )
+                )
                 bar.update(1)
         bar.set_postfix(rows=timing.rows, skipped=timing.rows - sum(tally.embedded.values()))
     ray.get(commits)
     bar.close()
-    incomplete = [s.uri for s in pending if s.number not in tally.expected
-                  or tally.expected[s.number] != tally.records[s.number]]
+    incomplete = [
+        s.uri
+        for s in pending
+        if s.number not in tally.expected or tally.expected[s.number] != tally.records[s.number]
+    ]
     if incomplete:
-        raise RuntimeError(f"embed: {len(incomplete)} shards did not complete (rerun resumes them): {incomplete[:5]}")
-    storage.remove(storage.join(config.output, "_parts"), recursive=True)  # leftovers of killed runs
+        raise RuntimeError(
+            f"embed: {len(incomplete)} shards did not complete (rerun resumes them): "
+            f"{incomplete[:5]}"
+        )
+    # Leftovers of killed runs.
+    storage.remove(storage.join(config.output, "_parts"), recursive=True)
 
 
-def _stats(tally: ShardTally, shard: InputShard) -> outputs.ShardStats:
+def _stats(tally: ShardTally, shard: InputShard) -> embedding_set.ShardStats:
     skipped = tally.skipped.get(shard.number, [])
     reasons = {}
     for record in skipped:
         reasons[record["reason"]] = reasons.get(record["reason"], 0) + 1
-    return outputs.ShardStats(
-        input=shard.uri, shard=shard.number, rows_in=tally.records[shard.number],
-        rows_embedded=tally.embedded[shard.number], skipped=reasons, skipped_records=skipped,
-        shard_error=tally.errors.get(shard.number), seconds=tally.seconds[shard.number],
+    return embedding_set.ShardStats(
+        input=shard.uri,
+        shard=shard.number,
+        rows_in=tally.records[shard.number],
+        rows_embedded=tally.embedded[shard.number],
+        skipped=reasons,
+        skipped_records=skipped,
+        shard_error=tally.errors.get(shard.number),
+        seconds=tally.seconds[shard.number],
         nodes={stage: sorted(nodes) for stage, nodes in tally.nodes.get(shard.number, {}).items()},
     )

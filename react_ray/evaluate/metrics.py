@@ -13,8 +13,12 @@ from typing import Literal
 import numpy as np
 
 TaskMetric = Literal["accuracy", "mean_per_class", "11point_mAP", "roc_auc"]
-METRIC_NAMES = {"accuracy": "accuracy", "mean_per_class": "mean per-class accuracy",
-                "11point_mAP": "11-point mAP", "roc_auc": "ROC-AUC"}
+METRIC_NAMES = {
+    "accuracy": "accuracy",
+    "mean_per_class": "mean per-class accuracy",
+    "11point_mAP": "11-point mAP",
+    "roc_auc": "ROC-AUC",
+}
 
 
 def top1_hits(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -30,10 +34,17 @@ def accuracy_metrics(logits: np.ndarray, targets: np.ndarray) -> dict:
     top = np.argsort(-logits, axis=1)[:, :k]
     top1 = top1_hits(logits, targets)
     topk = np.take_along_axis(targets, top, axis=1).any(1)
-    per_class = [float(top1[targets[:, c] > 0].mean()) if targets[:, c].any() else float("nan")
-                 for c in range(num_classes)]
-    return {"top1": float(top1.mean()), f"top{k}": float(topk.mean()),
-            "mean_per_class": float(np.nanmean(per_class)), "per_class": per_class, "n": len(logits)}
+    per_class = [
+        float(top1[targets[:, c] > 0].mean()) if targets[:, c].any() else float("nan")
+        for c in range(num_classes)
+    ]
+    return {
+        "top1": float(top1.mean()),
+        f"top{k}": float(topk.mean()),
+        "mean_per_class": float(np.nanmean(per_class)),
+        "per_class": per_class,
+        "n": len(logits),
+    }
 
 
 def softmax_scores(logits: np.ndarray) -> np.ndarray:
@@ -44,7 +55,8 @@ def softmax_scores(logits: np.ndarray) -> np.ndarray:
 
 
 def average_precision_11point(scores: np.ndarray, positives: np.ndarray) -> float:
-    """VOC2007's AP: the mean over recall r in {0, 0.1, ..., 1} of the best precision at recall >= r."""
+    """VOC2007's AP: the mean over recall r in {0, 0.1, ..., 1} of the best precision at recall >=
+    r."""
     order = np.argsort(-scores, kind="stable")
     hits = positives[order].astype(np.float64)
     if not hits.any():
@@ -52,13 +64,25 @@ def average_precision_11point(scores: np.ndarray, positives: np.ndarray) -> floa
     true_positives = np.cumsum(hits)
     recall = true_positives / hits.sum()
     precision = true_positives / np.arange(1, len(hits) + 1)
-    return float(np.mean([precision[recall >= r].max() if (recall >= r).any() else 0.0
-                          for r in np.linspace(0, 1, 11)]))
+    return float(
+        np.mean(
+            [
+                precision[recall >= r].max() if (recall >= r).any() else 0.0
+                for r in np.linspace(0, 1, 11)
+            ]
+        )
+    )
 
 
 def mean_average_precision_11point(scores: np.ndarray, targets: np.ndarray) -> float:
-    return float(np.nanmean([average_precision_11point(scores[:, c], targets[:, c] > 0)
-                             for c in range(targets.shape[1])]))
+    return float(
+        np.nanmean(
+            [
+                average_precision_11point(scores[:, c], targets[:, c] > 0)
+                for c in range(targets.shape[1])
+            ]
+        )
+    )
 
 
 def roc_auc(scores: np.ndarray, positives: np.ndarray) -> float:
@@ -89,12 +113,16 @@ def task_metric(metric: TaskMetric, logits: np.ndarray, targets: np.ndarray) -> 
     if metric == "11point_mAP":
         return mean_average_precision_11point(scores, targets)
     if targets.shape[1] != 2:
-        raise ValueError(f"roc_auc needs a binary task (2 classes, the second positive); this one has "
-                         f"{targets.shape[1]}")
+        raise ValueError(
+            f"roc_auc needs a binary task (2 classes, the second positive); this one has "
+            f"{targets.shape[1]}"
+        )
     return roc_auc(scores[:, 1], targets[:, 1] > 0)
 
 
-def paired_bootstrap(correct: np.ndarray, baseline: np.ndarray, samples: int = 10_000, seed: int = 0) -> dict:
+def paired_bootstrap(
+    correct: np.ndarray, baseline: np.ndarray, samples: int = 10_000, seed: int = 0
+) -> dict:
     """Top-1 gain of ``correct`` over ``baseline`` (both per-image booleans on the same images), in
     points, with a 95% percentile interval from resampling the images (the same draw for both)."""
     difference = correct.astype(np.float64) - baseline.astype(np.float64)
@@ -102,7 +130,11 @@ def paired_bootstrap(correct: np.ndarray, baseline: np.ndarray, samples: int = 1
     means = np.empty(samples)
     for start in range(0, samples, 1000):  # bounded memory: 1000 resamples of N images at a time
         draws = rng.integers(0, len(difference), size=(min(1000, samples - start), len(difference)))
-        means[start:start + len(draws)] = difference[draws].mean(1)
+        means[start : start + len(draws)] = difference[draws].mean(1)
     low, high = np.percentile(means, [2.5, 97.5])
-    return {"gain": 100 * float(difference.mean()), "low": 100 * float(low), "high": 100 * float(high),
-            "samples": samples}
+    return {
+        "gain": 100 * float(difference.mean()),
+        "low": 100 * float(low),
+        "high": 100 * float(high),
+        "samples": samples,
+    }

@@ -61,14 +61,25 @@ def plan_index(n: int, dim: int, memory_budget_bytes: float) -> IndexPlan:
     else:  # billions: ~3k vectors per list, an HNSW graph over the list centroids, OPQ before PQ
         nlist = min(2 ** round(math.log2(n / 3000)), 2**18)
         coarse, quantizer, opq = f"IVF{nlist}_HNSW32", nlist * (dim * 4 + 32 * 2 * 4), "OPQ{m}_{d},"
-    candidates = [(f"{coarse},Flat", flat, "raw vectors fit; inverted lists prune the scan"),
-                  (f"{coarse},SQ8", n * (dim + ID_BYTES), "8-bit scalar codes fit")]
-    candidates += [(opq.format(m=m, d=min(4 * m, dim)) + f"{coarse},PQ{m}x8", n * (m + ID_BYTES),
-                    f"{m}-byte PQ codes are the largest that fit" + (" (OPQ-rotated)" if opq else ""))
-                   for m in pq_codes(dim)]
+    candidates = [
+        (f"{coarse},Flat", flat, "raw vectors fit; inverted lists prune the scan"),
+        (f"{coarse},SQ8", n * (dim + ID_BYTES), "8-bit scalar codes fit"),
+    ]
+    candidates += [
+        (
+            opq.format(m=m, d=min(4 * m, dim)) + f"{coarse},PQ{m}x8",
+            n * (m + ID_BYTES),
+            f"{m}-byte PQ codes are the largest that fit" + (" (OPQ-rotated)" if opq else ""),
+        )
+        for m in pq_codes(dim)
+    ]
     for factory, size, reason in candidates:
         if size + quantizer <= memory_budget_bytes:
             return IndexPlan(factory, size + quantizer, reason)
     smallest = n * (8 + ID_BYTES) + quantizer
-    raise ValueError(f"index plan: {n:,} x {dim} vectors need at least {format_bytes(smallest)} even with 8-byte "
-                     f"PQ codes; the memory budget is {format_bytes(memory_budget_bytes)}: raise it or add shards")
+    raise ValueError(
+        f"index plan: {n:,} x {dim} vectors need at least {format_bytes(smallest)} even with "
+        "8-byte "
+        f"PQ codes; the memory budget is {format_bytes(memory_budget_bytes)}: raise it or add "
+        "shards"
+    )

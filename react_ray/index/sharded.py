@@ -1,8 +1,8 @@
 """Searching a sharded index: load a manifest, search every shard in parallel, merge the exact
 global top-k, and look ids up in O(1) without loading all metadata.
 
-The manifest (``manifest.json``, written last by the build) names the model, dim, metric,
-factory string, search parameters and, per shard, its file, vector count and sha256.
+The manifest (:class:`~react_ray.formats.index_manifest.IndexManifest`, written last by the
+build) names the model, dim, factory, search parameters and, per shard, its file, count and sha256.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from react_ray import ids, storage
-from react_ray.embed.outputs import fetch_vectors
-
-MANIFEST = "manifest.json"
+from react_ray.formats import ids, storage
+from react_ray.formats.embedding_set import fetch_vectors
+from react_ray.formats.index_manifest import IndexManifest, IndexShard
 
 
 def sha256_file(path: str) -> str:
@@ -34,27 +33,22 @@ def sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
-def read_manifest(index_uri: str) -> dict:
-    uri = index_uri if index_uri.endswith(".json") else storage.join(index_uri, MANIFEST)
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"no index manifest at {uri} (was `react-ray index` run to completion?)")
-    return json.loads(storage.read_bytes(uri))
-
-
 def index_root(index_uri: str) -> str:
     return index_uri.rsplit("/", 1)[0] if index_uri.endswith(".json") else index_uri
 
 
-def load_shard(uri: str, expected: dict | None = None, verify: bool = True) -> faiss.Index:
+def load_shard(uri: str, expected: IndexShard | None = None, verify: bool = True) -> faiss.Index:
     """Read one shard, memory-mapped where the index type allows; errors name the file."""
     if not storage.exists(uri):
         raise FileNotFoundError(f"index shard missing: {uri}")
     path = storage.local_copy(uri)
     if expected and verify:
         size = os.path.getsize(path)
-        if size != expected["bytes"] or sha256_file(path) != expected["sha256"]:
-            raise ValueError(f"index shard {uri} is corrupt: {size} bytes, checksum differs from the manifest "
-                             f"({expected['bytes']} bytes, sha256 {expected['sha256'][:12]}...)")
+        if size != expected.bytes or sha256_file(path) != expected.sha256:
+            raise ValueError(
+                f"index shard {uri} is corrupt: {size} bytes, checksum differs from the manifest "
+                f"({expected.bytes} bytes, sha256 {expected.sha256[:12]}...)"
+            )
     try:
         return faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
     except RuntimeError:
@@ -62,11 +56,16 @@ def load_shard(uri: str, expected: dict | None = None, verify: bool = True) -> f
     try:
         return faiss.read_index(path)
     except RuntimeError as error:
-        raise ValueError(f"index shard {uri} cannot be read by faiss: {str(error).splitlines()[0]}") from None
+        raise ValueError(
+            f"index shard {uri} cannot be read by faiss: {str(error).splitlines()[0]}"
+        ) from None
 
 
-def merge_topk(scores: np.ndarray, labels: np.ndarray, k: int, *more: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Per-shard top-k lists side by side (n, S*k) -> the exact global top-k (n, k), best first; arrays in
+def merge_topk(
+    scores: np.ndarray, labels: np.ndarray, k: int, *more: np.ndarray
+) -> tuple[np.ndarray, ...]:
+    """Per-shard top-k lists side by side (n, S*k) -> the exact global top-k (n, k), best first;
+    arrays in
     ``more`` (e.g. the hits' vectors, (n, S*k, d)) are picked alongside."""
     scores = np.where(labels < 0, -np.inf, scores)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -74,8 +73,11 @@ def merge_topk(scores: np.ndarray, labels: np.ndarray, k: int, *more: np.ndarray
     return (scores[rows, order], labels[rows, order], *(m[rows, order] for m in more))
 
 
-def search_and_reconstruct(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
-    """faiss's search_and_reconstruct (IVF decodes its own lists; Flat, HNSW, SQ reconstruct from storage),
+def search_and_reconstruct(
+    index: faiss.Index, queries: np.ndarray, k: int
+) -> tuple[np.ndarray, ...]:
+    """faiss's search_and_reconstruct (IVF decodes its own lists; Flat, HNSW, SQ reconstruct from
+    storage),
     also through an IDMap, whose inner index numbers the vectors 0..n-1. Fast-scan PQ cannot: see
     :func:`decodable`."""
     if isinstance(index, faiss.IndexIDMap):
@@ -86,27 +88,36 @@ def search_and_reconstruct(index: faiss.Index, queries: np.ndarray, k: int) -> t
 
 
 def decodable(index: faiss.Index) -> bool:
-    """False for fast-scan PQ: it has no search_and_reconstruct, and faiss 1.15 crashes (segfault) when
-    decoding the lists of a fast-scan index read back from a file, so its vectors come from elsewhere."""
+    """False for fast-scan PQ: it has no search_and_reconstruct, and faiss 1.15 crashes (segfault)
+    when
+    decoding the lists of a fast-scan index read back from a file, so its vectors come from
+    elsewhere."""
     try:
-        return not isinstance(faiss.downcast_index(faiss.extract_index_ivf(index)), faiss.IndexIVFFastScan)
+        return not isinstance(
+            faiss.downcast_index(faiss.extract_index_ivf(index)), faiss.IndexIVFFastScan
+        )
     except RuntimeError:  # not an IVF index
         return True
 
 
 def set_search_params(index: faiss.Index, params: dict) -> None:
     if params:
-        faiss.ParameterSpace().set_index_parameters(index, ",".join(f"{k}={v}" for k, v in params.items()))
+        faiss.ParameterSpace().set_index_parameters(
+            index, ",".join(f"{k}={v}" for k, v in params.items())
+        )
 
 
 class MetadataStore:
-    """id -> {key, url, caption, and the source's metadata columns} in O(1): one memory-mapped Arrow file per
+    """id -> {key, url, caption, and the source's metadata columns} in O(1): one memory-mapped Arrow
+    file per
     embedding file, dense by row."""
 
     def __init__(self, metadata_uri: str, max_open: int = 256, recheck_missing_s: float = 30.0):
         self.root, self.max_open, self.recheck_missing_s = metadata_uri, max_open, recheck_missing_s
         self._open: OrderedDict[int, pa.Table] = OrderedDict()
-        self._missing: dict[int, float] = {}  # shard -> when it was found absent (an append may add it later)
+        self._missing: dict[
+            int, float
+        ] = {}  # shard -> when it was found absent (an append may add it later)
 
     @staticmethod
     def file_name(shard: int) -> str:
@@ -148,12 +159,18 @@ class MetadataStore:
 
 
 def write_metadata_file(uri: str, table: pa.Table) -> None:
-    """Embedding rows (id, key, url, caption, meta) -> an Arrow file where row r sits at position r."""
+    """Embedding rows (id, key, url, caption, meta) -> an Arrow file where row r sits at position
+    r."""
     _, _, rows = ids.decode(table["id"].to_numpy())
     size = int(rows.max()) + 1 if len(rows) else 0
     dense = {}
-    for column, kind in (("id", pa.int64()), ("key", pa.string()), ("url", pa.string()), ("caption", pa.string()),
-                         ("meta", pa.string())):
+    for column, kind in (
+        ("id", pa.int64()),
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("meta", pa.string()),
+    ):
         values = [None] * size
         source = table[column].to_pylist() if column in table.column_names else [None] * len(rows)
         for row, value in zip(rows, source):
@@ -169,24 +186,43 @@ def write_metadata_file(uri: str, table: pa.Table) -> None:
 class ShardedIndex:
     """All shards of an index behind one ``search``; refuses a model or dim other than expected."""
 
-    def __init__(self, index_uri: str, expect_model: str | None = None, expect_dim: int | None = None,
-                 verify: bool = True, manifest: dict | None = None, group: tuple[int, int] | None = None,
-                 loaded: dict[str, faiss.Index] | None = None):
+    def __init__(
+        self,
+        index_uri: str,
+        expect_model: str | None = None,
+        expect_dim: int | None = None,
+        verify: bool = True,
+        manifest: IndexManifest | None = None,
+        group: tuple[int, int] | None = None,
+        loaded: dict[str, faiss.Index] | None = None,
+    ):
         self.index_uri, self.verify, self.group = index_uri, verify, group
         self.root = index_root(index_uri)
-        self.manifest = manifest or read_manifest(index_uri)
-        if expect_model is not None and self.manifest["model"] != expect_model:
-            raise ValueError(f"index {self.root} was built with model {self.manifest['model']!r}, "
-                             f"not {expect_model!r}: its vectors are not comparable to this model's")
-        if expect_dim is not None and self.manifest["dim"] != expect_dim:
-            raise ValueError(f"index {self.root} holds {self.manifest['dim']}-d vectors; the queries are {expect_dim}-d")
-        # group (g, G): every G-th shard from the g-th, for one replica group of an index too large for a node.
+        self.manifest = manifest or IndexManifest.read(index_uri)
+        if expect_model is not None and self.manifest.model != expect_model:
+            raise ValueError(
+                f"index {self.root} was built with model {self.manifest.model!r}, "
+                f"not {expect_model!r}: its vectors are not comparable to this model's"
+            )
+        if expect_dim is not None and self.manifest.dim != expect_dim:
+            raise ValueError(
+                f"index {self.root} holds {self.manifest.dim}-d vectors; the queries are "
+                f"{expect_dim}-d"
+            )
+        # group (g, G): every G-th shard from the g-th, for one replica group of an index too large
+        # for a node.
         # Appended shards go to the end of the list, so a shard keeps its group across versions.
-        chosen = [s for i, s in enumerate(self.manifest["shards"]) if group is None or i % group[1] == group[0]]
-        self.files = [s["file"] for s in chosen]
-        self.shards = [(loaded or {}).get(s["file"]) or load_shard(storage.join(self.root, s["file"]), s, verify)
-                       for s in chosen]
-        self.params = dict(self.manifest.get("search_params") or {})
+        chosen = [
+            s
+            for i, s in enumerate(self.manifest.shards)
+            if group is None or i % group[1] == group[0]
+        ]
+        self.files = [s.file for s in chosen]
+        self.shards = [
+            (loaded or {}).get(s.file) or load_shard(storage.join(self.root, s.file), s, verify)
+            for s in chosen
+        ]
+        self.params = dict(self.manifest.search_params)
         for shard in self.shards:
             set_search_params(shard, self.params)
         self.metadata = MetadataStore(storage.join(self.root, "metadata"))
@@ -194,20 +230,28 @@ class ShardedIndex:
 
     @property
     def dim(self) -> int:
-        return int(self.manifest["dim"])
+        return self.manifest.dim
 
     @property
     def version(self) -> int:
-        return int(self.manifest.get("version", 1))
+        return self.manifest.version
 
     def reloaded(self) -> ShardedIndex | None:
-        """The index at its current manifest version, sharing the shards already loaded; None if unchanged.
+        """The index at its current manifest version, sharing the shards already loaded; None if
+        unchanged.
         Searches running on this object finish on it (shard files are immutable once listed)."""
-        manifest = read_manifest(self.index_uri)
-        if int(manifest.get("version", 1)) == self.version:
+        manifest = IndexManifest.read(self.index_uri)
+        if manifest.version == self.version:
             return None
-        return ShardedIndex(self.index_uri, self.manifest["model"], self.dim, self.verify, manifest, self.group,
-                            dict(zip(self.files, self.shards)))
+        return ShardedIndex(
+            self.index_uri,
+            self.manifest.model,
+            self.dim,
+            self.verify,
+            manifest,
+            self.group,
+            dict(zip(self.files, self.shards)),
+        )
 
     @property
     def ntotal(self) -> int:
@@ -221,32 +265,45 @@ class ShardedIndex:
     def _queries(self, queries: np.ndarray, k: int) -> np.ndarray:
         queries = np.ascontiguousarray(np.atleast_2d(queries), np.float32)
         if queries.shape[1] != self.dim:
-            raise ValueError(f"queries are {queries.shape[1]}-d; index {self.root} holds {self.dim}-d vectors")
+            raise ValueError(
+                f"queries are {queries.shape[1]}-d; index {self.root} holds {self.dim}-d vectors"
+            )
         if k <= 0:
             raise ValueError(f"k: got {k}; must be >= 1")
         return queries
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(n, dim) queries -> (scores, ids), each (n, k), best first; id -1 where fewer than k exist."""
+        """(n, dim) queries -> (scores, ids), each (n, k), best first; id -1 where fewer than k
+        exist."""
         queries = self._queries(queries, k)
         results = list(self._pool.map(lambda shard: shard.search(queries, k), self.shards))
         scores = np.concatenate([r[0] for r in results], axis=1)
         labels = np.concatenate([r[1] for r in results], axis=1)
         return merge_topk(scores, labels, k)
 
-    def search_with_vectors(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """:meth:`search`, plus each hit's vector as the index stores it (n, k, dim): exact for Flat and
-        HNSW, decoded for PQ / SQ, read from the embedding files for fast-scan PQ; what near-duplicate
+    def search_with_vectors(
+        self, queries: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`search`, plus each hit's vector as the index stores it (n, k, dim): exact for Flat
+        and
+        HNSW, decoded for PQ / SQ, read from the embedding files for fast-scan PQ; what
+        near-duplicate
         removal among results compares."""
         queries = self._queries(queries, k)
-        if not all(decodable(shard) for shard in self.shards):  # exact vectors from the embedding files
+        # exact vectors from the embedding files
+        if not all(decodable(shard) for shard in self.shards):
             scores, labels = self.search(queries, k)
             vectors = np.zeros((*labels.shape, self.dim), np.float32)
-            vectors[labels >= 0] = fetch_vectors(self.manifest["embeddings"], labels[labels >= 0],
-                                                 self.manifest["key_column"])
+            vectors[labels >= 0] = fetch_vectors(
+                self.manifest.embeddings, labels[labels >= 0], self.manifest.key_column
+            )
             return scores, labels, vectors
-        results = list(self._pool.map(lambda shard: search_and_reconstruct(shard, queries, k), self.shards))
-        scores, labels, vectors = (np.concatenate([r[i] for r in results], axis=1) for i in range(3))
+        results = list(
+            self._pool.map(lambda shard: search_and_reconstruct(shard, queries, k), self.shards)
+        )
+        scores, labels, vectors = (
+            np.concatenate([r[i] for r in results], axis=1) for i in range(3)
+        )
         return merge_topk(scores, labels, k, vectors)
 
     def lookup(self, id_list) -> list[dict | None]:

@@ -11,14 +11,17 @@ import time
 
 import numpy as np
 
-KNOBS = {"ivf": ("nprobe", [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]),
-         "hnsw": ("efSearch", [16, 32, 64, 128, 256, 512, 1024])}
+from react_ray.formats.embedding_set import read_vectors
+
+KNOBS = {
+    "ivf": ("nprobe", [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]),
+    "hnsw": ("efSearch", [16, 32, 64, 128, 256, 512, 1024]),
+}
 
 
 def exact_ground_truth(queries: np.ndarray, files, column: str, k: int) -> np.ndarray:
-    """Exact top-k ids by inner product, streaming over the embedding files (never all in memory)."""
-    from react_ray.index.build import read_vectors
-
+    """Exact top-k ids by inner product, streaming over the embedding files (never all in
+    memory)."""
     best_scores = np.full((len(queries), k), -np.inf, np.float32)
     best_ids = np.full((len(queries), k), -1, np.int64)
     for f in files:
@@ -27,7 +30,10 @@ def exact_ground_truth(queries: np.ndarray, files, column: str, k: int) -> np.nd
         all_scores = np.concatenate([best_scores, scores], axis=1)
         all_ids = np.concatenate([best_ids, np.broadcast_to(ids, scores.shape)], axis=1)
         order = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
-        best_scores, best_ids = np.take_along_axis(all_scores, order, 1), np.take_along_axis(all_ids, order, 1)
+        best_scores, best_ids = (
+            np.take_along_axis(all_scores, order, 1),
+            np.take_along_axis(all_ids, order, 1),
+        )
     return best_ids
 
 
@@ -45,7 +51,9 @@ def knob_for(factory: str) -> tuple[str, list[int]] | None:
     return None
 
 
-def tune_search_params(index, factory: str, queries: np.ndarray, truth: np.ndarray, k: int, target: float) -> dict:
+def tune_search_params(
+    index, factory: str, queries: np.ndarray, truth: np.ndarray, k: int, target: float
+) -> dict:
     """Try the knob's values from cheap to costly; keep the first whose recall@k >= target."""
     knob = knob_for(factory)
     curve = []
@@ -67,7 +75,13 @@ def tune_search_params(index, factory: str, queries: np.ndarray, truth: np.ndarr
         if recall >= target:
             chosen = curve[-1]
             break
-    chosen = chosen or curve[-1]  # the target was out of reach: the best we measured, stated as such
+    # the target was out of reach: the best we measured, stated as such
+    chosen = chosen or curve[-1]
     index.set_params({name: chosen[name]})
-    return {"params": {name: chosen[name]}, "recall": chosen["recall"], "target": target,
-            "reached": chosen["recall"] >= target, "curve": curve}
+    return {
+        "params": {name: chosen[name]},
+        "recall": chosen["recall"],
+        "target": target,
+        "reached": chosen["recall"] >= target,
+        "curve": curve,
+    }

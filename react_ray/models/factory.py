@@ -23,8 +23,9 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from torch import nn
 
-from react_ray import storage
-from react_ray.config import ModelConfig, is_weights_path
+from react_ray.fields import is_weights_path
+from react_ray.formats import storage
+from react_ray.models.config import ModelConfig
 from react_ray.models.gated import default_gated_layers, insert_gated_blocks
 from react_ray.models.releases import HUB_REPO, WEIGHTS_ENV
 
@@ -36,13 +37,42 @@ _GATED_KEY = re.compile(r"^visual\.transformer\.resblocks\.(\d+)\.gated_attn_blo
 
 @cache
 def register_tiny_models() -> None:
-    """Make the repo's small test/demo configs (``react-tiny``, ``react-micro``) known to open_clip."""
+    """Make the repo's small test/demo configs (``react-tiny``, ``react-micro``) known to
+    open_clip."""
     open_clip.add_model_config(CONFIG_DIR)
+
+
+def open_clip_config(name: str) -> dict:
+    """OpenCLIP's config of a model name (the repo's tiny ones included); unknown names are refused
+    with the closest known ones."""
+    register_tiny_models()
+    _check_model_name(name)
+    return open_clip.get_model_config(name)
+
+
+def embed_dim(name: str) -> int:
+    return int(open_clip_config(name)["embed_dim"])
+
+
+def image_size(name: str) -> int:
+    """The side of the square images the model's tower takes."""
+    size = open_clip_config(name)["vision_cfg"]["image_size"]
+    return int(size if isinstance(size, int) else size[0])
+
+
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision for fp16 / bf16 (AMP); fp32 runs as is."""
+    dtype = AMP_DTYPES.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 @cache
 def get_tokenizer(name: str) -> Callable:
-    """The model's tokenizer, once per process (CPU tasks tokenize captions before the model actor)."""
+    """The model's tokenizer, once per process (CPU tasks tokenize captions before the model
+    actor)."""
     register_tiny_models()
     with open_clip_quiet():
         return open_clip.get_tokenizer(name)
@@ -92,12 +122,15 @@ class ClipModel:
     @property
     def decode_args(self) -> dict:
         """``decode_image``'s size, resize mode and interpolation for this model's weights."""
-        return {"size": self.image_size, "resize_mode": self.preprocess_cfg.resize_mode,
-                "interpolation": self.preprocess_cfg.interpolation}
+        return {
+            "size": self.image_size,
+            "resize_mode": self.preprocess_cfg.resize_mode,
+            "interpolation": self.preprocess_cfg.interpolation,
+        }
 
     @property
     def embed_dim(self) -> int:
-        return int(open_clip.get_model_config(self.spec.name)["embed_dim"])
+        return embed_dim(self.spec.name)
 
     @property
     def image_size(self) -> int:
@@ -143,8 +176,11 @@ def _check_release_copy(spec: ModelConfig) -> None:
     if spec.release and spec.checkpoint and not storage.exists(spec.checkpoint):
         file = spec.checkpoint.rsplit("/", 1)[-1]
         raise FileNotFoundError(
-            f"model: REACT's {spec.release} is read from {spec.checkpoint}, which does not exist; fetch "
-            f"{HUB_REPO}/{file} from the Hugging Face hub there (or set {WEIGHTS_ENV} to the folder holding it)")
+            f"model: REACT's {spec.release} is read from {spec.checkpoint}, which does not exist; "
+            "fetch "
+            f"{HUB_REPO}/{file} from the Hugging Face hub there (or set {WEIGHTS_ENV} to the "
+            "folder holding it)"
+        )
 
 
 def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
@@ -155,11 +191,18 @@ def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
         allowed = ", ".join(tags) if tags else "none (use a weights file path)"
-        raise ValueError(f"model.pretrained: {pretrained!r} is not a tag of {name}; its tags are: {allowed}")
-    if open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu") and not name.endswith("-quickgelu"):
-        # open_clip only warns and builds GELU: every activation of the tower would differ from training.
-        raise ValueError(f"model.name: the {pretrained!r} weights of {name} were trained with QuickGELU; use "
-                         f"name: {name}-quickgelu (REACT's react_{name}-quickgelu starts from it)")
+        raise ValueError(
+            f"model.pretrained: {pretrained!r} is not a tag of {name}; its tags are: {allowed}"
+        )
+    if open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu") and not name.endswith(
+        "-quickgelu"
+    ):
+        # open_clip only warns and builds GELU: every activation of the tower would differ from
+        # training.
+        raise ValueError(
+            f"model.name: the {pretrained!r} weights of {name} were trained with QuickGELU; use "
+            f"name: {name}-quickgelu (REACT's react_{name}-quickgelu starts from it)"
+        )
     return pretrained
 
 
@@ -182,13 +225,16 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
     if result.missing_keys:
         problems.append(f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]})")
     if result.unexpected_keys:
-        problems.append(f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]})")
+        problems.append(
+            f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]})"
+        )
     if problems:
         raise ValueError(f"checkpoint {source} does not fit the model: " + "; ".join(problems))
 
 
 def recorded_preprocess_uri(checkpoint: str) -> str:
-    """Where a checkpoint written here records its model's image preprocessing (``model.pt.json``)."""
+    """Where a checkpoint written here records its model's image preprocessing
+    (``model.pt.json``)."""
     return checkpoint + ".json"
 
 
@@ -196,12 +242,14 @@ def image_preprocess(spec: ModelConfig) -> PreprocessCfg:
     """Size, mean, std, interpolation and resize mode of ``spec``'s images: the one source for
     embedding, training, evaluation and serving. The model config's, overlaid by its pretrained
     tag's (or ``base_tag``'s), overlaid by what the checkpoint recorded when it was written."""
-    register_tiny_models()
-    _check_model_name(spec.name)
-    config = open_clip.get_model_config(spec.name)
+    config = open_clip_config(spec.name)
     size = config["vision_cfg"]["image_size"]
     merged = merge_preprocess_dict(PreprocessCfg(size=size), config.get("preprocess_cfg", {}))
-    tag = spec.pretrained if spec.pretrained and not is_weights_path(spec.pretrained) else spec.base_tag
+    tag = (
+        spec.pretrained
+        if spec.pretrained and not is_weights_path(spec.pretrained)
+        else spec.base_tag
+    )
     if tag:
         merged = merge_preprocess_dict(merged, open_clip.get_pretrained_cfg(spec.name, tag))
     if spec.checkpoint and storage.exists(recorded_preprocess_uri(spec.checkpoint)):
@@ -216,7 +264,8 @@ def eval_transform(spec: ModelConfig) -> Callable:
 
 
 def build_model(spec: ModelConfig | str, device: str | torch.device = "cpu") -> ClipModel:
-    """Create the model ``spec`` names; insert gated blocks when asked or when the checkpoint has them.
+    """Create the model ``spec`` names; insert gated blocks when asked or when the checkpoint has
+    them.
 
     ``spec.gated_layers``: None means "REACT's K if the checkpoint is gated, else none";
     0 means none; K>0 inserts K blocks. A checkpoint is loaded with strict key checking: a gated
@@ -242,7 +291,8 @@ def build_model(spec: ModelConfig | str, device: str | torch.device = "cpu") -> 
         except RuntimeError as error:
             raise RuntimeError(
                 f"could not load pretrained weights {spec.pretrained!r} for {spec.name}: {error}. "
-                "Without network access, download the weights once and pass their path or s3:// URI."
+                "Without network access, download the weights once and pass their path or s3:// "
+                "URI."
             ) from error
         if state is not None and num_gated and not gated_layers_in(state):
             # A base checkpoint under fresh gated blocks: REACT's starting point.
@@ -253,7 +303,8 @@ def build_model(spec: ModelConfig | str, device: str | torch.device = "cpu") -> 
         load_state_dict_strict(model, state, spec.checkpoint)
     model.eval()
     preprocess = image_preprocess(spec)
-    open_clip.set_model_preprocess_cfg(model, asdict(preprocess))  # what the embedder normalises with
+    # what the embedder normalises with
+    open_clip.set_model_preprocess_cfg(model, asdict(preprocess))
     return ClipModel(
         model=model,
         tokenizer=get_tokenizer(spec.name),
@@ -266,10 +317,7 @@ def build_model(spec: ModelConfig | str, device: str | torch.device = "cpu") -> 
 
 def react_gated_layers(name: str) -> int:
     """REACT's K for a model name (6 for ViT-B/L, 12 for bigG, half the depth otherwise)."""
-    register_tiny_models()
-    config = open_clip.get_model_config(name)
-    if config is None:
-        _check_model_name(name)
+    config = open_clip_config(name)
     return default_gated_layers(name, int(config["vision_cfg"]["layers"]))
 
 
@@ -280,8 +328,11 @@ def export_react_checkpoint(model: nn.Module, uri: str, spec: ModelConfig) -> No
     buffer = io.BytesIO()
     torch.save(state, buffer)
     storage.write_bytes_atomic(uri, buffer.getvalue())
-    record = {"model": spec.name, "gated_layers": gated_layers_in(state),
-              "preprocess": asdict(image_preprocess(spec))}
+    record = {
+        "model": spec.name,
+        "gated_layers": gated_layers_in(state),
+        "preprocess": asdict(image_preprocess(spec)),
+    }
     storage.write_text_atomic(recorded_preprocess_uri(uri), json.dumps(record, indent=1))
 
 

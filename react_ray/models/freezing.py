@@ -26,7 +26,9 @@ def apply_tuning_mode(model: nn.Module, mode: str) -> list[str]:
         if param.requires_grad:
             trainable.append(name)
     if mode == "gated-image" and len(trainable) == 1:
-        raise ValueError("tuning mode 'gated-image' needs gated blocks: build the model with gated_layers > 0")
+        raise ValueError(
+            "tuning mode 'gated-image' needs gated blocks: build the model with gated_layers > 0"
+        )
     return sorted(trainable)
 
 

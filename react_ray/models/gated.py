@@ -16,7 +16,8 @@ from torch.utils.checkpoint import checkpoint
 
 from react_ray.models.releases import REACT_GATED_LAYERS  # REACT's K; other ViTs: half their depth
 
-# REACT's gated block never passes the tower's MLP ratio: 4.0 also on bigG (whose own blocks use 4.9231).
+# REACT's gated block never passes the tower's MLP ratio: 4.0 also on bigG (whose own blocks use
+# 4.9231).
 MLP_RATIO = 4.0
 
 
@@ -44,7 +45,11 @@ class GatedResidualBlock(nn.Module):
         hidden = int(width * MLP_RATIO)
         self.mlp = nn.Sequential(
             OrderedDict(
-                [("c_fc", nn.Linear(width, hidden)), ("gelu", act_layer()), ("c_proj", nn.Linear(hidden, width))]
+                [
+                    ("c_fc", nn.Linear(width, hidden)),
+                    ("gelu", act_layer()),
+                    ("c_proj", nn.Linear(hidden, width)),
+                ]
             )
         )
         self.grad_checkpointing = False
@@ -79,7 +84,8 @@ def image_resblocks(model: nn.Module) -> nn.ModuleList:
 
 
 def default_gated_layers(model_name: str, depth: int) -> int:
-    """REACT's K; the ``-quickgelu`` variant of an architecture (OpenAI's weights) has the same K."""
+    """REACT's K; the ``-quickgelu`` variant of an architecture (OpenAI's weights) has the same
+    K."""
     return REACT_GATED_LAYERS.get(model_name.removesuffix("-quickgelu"), max(1, depth // 2))
 
 
@@ -92,7 +98,9 @@ def insert_gated_blocks(model: nn.Module, num_layers: int) -> list[int]:
     resblocks = image_resblocks(model)
     depth = len(resblocks)
     if not 0 < num_layers <= depth:
-        raise ValueError(f"gated_layers: got {num_layers}; the image tower has {depth} blocks (1..{depth})")
+        raise ValueError(
+            f"gated_layers: got {num_layers}; the image tower has {depth} blocks (1..{depth})"
+        )
     indices = list(range(depth - num_layers, depth))
     for i in indices:
         block = resblocks[i]

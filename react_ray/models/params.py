@@ -23,20 +23,40 @@ class ParameterReport:
 
     @property
     def gated_fraction(self) -> float:
-        return self.gated_image_trainable / (self.base_params + self.gated_layers * self.gated_block_params)
+        return self.gated_image_trainable / (
+            self.base_params + self.gated_layers * self.gated_block_params
+        )
 
     def row(self) -> list[str]:
-        return [self.model, f"{self.base_params:,}", str(self.gated_layers), f"{self.gated_block_params:,}",
-                f"{self.gated_image_trainable:,}", f"{100 * self.gated_fraction:.1f}%", f"{self.locked_text_trainable:,}"]
+        return [
+            self.model,
+            f"{self.base_params:,}",
+            str(self.gated_layers),
+            f"{self.gated_block_params:,}",
+            f"{self.gated_image_trainable:,}",
+            f"{100 * self.gated_fraction:.1f}%",
+            f"{self.locked_text_trainable:,}",
+        ]
 
 
-REPORT_HEADERS = ["model", "base params", "K", "params / gated block", "gated-image trainable",
-                  "of total", "locked-text trainable"]
+REPORT_HEADERS = [
+    "model",
+    "base params",
+    "K",
+    "params / gated block",
+    "gated-image trainable",
+    "of total",
+    "locked-text trainable",
+]
 
 
 def parameter_report(name: str, gated_layers: int | None = None) -> ParameterReport:
     register_tiny_models()
-    with torch.device("meta"), open_clip_quiet(random_weights_expected=True):  # shapes only, no weights
+    # shapes only, no weights
+    with (
+        torch.device("meta"),
+        open_clip_quiet(random_weights_expected=True),
+    ):
         model = open_clip.create_model(name, device="meta")
     base = sum(p.numel() for p in model.parameters())
     locked = sum(p.numel() for n, p in model.named_parameters() if is_trainable(n, "locked-text"))

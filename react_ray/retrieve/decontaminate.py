@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import html
-import json
 import re
 from dataclasses import dataclass
 
@@ -25,21 +24,35 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from react_ray import storage
 from react_ray.config import DecontaminateConfig, EmbedConfig, ModelConfig
-from react_ray.embed.outputs import column_matrix, read_parquet, summarize
+from react_ray.formats import storage
+from react_ray.formats.embedding_set import EmbeddingSetInfo, column_matrix, read_parquet, summarize
+from react_ray.formats.retrieved_set import DecontaminationRecord, RetrievalRecord
 from react_ray.report import data_uri, page, table
 
-REMOVED_COLUMNS = ("id", "label", "class", "score", "caption", "eval_set", "eval_id", "eval_key", "cosine", "reason")
-MODEL_FIELDS = ("model", "pretrained", "checkpoint", "dim")
+REMOVED_COLUMNS = (
+    "id",
+    "label",
+    "class",
+    "score",
+    "caption",
+    "eval_set",
+    "eval_id",
+    "eval_key",
+    "cosine",
+    "reason",
+)
 
 
 def eval_input_format(uri: str) -> str:
-    """``embeddings`` (an embedding set already), or the embedding stage's input format of an eval set."""
-    if storage.exists(storage.join(uri, "_embedding.json")):
+    """``embeddings`` (an embedding set already), or the embedding stage's input format of an eval
+    set."""
+    if EmbeddingSetInfo.exists(uri):
         return "embeddings"
     if uri.endswith((".tar", ".parquet")):
-        raise ValueError(f"decontaminate: eval set {uri} is a file; give the folder that holds its shards")
+        raise ValueError(
+            f"decontaminate: eval set {uri} is a file; give the folder that holds its shards"
+        )
     if storage.list_files(uri, ".tar"):
         return "webdataset"
     if storage.list_files(uri, ".parquet"):
@@ -48,7 +61,8 @@ def eval_input_format(uri: str) -> str:
 
 
 def _work_folder(uri: str, work: str) -> str:
-    """Where an eval set is embedded: a folder under ``work`` named after it (and its full URI's hash)."""
+    """Where an eval set is embedded: a folder under ``work`` named after it (and its full URI's
+    hash)."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", uri.rstrip("/").rsplit("/", 1)[-1])
     return storage.join(work, f"{name}-{hashlib.sha1(uri.encode()).hexdigest()[:8]}")
 
@@ -75,55 +89,84 @@ class EvalImages:
     def load(cls, sets: list[str], embedding_sets: list[str]) -> EvalImages:
         parts, skipped = [], {}
         for i, uri in enumerate(embedding_sets):
-            tables = [read_parquet(f, ["id", "key", "caption", "img_emb"]) for f in storage.list_files(uri, ".parquet")]
+            tables = [
+                read_parquet(f, ["id", "key", "caption", "img_emb"])
+                for f in storage.list_files(uri, ".parquet")
+            ]
             if not tables:
                 raise ValueError(f"decontaminate: {uri} holds no embedded eval images")
             part = pa.concat_tables(tables)
             parts.append((i, part))
             for reason, count in summarize(uri).skipped.items():
                 skipped[reason] = skipped.get(reason, 0) + count
-        return cls(sets, embedding_sets,
-                   np.concatenate([np.full(len(p), i) for i, p in parts]),
-                   np.concatenate([p["id"].to_numpy() for _, p in parts]),
-                   [k for _, p in parts for k in p["key"].to_pylist()],
-                   [c or "" for _, p in parts for c in p["caption"].to_pylist()],
-                   np.concatenate([column_matrix(p, "img_emb") for _, p in parts]).astype(np.float32), skipped)
+        return cls(
+            sets,
+            embedding_sets,
+            np.concatenate([np.full(len(p), i) for i, p in parts]),
+            np.concatenate([p["id"].to_numpy() for _, p in parts]),
+            [k for _, p in parts for k in p["key"].to_pylist()],
+            [c or "" for _, p in parts for c in p["caption"].to_pylist()],
+            np.concatenate([column_matrix(p, "img_emb") for _, p in parts]).astype(np.float32),
+            skipped,
+        )
 
 
-def embed_eval_sets(config: DecontaminateConfig, model: ModelConfig, corpus_embeddings: str, work: str,
-                    ray_address: str | None, progress: bool = True) -> EvalImages:
-    """Embed each eval set not embedded yet (the embedding stage, resumable), check that every
-    set was embedded with the corpus's model, and load them."""
-    from react_ray.embed.pipeline import run_embedding
+def embed_eval_sets(
+    config: DecontaminateConfig,
+    model: ModelConfig,
+    corpus_embeddings: str,
+    work: str,
+    progress: bool = True,
+) -> EvalImages:
+    """Embed each eval set not embedded yet (the embedding stage's wiring, resumable, on the
+    connected Ray), check that every set was embedded with the corpus's model, and load them."""
+    from react_ray.embed.pipeline import embed_pending, plan_embedding
 
-    corpus = json.loads(storage.read_bytes(storage.join(corpus_embeddings, "_embedding.json")))
+    corpus = EmbeddingSetInfo.read(corpus_embeddings)
     targets = []
     for uri in config.eval_sets:
         input_format, target = eval_input_format(uri), uri
         if input_format != "embeddings":
             target = _work_folder(uri, work)
-            run_embedding(EmbedConfig(input=uri, input_format=input_format, output=target, model=model,
-                                      caption_required=False, batch_size=config.batch_size, pool=config.pool,
-                                      precision=config.precision, ray_address=ray_address), progress)
-        info = json.loads(storage.read_bytes(storage.join(target, "_embedding.json")))
-        for field in MODEL_FIELDS:
-            if info.get(field) != corpus.get(field):
-                raise ValueError(f"decontaminate: eval set {uri} is embedded with {field}={info.get(field)!r} but "
-                                 f"the corpus with {field}={corpus.get(field)!r}; cosines across models mean nothing")
+            embed_config = EmbedConfig(
+                input=uri,
+                input_format=input_format,
+                output=target,
+                model=model,
+                caption_required=False,
+                batch_size=config.batch_size,
+                pool=config.pool,
+                precision=config.precision,
+            )
+            embed_pending(embed_config, plan_embedding(embed_config), progress)
+        info = EmbeddingSetInfo.read(target)
+        field = info.model_mismatch(corpus)
+        if field:
+            raise ValueError(
+                f"decontaminate: eval set {uri} is embedded with {field}={getattr(info, field)!r} "
+                "but "
+                f"the corpus with {field}={getattr(corpus, field)!r}; cosines across models mean "
+                "nothing"
+            )
         targets.append(target)
     return EvalImages.load(list(config.eval_sets), targets)
 
 
-def nearest_eval_image(vectors: np.ndarray, eval_vectors: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """For each vector, the cosine and row of its closest eval image (exact inner-product search)."""
+def nearest_eval_image(
+    vectors: np.ndarray, eval_vectors: np.ndarray, batch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each vector, the cosine and row of its closest eval image (exact inner-product
+    search)."""
     import faiss
 
     flat = faiss.IndexFlatIP(eval_vectors.shape[1])
     flat.add(np.ascontiguousarray(eval_vectors, np.float32))
     cosine, row = np.empty(len(vectors), np.float32), np.empty(len(vectors), np.int64)
     for start in range(0, len(vectors), batch):
-        found_cos, found_row = flat.search(np.ascontiguousarray(vectors[start:start + batch], np.float32), 1)
-        cosine[start:start + batch], row[start:start + batch] = found_cos[:, 0], found_row[:, 0]
+        found_cos, found_row = flat.search(
+            np.ascontiguousarray(vectors[start : start + batch], np.float32), 1
+        )
+        cosine[start : start + batch], row[start : start + batch] = found_cos[:, 0], found_row[:, 0]
     return cosine, row
 
 
@@ -141,38 +184,66 @@ class Decontaminator:
         self.removed = pd.DataFrame()
         self.closest_kept = pd.DataFrame()
 
-    def __call__(self, pairs: pd.DataFrame, vectors: np.ndarray, captions: list[str | None]) -> np.ndarray:
+    def __call__(
+        self, pairs: pd.DataFrame, vectors: np.ndarray, captions: list[str | None]
+    ) -> np.ndarray:
         """The mask of pairs to keep; ``vectors`` are the pairs' image embeddings, row-aligned."""
         cosine, row = nearest_eval_image(vectors, self.eval.vectors, self.config.search_batch)
         by_image = cosine >= self.config.threshold
-        caption_row = np.array([self.eval_captions.get(normalized_text(c), -1) for c in captions], np.int64)
+        caption_row = np.array(
+            [self.eval_captions.get(normalized_text(c), -1) for c in captions], np.int64
+        )
         by_caption = ~by_image & (caption_row >= 0)
         matched = np.where(by_caption, caption_row, row)
         frame = pairs.assign(**{"class": [self.classes[label] for label in pairs["label"]]}).assign(
-            caption=captions, cosine=cosine, reason=np.where(by_image, "image", np.where(by_caption, "caption", "")),
-            eval_row=matched, eval_set=[self.eval.sets[self.eval.set_of[r]] for r in matched],
-            eval_id=self.eval.ids[matched], eval_key=[self.eval.keys[r] for r in matched])
+            caption=captions,
+            cosine=cosine,
+            reason=np.where(by_image, "image", np.where(by_caption, "caption", "")),
+            eval_row=matched,
+            eval_set=[self.eval.sets[self.eval.set_of[r]] for r in matched],
+            eval_id=self.eval.ids[matched],
+            eval_key=[self.eval.keys[r] for r in matched],
+        )
         keep = ~(by_image | by_caption)
-        self.removed = frame[~keep].sort_values(["cosine", "id"], ascending=[False, True]).reset_index(drop=True)
-        self.closest_kept = (frame[keep].sort_values(["cosine", "id"], ascending=[False, True])
-                             .head(self.config.report_pairs).reset_index(drop=True))
+        self.removed = (
+            frame[~keep]
+            .sort_values(["cosine", "id"], ascending=[False, True])
+            .reset_index(drop=True)
+        )
+        self.closest_kept = (
+            frame[keep]
+            .sort_values(["cosine", "id"], ascending=[False, True])
+            .head(self.config.report_pairs)
+            .reset_index(drop=True)
+        )
         return keep
 
-    def record(self) -> dict:
+    def record(self) -> DecontaminationRecord:
         """The decision, for retrieval.json (and so for the evaluation report)."""
-        removed = self.removed.reindex(columns=["label", "reason"])  # no columns when nothing was retrieved
+        # no columns when nothing was retrieved
+        removed = self.removed.reindex(columns=["label", "reason"])
         per_class = np.bincount(removed["label"].to_numpy(int), minlength=len(self.classes))
-        return {
-            "eval_sets": self.eval.sets, "embedding_sets": self.eval.embedding_sets,
-            "eval_images": len(self.eval.ids), "eval_images_not_embedded": self.eval.skipped,
-            "threshold": self.config.threshold, "captions": self.config.captions, "removed": len(removed),
-            "removed_by_reason": {r: int((removed["reason"] == r).sum()) for r in ("image", "caption")},
-            "removed_per_class": dict(zip(self.classes, per_class.tolist())),
-            "closest_kept_cosine": float(self.closest_kept["cosine"].iloc[0]) if len(self.closest_kept) else None,
-        }
+        return DecontaminationRecord(
+            eval_sets=self.eval.sets,
+            embedding_sets=self.eval.embedding_sets,
+            eval_images=len(self.eval.ids),
+            eval_images_not_embedded=self.eval.skipped,
+            threshold=self.config.threshold,
+            captions=self.config.captions,
+            removed=len(removed),
+            removed_by_reason={
+                r: int((removed["reason"] == r).sum()) for r in ("image", "caption")
+            },
+            removed_per_class=dict(zip(self.classes, per_class.tolist())),
+            closest_kept_cosine=float(self.closest_kept["cosine"].iloc[0])
+            if len(self.closest_kept)
+            else None,
+        )
 
     def removed_table(self) -> pa.Table:
-        return pa.Table.from_pandas(self.removed.reindex(columns=list(REMOVED_COLUMNS)), preserve_index=False)
+        return pa.Table.from_pandas(
+            self.removed.reindex(columns=list(REMOVED_COLUMNS)), preserve_index=False
+        )
 
     def html(self, task_name: str, corpus_embeddings: str) -> str:
         """Each removed pair beside the eval image it matched; then the closest pairs kept."""
@@ -187,19 +258,30 @@ class Decontaminator:
             for i, uri in enumerate(self.eval.embedding_sets):
                 rows = wanted[self.eval.set_of[wanted] == i]
                 by_id = corpus_images(uri, pd.DataFrame({"id": self.eval.ids[rows]}))
-                eval_images |= {int(r): by_id[self.eval.ids[r]] for r in rows if self.eval.ids[r] in by_id}
+                eval_images |= {
+                    int(r): by_id[self.eval.ids[r]] for r in rows if self.eval.ids[r] in by_id
+                }
         record = self.record()
-        summary = (f"<p>Eval sets: {html.escape(', '.join(self.eval.sets))} ({record['eval_images']:,} images embedded"
-                   f"{'; not embedded: ' + html.escape(str(record['eval_images_not_embedded'])) if record['eval_images_not_embedded'] else ''})."
-                   f" Removed a pair when its image had cosine &ge; {self.config.threshold} with an eval image"
-                   f"{' or its caption repeated an eval caption' if self.config.captions else ''}: "
-                   f"<b>{record['removed']:,} pairs removed</b> {record['removed_by_reason']}.</p>")
-        counts = table(["class", "removed"], [[c, n] for c, n in record["removed_per_class"].items()])
-        return page(f"Decontamination of task {task_name}", summary + counts
-                    + f"<h2>Removed pairs ({len(self.removed):,}; {len(shown):,} shown)</h2>"
-                    + _pairs_html(shown, pair_images, eval_images)
-                    + f"<h2>Closest pairs kept (below {self.config.threshold})</h2>"
-                    + _pairs_html(self.closest_kept, pair_images, eval_images))
+        not_embedded = record.eval_images_not_embedded
+        summary = (
+            f"<p>Eval sets: {html.escape(', '.join(self.eval.sets))} ({record.eval_images:,} "
+            "images embedded"
+            f"{'; not embedded: ' + html.escape(str(not_embedded)) if not_embedded else ''})."
+            f" Removed a pair when its image had cosine &ge; {self.config.threshold} with an eval "
+            "image"
+            f"{' or its caption repeated an eval caption' if self.config.captions else ''}: "
+            f"<b>{record.removed:,} pairs removed</b> {record.removed_by_reason}.</p>"
+        )
+        counts = table(["class", "removed"], [[c, n] for c, n in record.removed_per_class.items()])
+        return page(
+            f"Decontamination of task {task_name}",
+            summary
+            + counts
+            + f"<h2>Removed pairs ({len(self.removed):,}; {len(shown):,} shown)</h2>"
+            + _pairs_html(shown, pair_images, eval_images)
+            + f"<h2>Closest pairs kept (below {self.config.threshold})</h2>"
+            + _pairs_html(self.closest_kept, pair_images, eval_images),
+        )
 
 
 def _set_folder(uri: str) -> str:
@@ -208,31 +290,48 @@ def _set_folder(uri: str) -> str:
 
 
 def decontamination_statement(training_set: str, eval_set: str) -> str:
-    """One line for an evaluation report: was the training set decontaminated against this eval set?"""
-    uri = training_set if training_set.endswith(".json") else storage.join(training_set, "retrieval.json")
-    record = json.loads(storage.read_bytes(uri)).get("decontamination")
+    """One line for an evaluation report: was the training set decontaminated against this eval
+    set?"""
+    record = RetrievalRecord.read(training_set).decontamination
     if not record:
-        return f"training set {training_set} was NOT decontaminated: it may hold copies of these eval images"
-    covered = _set_folder(eval_set) in {_set_folder(s) for s in record["eval_sets"]}
-    what = (f"{record['removed']:,} pairs removed ({record['removed_by_reason']}) at cosine >= {record['threshold']}"
-            f" against {record['eval_images']:,} eval images")
+        return (
+            f"training set {training_set} was NOT decontaminated: "
+            "it may hold copies of these eval images"
+        )
+    covered = _set_folder(eval_set) in {_set_folder(s) for s in record.eval_sets}
+    what = (
+        f"{record.removed:,} pairs removed ({record.removed_by_reason}) at cosine >= "
+        f"{record.threshold}"
+        f" against {record.eval_images:,} eval images"
+    )
     if not covered:
-        return (f"training set {training_set} was decontaminated against {', '.join(record['eval_sets'])} only, "
-                f"NOT against this eval set ({what})")
+        return (
+            f"training set {training_set} was decontaminated against {', '.join(record.eval_sets)} "
+            "only, "
+            f"NOT against this eval set ({what})"
+        )
     return f"training set {training_set} was decontaminated against this eval set: {what}"
 
 
-def _pairs_html(frame: pd.DataFrame, pair_images: dict[int, bytes], eval_images: dict[int, bytes]) -> str:
+def _pairs_html(
+    frame: pd.DataFrame, pair_images: dict[int, bytes], eval_images: dict[int, bytes]
+) -> str:
     if not len(frame):
         return "<p>none</p>"
 
     def image(data: bytes | None, fallback: str) -> str:
-        return f"<img src='{data_uri(data)}' width=128>" if data else f"<i>{html.escape(fallback)}</i>"
+        return (
+            f"<img src='{data_uri(data)}' width=128>" if data else f"<i>{html.escape(fallback)}</i>"
+        )
 
     rows = "".join(
         f"<tr><td>{r['cosine']:.4f}<br>{r['reason'] or 'kept'}</td>"
-        f"<td>{image(pair_images.get(r['id']), str(r['id']))}<br>{html.escape(str(r['caption'] or ''))}<br>"
+        f"<td>{image(pair_images.get(r['id']), str(r['id']))}<br>"
+        f"{html.escape(str(r['caption'] or ''))}<br>"
         f"<small>id {r['id']} &middot; {html.escape(r['class'])}</small></td>"
-        f"<td>{image(eval_images.get(r['eval_row']), r['eval_key'])}<br><small>{html.escape(r['eval_key'])}</small></td></tr>"
-        for r in frame.to_dict("records"))
-    return f"<table><tr><th>cosine / reason</th><th>retrieved pair</th><th>eval image</th></tr>{rows}</table>"
+        f"<td>{image(eval_images.get(r['eval_row']), r['eval_key'])}<br>"
+        f"<small>{html.escape(r['eval_key'])}</small></td></tr>"
+        for r in frame.to_dict("records")
+    )
+    head = "<tr><th>cosine / reason</th><th>retrieved pair</th><th>eval image</th></tr>"
+    return f"<table>{head}{rows}</table>"

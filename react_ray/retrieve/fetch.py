@@ -3,7 +3,8 @@
 Pure Python (http.client, PIL); the materialization stage runs it in threads inside Ray tasks and
 the retrieval app for ``image_url`` queries, so a URL is treated as hostile: http(s) only; the
 host is resolved once and every address checked (loopback, private, link-local, multicast and
-reserved ones refused unless in ``allowed_networks``), and the connection goes to that checked address
+reserved ones refused unless in ``allowed_networks``), and the connection goes to that checked
+address
 (DNS cannot change between check and connect); each redirect is checked the same way; one
 deadline bounds the whole fetch, retries included, even against a server that drips a byte at a
 time; the body is capped; every error becomes a reason (never an exception, never an OS message).
@@ -23,7 +24,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from react_ray.embed.decode import decode_image
+from react_ray.fields import MAX_IMAGE_PIXELS
+from react_ray.formats.decode import decode_image
 
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 REDIRECTS = {301, 302, 303, 307, 308}
@@ -36,10 +38,12 @@ class FetchPolicy:
     retries: int = 2
     backoff: float = 0.5  # seconds, doubled after each retry
     max_bytes: int = 20 * 2**20
-    max_pixels: int = 40_000_000
+    max_pixels: int = MAX_IMAGE_PIXELS
     deadline: float = 60.0  # seconds for the whole fetch, redirects and retries included
     max_redirects: int = 5
-    allowed_networks: tuple[str, ...] = ()  # non-public networks (CIDR) still allowed: a private mirror, tests
+    allowed_networks: tuple[
+        str, ...
+    ] = ()  # non-public networks (CIDR) still allowed: a private mirror, tests
 
 
 class _Refused(Exception):
@@ -60,15 +64,22 @@ def _checked_address(host: str, port: int, allowed_networks: tuple[str, ...]) ->
     allowed = [ipaddress.ip_network(n, strict=False) for n in allowed_networks]
     for address in addresses:
         ip = ipaddress.ip_address(address.split("%")[0])
-        public = not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
-                      or ip.is_unspecified)
+        public = not (
+            ip.is_private
+            or ip.is_loopback
+            or ip.is_link_local
+            or ip.is_multicast
+            or ip.is_reserved
+            or ip.is_unspecified
+        )
         if not public and not any(ip in network for network in allowed):
             raise _Refused("blocked_address", "the host resolves to a non-public address")
     return addresses[0]
 
 
 class _PinnedHTTP(http.client.HTTPConnection):
-    """Connects to the address checked for ``host``, whatever DNS says later; Host header as usual."""
+    """Connects to the address checked for ``host``, whatever DNS says later; Host header as
+    usual."""
 
     def __init__(self, host: str, port: int, address: str, timeout: float):
         super().__init__(host, port, timeout=timeout)
@@ -107,7 +118,10 @@ def _get_once(url: str, policy: FetchPolicy, deadline: float) -> tuple[int, dict
     except ValueError as error:
         raise _Refused("bad_url", f"not a valid URL ({error})") from None
     if parts.scheme not in ("http", "https"):
-        raise _Refused("unsupported_scheme", f"only http and https URLs are fetched, not {parts.scheme or 'none'}")
+        raise _Refused(
+            "unsupported_scheme",
+            f"only http and https URLs are fetched, not {parts.scheme or 'none'}",
+        )
     if not parts.hostname:
         raise _Refused("bad_url", "the URL has no host")
     port = port or (443 if parts.scheme == "https" else 80)
@@ -121,8 +135,11 @@ def _get_once(url: str, policy: FetchPolicy, deadline: float) -> tuple[int, dict
     watchdog.start()
     try:
         path = urllib.parse.quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~") + (
-            "?" + urllib.parse.quote(parts.query, safe="=&%/:+,;@!$'()*-._~") if parts.query else "")
-        connection.request("GET", path, headers={"User-Agent": USER_AGENT, "Accept": "image/*,*/*;q=0.8"})
+            "?" + urllib.parse.quote(parts.query, safe="=&%/:+,;@!$'()*-._~") if parts.query else ""
+        )
+        connection.request(
+            "GET", path, headers={"User-Agent": USER_AGENT, "Accept": "image/*,*/*;q=0.8"}
+        )
         response = connection.getresponse()
         chunks, size = [], 0
         while size <= policy.max_bytes:
@@ -131,9 +148,11 @@ def _get_once(url: str, policy: FetchPolicy, deadline: float) -> tuple[int, dict
                 break
             chunks.append(chunk)
             size += len(chunk)
-        if time.monotonic() >= deadline:  # the watchdog cut the connection: what came is not the whole body
+        # the watchdog cut the connection: what came is not the whole body
+        if time.monotonic() >= deadline:
             raise TimeoutError("deadline")
-        if size <= policy.max_bytes and response.length:  # the server closed before its Content-Length
+        # the server closed before its Content-Length
+        if size <= policy.max_bytes and response.length:
             raise http.client.IncompleteRead(b"".join(chunks), response.length)
         return response.status, dict(response.getheaders()), b"".join(chunks)
     finally:
@@ -168,11 +187,24 @@ def download(url: str, policy: FetchPolicy) -> tuple[bytes | None, str | None, s
                 return None, reason, message
         except _Refused as refused:
             return None, refused.reason, str(refused)
-        except (TimeoutError, socket.timeout):
-            reason, message = "timeout", f"no answer within {policy.timeout:g} s, or the whole fetch past {policy.deadline:g} s"
-        except (http.client.HTTPException, ssl.SSLError, OSError, ValueError, UnicodeError) as error:
+        except TimeoutError:
+            reason, message = (
+                "timeout",
+                f"no answer within {policy.timeout:g} s, or the whole fetch past "
+                f"{policy.deadline:g} s",
+            )
+        except (
+            http.client.HTTPException,
+            ssl.SSLError,
+            OSError,
+            ValueError,
+            UnicodeError,
+        ) as error:
             if time.monotonic() >= deadline:
-                reason, message = "timeout", f"the whole fetch took longer than {policy.deadline:g} s"
+                reason, message = (
+                    "timeout",
+                    f"the whole fetch took longer than {policy.deadline:g} s",
+                )
             else:
                 reason, message = "network_error", type(error).__name__
         if attempt < policy.retries and time.monotonic() + delay < deadline:
@@ -183,11 +215,18 @@ def download(url: str, policy: FetchPolicy) -> tuple[bytes | None, str | None, s
     return None, reason, f"{message} ({attempt + 1} attempt{'s' if attempt else ''})"
 
 
-def resize(data: bytes, mode: str, size: int, only_if_bigger: bool, max_pixels: int, skip_reencode: bool = False
-           ) -> tuple[bytes | None, str | None, str | None, tuple[int, int]]:
+def resize(
+    data: bytes,
+    mode: str,
+    size: int,
+    only_if_bigger: bool,
+    max_pixels: int,
+    skip_reencode: bool = False,
+) -> tuple[bytes | None, str | None, str | None, tuple[int, int]]:
     """Decode safely and resize as img2dataset does: ``no``; ``keep_ratio`` (shortest side to
     ``size``); ``keep_ratio_largest`` (longest side to ``size``); ``center_crop`` (shortest side to
-    ``size``, then the centred square). ``only_if_bigger``: never upscale. Re-encoded as JPEG, except
+    ``size``, then the centred square). ``only_if_bigger``: never upscale. Re-encoded as JPEG,
+    except
     a JPEG left as it was when ``skip_reencode`` (img2dataset's option of that name)."""
     check, reason, message = decode_image(data, 1, max_pixels)  # validates without a big resize
     if check is None:
@@ -201,7 +240,12 @@ def resize(data: bytes, mode: str, size: int, only_if_bigger: bool, max_pixels: 
         scale = size / side(image.size)
         resized = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         if resized[0] * resized[1] > max_pixels:  # a thin strip's shortest side scaled up
-            return None, "oversize_image", f"{image.width}x{image.height} resizes to {resized[0]}x{resized[1]}", (0, 0)
+            return (
+                None,
+                "oversize_image",
+                f"{image.width}x{image.height} resizes to {resized[0]}x{resized[1]}",
+                (0, 0),
+            )
         image = image.resize(resized, Image.Resampling.BICUBIC)
         changed = True
     if mode == "center_crop" and image.width != image.height:

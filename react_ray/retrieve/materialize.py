@@ -3,15 +3,9 @@
 Images come either from the corpus shards themselves (``source: corpus``, when the corpus
 holds image bytes) or from their URLs (``source: download``, the real LAION case) with
 timeouts, retries with backoff, a size limit, safe decoding and img2dataset's resize modes.
-
-```
-OUTPUT/00000.tar            KEY.jpg, KEY.txt (caption), KEY.cls (label), KEY.json (id, url, class, score...)
-OUTPUT/00000.status.parquet every sample's status, reason and message (successes included)
-OUTPUT/00000.stats.json     counts by status and reason, bytes, seconds
-OUTPUT/00000.done           written last
-```
-A rerun skips shards marked done; ``retry_failed: true`` fetches only the samples an earlier
-run failed, keeps the ones it already had, and rewrites those shards.
+The output is ``formats.training_shards``. A rerun skips shards marked done; ``retry_failed:
+true`` fetches only the samples an earlier run failed, keeps the ones it already had, and
+rewrites those shards.
 """
 
 from __future__ import annotations
@@ -26,57 +20,82 @@ from concurrent.futures import ThreadPoolExecutor
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 from tqdm.auto import tqdm
 
-from react_ray import ids, storage
 from react_ray.config import MaterializeConfig
-from react_ray.embed.outputs import read_parquet, write_parquet
-from react_ray.embed.readers import IMAGE_FORMATS, InputShard, read_shard
-from react_ray.leases import holds_lease
-from react_ray.ray_utils import connect
+from react_ray.formats import ids, storage, training_shards
+from react_ray.formats.embedding_set import (
+    EmbeddingSetInfo,
+    read_parquet,
+    read_stats,
+    shard_name,
+    write_parquet,
+)
+from react_ray.formats.readers import IMAGE_FORMATS, InputShard, read_shard
+from react_ray.formats.retrieved_set import pairs_uri
+from react_ray.formats.training_shards import ShardStats, shard_uri
 from react_ray.retrieve.fetch import FetchPolicy, download, resize
-
-
-def shard_uri(output: str, k: int, suffix: str) -> str:
-    return storage.join(output, f"{k:05d}{suffix}")
 
 
 def corpus_bytes(embeddings: str, id_list) -> dict[int, tuple[bytes | None, str | None]]:
     """Image bytes per id from the corpus input shards recorded in the embedding set's stats."""
-    info = json.loads(storage.read_bytes(storage.join(embeddings, "_embedding.json")))
-    if info.get("input_format") not in IMAGE_FORMATS:
-        raise ValueError(f"source=corpus: the corpus behind {embeddings} holds no image bytes "
-                         f"({info.get('input_format')}); use source=download")
+    info = EmbeddingSetInfo.read(embeddings)
+    if info.input_format not in IMAGE_FORMATS:
+        raise ValueError(
+            f"source=corpus: the corpus behind {embeddings} holds no image bytes "
+            f"({info.input_format}); use source=download"
+        )
     wanted = set(int(i) for i in id_list)
     found: dict[int, tuple[bytes | None, str | None]] = {}
     _, shards, _ = ids.decode(list(wanted))
     for shard in sorted(set(shards.tolist())):
-        stats = json.loads(storage.read_bytes(storage.join(embeddings, f"part-{shard:06d}.stats.json")))
-        for block in read_shard(InputShard(stats["input"], shard, info["input_format"]), info.get("source_id", 0)):
+        source = read_stats(embeddings, shard_name(shard)).input
+        for block in read_shard(InputShard(source, shard, info.input_format), info.source_id):
             found.update({r["id"]: (r["image"], None) for r in block if r["id"] in wanted})
     return found
 
 
-def _fetch_all(rows: pd.DataFrame, config: MaterializeConfig) -> list[tuple[bytes | None, str | None, str | None]]:
-    policy = FetchPolicy(timeout=config.timeout, deadline=config.deadline, allowed_networks=tuple(config.allowed_networks),
-                         retries=config.retries, backoff=config.backoff,
-                         max_bytes=config.max_bytes, max_pixels=config.max_image_pixels)
+def _fetch_all(
+    rows: pd.DataFrame, config: MaterializeConfig
+) -> list[tuple[bytes | None, str | None, str | None]]:
+    policy = FetchPolicy(
+        timeout=config.timeout,
+        deadline=config.deadline,
+        allowed_networks=tuple(config.allowed_networks),
+        retries=config.retries,
+        backoff=config.backoff,
+        max_bytes=config.max_bytes,
+        max_pixels=config.max_image_pixels,
+    )
     if config.source == "corpus":
         images = corpus_bytes(config.embeddings, rows["id"])
-        raw = [(images[i][0], None, None) if i in images else (None, "not_in_corpus", "id not found in its shard")
-               for i in rows["id"]]
+        raw = [
+            (images[i][0], None, None)
+            if i in images
+            else (None, "not_in_corpus", "id not found in its shard")
+            for i in rows["id"]
+        ]
     else:
         with ThreadPoolExecutor(max_workers=config.threads) as pool:
-            raw = list(pool.map(lambda url: download(url, policy) if url else (None, "no_url", "empty url"),
-                                rows["url"]))
+            raw = list(
+                pool.map(
+                    lambda url: download(url, policy) if url else (None, "no_url", "empty url"),
+                    rows["url"],
+                )
+            )
     out = []
     for data, reason, message in raw:
         if data is None:
             out.append((None, reason, message))
             continue
-        jpg, reason, message, _ = resize(data, config.resize_mode, config.image_size, config.resize_only_if_bigger,
-                                         config.max_image_pixels, config.skip_reencode)
+        jpg, reason, message, _ = resize(
+            data,
+            config.resize_mode,
+            config.image_size,
+            config.resize_only_if_bigger,
+            config.max_image_pixels,
+            config.skip_reencode,
+        )
         out.append((jpg, reason, message))
     return out
 
@@ -88,7 +107,7 @@ def _existing_members(uri: str) -> dict[str, bytes]:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
 
 
-def materialize_shard(k: int, rows: pd.DataFrame, config: MaterializeConfig) -> dict:
+def materialize_shard(k: int, rows: pd.DataFrame, config: MaterializeConfig) -> ShardStats:
     """Write output shard ``k`` for ``rows`` (position i gets key kkkkkiiii); return its stats."""
     start = time.perf_counter()
     rows = rows.reset_index(drop=True)
@@ -107,14 +126,26 @@ def materialize_shard(k: int, rows: pd.DataFrame, config: MaterializeConfig) -> 
             continue
         jpg, reason, message = results[row["id"]]
         key = row["key_out"]
-        new_status.append({"id": row["id"], "key": key, "status": "success" if jpg else "failed",
-                           "reason": reason or "", "message": message or ""})
+        new_status.append(
+            {
+                "id": row["id"],
+                "key": key,
+                "status": "success" if jpg else "failed",
+                "reason": reason or "",
+                "message": message or "",
+            }
+        )
         if jpg:
             meta = {"id": int(row["id"]), "key": key, "url": row["url"], "caption": row["caption"]}
             members.update({f"{key}.jpg": jpg, f"{key}.txt": (row["caption"] or "").encode()})
-            if "label" in row:  # a retrieved set of ours; a plain URL list (REACT's file) has no labels
-                meta |= {"source_key": row["key"], "class": row["class"], "label": int(row["label"]),
-                         "score": float(row["score"])}
+            # a retrieved set of ours; a plain URL list (REACT's file) has no labels
+            if "label" in row:
+                meta |= {
+                    "source_key": row["key"],
+                    "class": row["class"],
+                    "label": int(row["label"]),
+                    "score": float(row["score"]),
+                }
                 members[f"{key}.cls"] = str(int(row["label"])).encode()
             members[f"{key}.json"] = json.dumps(meta).encode()
     buffer = io.BytesIO()
@@ -125,20 +156,22 @@ def materialize_shard(k: int, rows: pd.DataFrame, config: MaterializeConfig) -> 
             tar.addfile(info, io.BytesIO(members[name]))
     storage.write_bytes_atomic(shard_uri(config.output, k, ".tar"), buffer.getvalue())
     status_table = pd.DataFrame(new_status)
-    write_parquet(shard_uri(config.output, k, ".status.parquet"), pa.Table.from_pandas(status_table,
-                                                                                        preserve_index=False))
+    write_parquet(
+        shard_uri(config.output, k, ".status.parquet"),
+        pa.Table.from_pandas(status_table, preserve_index=False),
+    )
     failed = Counter(status_table.loc[status_table["status"] != "success", "reason"])
-    stats = {"shard": k, "rows": len(rows), "success": int((status_table["status"] == "success").sum()),
-             "failed": dict(failed), "fetched_this_run": len(todo), "bytes": len(buffer.getvalue()),
-             "seconds": round(time.perf_counter() - start, 3)}
-    storage.write_text_atomic(shard_uri(config.output, k, ".stats.json"), json.dumps(stats, indent=1))
-    storage.write_text_atomic(shard_uri(config.output, k, ".done"), json.dumps({"success": stats["success"]}))
+    stats = ShardStats(
+        shard=k,
+        rows=len(rows),
+        success=int((status_table["status"] == "success").sum()),
+        failed=dict(failed),
+        fetched_this_run=len(todo),
+        bytes=len(buffer.getvalue()),
+        seconds=round(time.perf_counter() - start, 3),
+    )
+    training_shards.commit(config.output, stats)
     return stats
-
-
-def retrieved_uri(config: MaterializeConfig) -> str:
-    return config.retrieved if config.retrieved.endswith(".parquet") else storage.join(config.retrieved,
-                                                                                      "retrieved.parquet")
 
 
 def read_rows(uri: str, start: int, stop: int) -> pd.DataFrame:
@@ -150,13 +183,16 @@ def read_rows(uri: str, start: int, stop: int) -> pd.DataFrame:
             n = parquet.metadata.row_group(group).num_rows
             if offset < stop and offset + n > start:
                 lo = max(start, offset)
-                tables.append(parquet.read_row_group(group).slice(lo - offset, min(stop, offset + n) - lo))
+                tables.append(
+                    parquet.read_row_group(group).slice(lo - offset, min(stop, offset + n) - lo)
+                )
             offset += n
     return pa.concat_tables(tables).to_pandas()
 
 
 def standard_rows(rows: pd.DataFrame, start: int, config: MaterializeConfig) -> pd.DataFrame:
-    """``url`` and ``caption`` from the configured columns; a file without ids (a plain URL list such
+    """``url`` and ``caption`` from the configured columns; a file without ids (a plain URL list
+    such
     as REACT's imagenet_10m.parquet) gets each row's position in the file as its id."""
     rows = rows.rename(columns={config.url_col: "url", config.caption_col: "caption"})
     if "id" not in rows.columns:
@@ -166,45 +202,45 @@ def standard_rows(rows: pd.DataFrame, start: int, config: MaterializeConfig) -> 
 
 def _materialize_batch(batch: dict, config: MaterializeConfig) -> dict:
     """Ray Data UDF: one output shard per row of ``batch`` (its number and row range)."""
-    stats = [materialize_shard(int(k), standard_rows(read_rows(retrieved_uri(config), int(a), int(b)), int(a), config),
-                               config) for k, a, b in zip(batch["shard"], batch["start"], batch["stop"])]
-    return {"shard": [s["shard"] for s in stats], "stats": [json.dumps(s) for s in stats]}
+    stats = [
+        materialize_shard(
+            int(k),
+            standard_rows(read_rows(pairs_uri(config.retrieved), int(a), int(b)), int(a), config),
+            config,
+        )
+        for k, a, b in zip(batch["shard"], batch["start"], batch["stop"])
+    ]
+    return {"shard": [s.shard for s in stats]}
 
 
-@holds_lease("materialize")
-def run_materialize(config: MaterializeConfig, progress: bool = True) -> dict:
-    """Materialize every pending shard of the retrieved set on Ray Data; return the summary of all shards."""
-    start = time.perf_counter()
-    with storage.open_uri(retrieved_uri(config)) as f:
+def plan_shards(config: MaterializeConfig) -> tuple[int, list[dict]]:
+    """(pairs, every output shard's rows as {shard, start, stop}); refuses a pairs file without
+    the columns the source needs."""
+    with storage.open_uri(pairs_uri(config.retrieved)) as f:
         metadata = pq.ParquetFile(f).metadata
     total, columns = metadata.num_rows, metadata.schema.names
     wanted = (config.url_col, config.caption_col) if config.source == "download" else ("id",)
     if missing := [c for c in wanted if c not in columns]:
-        raise ValueError(f"materialize: {retrieved_uri(config)} has no column {missing[0]!r} (columns: "
-                         f"{', '.join(columns)}); set url_col / caption_col")
+        raise ValueError(
+            f"materialize: {pairs_uri(config.retrieved)} has no column {missing[0]!r} (columns: "
+            f"{', '.join(columns)}); set url_col / caption_col"
+        )
     step = config.samples_per_shard
-    plan = [{"shard": k, "start": a, "stop": min(a + step, total)} for k, a in enumerate(range(0, total, step))]
-    pending = [p for p in plan if config.retry_failed or not storage.exists(shard_uri(config.output, p["shard"],
-                                                                                            ".done"))]
-    if pending:
-        connect(config.ray_address)
-        dataset = ray.data.from_items(pending, override_num_blocks=len(pending)).map_batches(
-            _materialize_batch, batch_size=1, fn_kwargs={"config": config}, num_cpus=config.task_num_cpus)
-        with tqdm(total=len(pending), desc=f"materialize ({config.source})", unit="shard",
-                  disable=not progress) as bar:
-            for _ in dataset.iter_rows():
-                bar.update(1)
-    seconds = time.perf_counter() - start
-    stats = [json.loads(storage.read_bytes(shard_uri(config.output, p["shard"], ".stats.json"))) for p in plan]
-    failed: Counter = Counter()
-    for s in stats:
-        failed.update(s["failed"])
-    done_now = {p["shard"] for p in pending}
-    summary = {"pairs": total, "shards": len(plan), "success": sum(s["success"] for s in stats),
-               "failed": dict(failed), "this_run_shards": len(pending),
-               "this_run_fetched": sum(s["fetched_this_run"] for s in stats if s["shard"] in done_now),
-               "seconds": round(seconds, 2), "bytes": sum(s["bytes"] for s in stats)}
-    storage.write_text_atomic(storage.join(config.output, "_summary.json"), json.dumps(summary, indent=1))
-    print(f"materialize: {summary['success']:,} of {total:,} pairs in {len(plan)} shards; failed "
-          f"{summary['failed'] or 'none'}; this run fetched {summary['this_run_fetched']:,} in {seconds:.1f}s")
-    return summary
+    return total, [
+        {"shard": k, "start": a, "stop": min(a + step, total)}
+        for k, a in enumerate(range(0, total, step))
+    ]
+
+
+def materialize_shards(config: MaterializeConfig, shards: list[dict], progress: bool) -> None:
+    """Write ``shards`` on Ray Data tasks of the connected cluster, one task per shard."""
+    import ray
+
+    dataset = ray.data.from_items(shards, override_num_blocks=len(shards)).map_batches(
+        _materialize_batch, batch_size=1, fn_kwargs={"config": config}, **config.tasks.ray_options()
+    )
+    with tqdm(
+        total=len(shards), desc=f"materialize ({config.source})", unit="shard", disable=not progress
+    ) as bar:
+        for _ in dataset.iter_rows():
+            bar.update(1)

@@ -20,14 +20,25 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from react_ray import storage
-from react_ray.embed.outputs import fetch_vectors
+from react_ray.formats import storage
+from react_ray.formats.embedding_set import fetch_vectors
+from react_ray.formats.retrieved_set import (
+    DecontaminationRecord,
+    RetrievalRecord,
+    RetrievalStep,
+    write_retrieved_set,
+)
 from react_ray.index.sharded import ShardedIndex
-from react_ray.leases import holds_lease
 from react_ray.retrieve.decontaminate import Decontaminator
 from react_ray.retrieve.task import TaskSpec
 
-BASE_FIELDS = ("id", "key", "url", "caption")  # the rest of a metadata record is the source's columns
+# the rest of a metadata record is the source's columns
+BASE_FIELDS = (
+    "id",
+    "key",
+    "url",
+    "caption",
+)
 SOURCES = {"text-to-image": ("image",), "text-to-text": ("text",), "both": ("image", "text")}
 
 
@@ -39,27 +50,43 @@ class StepLog:
     steps: list[tuple[str, int, list[int]]] = field(default_factory=list)
 
     def record(self, step: str, frame: pd.DataFrame) -> None:
-        counts = np.bincount(frame["label"].to_numpy(int), minlength=len(self.classes)) if len(frame) else \
-            np.zeros(len(self.classes), int)
+        counts = (
+            np.bincount(frame["label"].to_numpy(int), minlength=len(self.classes))
+            if len(frame)
+            else np.zeros(len(self.classes), int)
+        )
         self.steps.append((step, len(frame), counts.tolist()))
 
     def __str__(self) -> str:
         return "\n".join(f"  {step:<34s} {total:>9,} pairs" for step, total, _ in self.steps)
 
 
-def search_prompts(index: ShardedIndex, prompt_vectors: np.ndarray, prompts: list[tuple[int, str]], k: int,
-                   source: str, batch: int = 1024) -> pd.DataFrame:
+def search_prompts(
+    index: ShardedIndex,
+    prompt_vectors: np.ndarray,
+    prompts: list[tuple[int, str]],
+    k: int,
+    source: str,
+    batch: int = 1024,
+) -> pd.DataFrame:
     """One row per (prompt, hit): label, query, id, score, source."""
     frames = []
     for start in range(0, len(prompts), batch):
-        scores, found = index.search(prompt_vectors[start:start + batch], k)
-        chunk = prompts[start:start + batch]
+        scores, found = index.search(prompt_vectors[start : start + batch], k)
+        chunk = prompts[start : start + batch]
         valid = found >= 0
         rows = np.repeat(np.arange(len(chunk)), valid.sum(1))
-        frames.append(pd.DataFrame({
-            "label": [chunk[r][0] for r in rows], "query": [chunk[r][1] for r in rows],
-            "id": found[valid], "score": scores[valid].astype(np.float32), "source": source,
-        }))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "label": [chunk[r][0] for r in rows],
+                    "query": [chunk[r][1] for r in rows],
+                    "id": found[valid],
+                    "score": scores[valid].astype(np.float32),
+                    "source": source,
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -70,8 +97,9 @@ def merge_within_class(hits: pd.DataFrame) -> pd.DataFrame:
     best = grouped.head(1).set_index(["label", "id"])
     queries = grouped["query"].agg(lambda q: sorted(set(q)))
     sources = grouped["source"].agg(lambda s: "+".join(sorted(set(s))))
-    return pd.DataFrame({"score": best["score"], "best_query": best["query"], "queries": queries,
-                         "source": sources}).reset_index()
+    return pd.DataFrame(
+        {"score": best["score"], "best_query": best["query"], "queries": queries, "source": sources}
+    ).reset_index()
 
 
 def resolve_across_classes(pairs: pd.DataFrame, rule: str) -> pd.DataFrame:
@@ -83,7 +111,9 @@ def resolve_across_classes(pairs: pd.DataFrame, rule: str) -> pd.DataFrame:
     return ordered.drop_duplicates("id", keep="first").reset_index(drop=True)
 
 
-def remove_near_duplicates(pairs: pd.DataFrame, vectors: np.ndarray, threshold: float) -> pd.DataFrame:
+def remove_near_duplicates(
+    pairs: pd.DataFrame, vectors: np.ndarray, threshold: float
+) -> pd.DataFrame:
     """Best score first, drop a pair whose vector has cosine >= threshold with an already kept one.
 
     The close pairs come from one faiss range search, so this is not a Python double loop."""
@@ -96,7 +126,7 @@ def remove_near_duplicates(pairs: pd.DataFrame, vectors: np.ndarray, threshold: 
     order = np.lexsort((pairs["id"].to_numpy(), -pairs["score"].to_numpy()))
     kept = np.zeros(len(pairs), bool)
     for i in order:
-        close = neighbours[limits[i]:limits[i + 1]]
+        close = neighbours[limits[i] : limits[i + 1]]
         kept[i] = not kept[close[close != i]].any()
     return pairs[kept].reset_index(drop=True)
 
@@ -112,21 +142,28 @@ def cap_per_class(pairs: pd.DataFrame, cap: int | None, balance: bool) -> pd.Dat
 
 
 def apply_filters(pairs: pd.DataFrame, metadata: list[dict | None], spec: TaskSpec) -> pd.DataFrame:
-    """Keep pairs whose metadata passes every filter; a pair without the column fails it (counted, not kept)."""
+    """Keep pairs whose metadata passes every filter; a pair without the column fails it (counted,
+    not kept)."""
     known = set().union(*(m for m in metadata if m))
     keep = np.ones(len(pairs), bool)
     for column, bounds in spec.filters.items():
         if metadata and column not in known:
-            raise ValueError(f"filters: unknown metadata column {column!r}; this index has {sorted(known)}")
+            raise ValueError(
+                f"filters: unknown metadata column {column!r}; this index has {sorted(known)}"
+            )
         for i, record in enumerate(metadata):
             value = (record or {}).get(column)
-            if value is None:
-                keep[i] = False
-            elif bounds.min is not None and value < bounds.min or bounds.max is not None and value > bounds.max:
-                keep[i] = False
-            elif bounds.equals is not None and value != bounds.equals:
-                keep[i] = False
-            elif bounds.not_contains is not None and bounds.not_contains.lower() in str(value).lower():
+            if (
+                value is None
+                or bounds.min is not None
+                and value < bounds.min
+                or bounds.max is not None
+                and value > bounds.max
+                or bounds.equals is not None
+                and value != bounds.equals
+                or bounds.not_contains is not None
+                and bounds.not_contains.lower() in str(value).lower()
+            ):
                 keep[i] = False
     return pairs[keep].reset_index(drop=True)
 
@@ -137,8 +174,12 @@ def read_blocklist(uri: str | None) -> set[int]:
     return {int(line) for line in storage.read_bytes(uri).decode().split() if line.strip()}
 
 
-def retrieve(spec: TaskSpec, indices: dict[str, ShardedIndex], encode_texts,
-             decontaminate: Decontaminator | None = None) -> tuple[pd.DataFrame, StepLog]:
+def retrieve(
+    spec: TaskSpec,
+    indices: dict[str, ShardedIndex],
+    encode_texts,
+    decontaminate: Decontaminator | None = None,
+) -> tuple[pd.DataFrame, StepLog]:
     """Run the steps above. ``indices`` maps "image"/"text" to a loaded index; ``encode_texts``
     turns prompts into L2-normalised vectors with the indices' model."""
     missing = [s for s in SOURCES[spec.mode] if s not in indices]
@@ -146,10 +187,19 @@ def retrieve(spec: TaskSpec, indices: dict[str, ShardedIndex], encode_texts,
         raise ValueError(f"mode {spec.mode!r} needs a {' and a '.join(missing)} index")
     log = StepLog(spec.classes)
     prompts = spec.prompts()
-    vectors = np.concatenate([np.asarray(encode_texts([p for _, p in prompts[i:i + 512]]), np.float32)
-                              for i in range(0, len(prompts), 512)])
-    hits = pd.concat([search_prompts(indices[s], vectors, prompts, spec.k_per_prompt, s) for s in SOURCES[spec.mode]],
-                     ignore_index=True)
+    vectors = np.concatenate(
+        [
+            np.asarray(encode_texts([p for _, p in prompts[i : i + 512]]), np.float32)
+            for i in range(0, len(prompts), 512)
+        ]
+    )
+    hits = pd.concat(
+        [
+            search_prompts(indices[s], vectors, prompts, spec.k_per_prompt, s)
+            for s in SOURCES[spec.mode]
+        ],
+        ignore_index=True,
+    )
     log.record("hits (all prompts, all indices)", hits)
     if spec.score_threshold is not None:
         hits = hits[hits["score"] >= spec.score_threshold].reset_index(drop=True)
@@ -167,8 +217,12 @@ def retrieve(spec: TaskSpec, indices: dict[str, ShardedIndex], encode_texts,
         log.record("metadata filters", pairs)
     pairs = resolve_across_classes(pairs, spec.cross_class)
     log.record(f"across classes ({spec.cross_class})", pairs)
-    needs_vectors = len(pairs) and (decontaminate is not None or spec.near_duplicate_threshold is not None)
-    vectors = fetch_vectors(index.manifest["embeddings"], pairs["id"].to_numpy()) if needs_vectors else None
+    needs_vectors = len(pairs) and (
+        decontaminate is not None or spec.near_duplicate_threshold is not None
+    )
+    vectors = (
+        fetch_vectors(index.manifest.embeddings, pairs["id"].to_numpy()) if needs_vectors else None
+    )
     if decontaminate is not None and len(pairs):
         captions = [(m or {}).get("caption") for m in index.lookup(pairs["id"].to_numpy())]
         keep = decontaminate(pairs, vectors, captions)
@@ -180,13 +234,19 @@ def retrieve(spec: TaskSpec, indices: dict[str, ShardedIndex], encode_texts,
     if spec.per_class_cap or spec.balance:
         pairs = cap_per_class(pairs, spec.per_class_cap, spec.balance)
         log.record("per-class cap / balance", pairs)
-    pairs = pairs.sort_values(["label", "score", "id"], ascending=[True, False, True]).reset_index(drop=True)
+    pairs = pairs.sort_values(["label", "score", "id"], ascending=[True, False, True]).reset_index(
+        drop=True
+    )
     meta = {m["id"]: m for m in index.lookup(pairs["id"].to_numpy()) if m}
     pairs.insert(2, "class", [spec.classes[i] for i in pairs["label"]])
     for column in ("key", "url", "caption"):
         pairs[column] = [meta.get(i, {}).get(column) for i in pairs["id"]]
-    pairs["meta"] = [json.dumps(extra) if (extra := {k: v for k, v in meta.get(i, {}).items() if k not in BASE_FIELDS})
-                     else None for i in pairs["id"]]
+    pairs["meta"] = [
+        json.dumps(extra)
+        if (extra := {k: v for k, v in meta.get(i, {}).items() if k not in BASE_FIELDS})
+        else None
+        for i in pairs["id"]
+    ]
     return pairs, log
 
 
@@ -195,53 +255,17 @@ def summary_table(log: StepLog) -> pd.DataFrame:
     return pd.DataFrame({step: counts for step, _, counts in log.steps}, index=log.classes)
 
 
-def write_outputs(output: str, spec: TaskSpec, pairs: pd.DataFrame, log: StepLog,
-                  decontamination: dict | None = None) -> None:
-    import pyarrow as pa
-
-    from react_ray.embed.outputs import write_parquet
-
-    write_parquet(storage.join(output, "retrieved.parquet"), pa.Table.from_pandas(pairs, preserve_index=False))
-    table = summary_table(log)
-    storage.write_text_atomic(storage.join(output, "summary.csv"), table.to_csv(index_label="class"))
-    storage.write_text_atomic(storage.join(output, "retrieval.json"), json.dumps({
-        "task": spec.model_dump(mode="json"), "steps": [{"step": s, "pairs": n} for s, n, _ in log.steps],
-        "pairs": len(pairs), "decontamination": decontamination}, indent=1))
-
-
-@holds_lease("retrieve")
-def run_retrieval(config) -> tuple[pd.DataFrame, StepLog]:
-    """The stage as a job: load task, model and indices, retrieve, write parquet, summary, gallery."""
-    from react_ray.embed.outputs import write_parquet
-    from react_ray.models import build_model
-    from react_ray.retrieve.decontaminate import embed_eval_sets
-    from react_ray.retrieve.gallery import gallery_html
-    from react_ray.retrieve.task import load_task
-
-    spec = load_task(config.task)
-    clip = build_model(config.model)
-    indices = {source: ShardedIndex(uri, expect_model=config.model.name, expect_dim=clip.embed_dim)
-               for source, uri in (("image", config.image_index), ("text", config.text_index)) if uri}
-    embeddings = next(iter(indices.values())).manifest["embeddings"]
-    decontaminator = None
-    if config.decontaminate:
-        work = config.decontaminate.embeddings or storage.join(config.output, "eval-embeddings")
-        decontaminator = Decontaminator(config.decontaminate, embed_eval_sets(
-            config.decontaminate, config.model, embeddings, work, config.ray_address), spec.classes)
-    pairs, log = retrieve(spec, indices, lambda texts: clip.encode_texts(texts).numpy(), decontaminator)
-    record = decontaminator.record() if decontaminator else None
-    write_outputs(config.output, spec, pairs, log, record)
-    if decontaminator:
-        write_parquet(storage.join(config.output, "decontamination.parquet"), decontaminator.removed_table())
-        storage.write_text_atomic(storage.join(config.output, "decontamination.html"),
-                                  decontaminator.html(spec.name, embeddings))
-    if config.gallery_per_class:
-        storage.write_text_atomic(storage.join(config.output, "gallery.html"), gallery_html(
-            spec.name, pairs, summary_table(log), embeddings, config.gallery_per_class))
-    print(f"retrieve {spec.name}: {len(spec.classes)} classes x {len(spec.template_list)} templates, "
-          f"k={spec.k_per_prompt}, {spec.mode}\n{log}\n-> {config.output}")
-    if record:
-        print(f"decontamination: removed {record['removed']:,} pairs {record['removed_by_reason']} within cosine "
-              f"{record['threshold']} of {record['eval_images']:,} eval images; closest kept "
-              f"{record['closest_kept_cosine']}; see decontamination.html")
-    return pairs, log
+def write_outputs(
+    output: str,
+    spec: TaskSpec,
+    pairs: pd.DataFrame,
+    log: StepLog,
+    decontamination: DecontaminationRecord | None = None,
+) -> None:
+    record = RetrievalRecord(
+        task=spec.model_dump(mode="json"),
+        steps=[RetrievalStep(step=s, pairs=n) for s, n, _ in log.steps],
+        pairs=len(pairs),
+        decontamination=decontamination,
+    )
+    write_retrieved_set(output, pairs, summary_table(log), record)

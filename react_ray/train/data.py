@@ -1,7 +1,8 @@
 """Training data on Ray Data: webdataset shards -> augmented image tensors + caption tokens.
 
 ```
-shards --read (CPU tasks)--> records --decode (safe; whole image, shorter side bounded)--> uint8 pixels [cache]
+shards --read (CPU tasks)--> records
+    --decode (safe; whole image, shorter side bounded)--> uint8 pixels [cache]
     --augment + tokenize (CPU tasks, or the workers themselves: augment_in_worker; fresh
       randomness every epoch)--> {"image", "text"} batches
 ```
@@ -17,21 +18,15 @@ import logging
 from functools import cache
 
 import numpy as np
-import open_clip
 import ray
 from PIL import Image
 
 from react_ray.config import AugmentConfig, ModelConfig, TrainConfig
-from react_ray.embed.decode import decode_image
-from react_ray.embed.readers import list_input_shards, read_blocks, shard_items
-from react_ray.models.factory import eval_transform, get_tokenizer, image_preprocess, register_tiny_models
+from react_ray.formats.decode import decode_image
+from react_ray.formats.readers import list_input_shards, read_blocks, shard_items
+from react_ray.models.factory import eval_transform, get_tokenizer, image_preprocess, image_size
 
 log = logging.getLogger(__name__)
-
-
-def model_image_size(model_name: str) -> int:
-    register_tiny_models()
-    return int(open_clip.get_model_config(model_name)["vision_cfg"]["image_size"])
 
 
 @cache
@@ -45,11 +40,20 @@ def _transform(model_json: str, augment_json: str):
     from timm.data import create_transform
 
     preprocess = image_preprocess(model)
-    size = model_image_size(model.name)
+    size = image_size(model.name)
     return create_transform(
-        input_size=(3, size, size), is_training=True, scale=augment.scale, ratio=augment.ratio, hflip=augment.hflip,
-        color_jitter=augment.color_jitter, auto_augment=augment.auto_augment, interpolation=augment.interpolation,
-        re_prob=augment.re_prob, re_mode="pixel", re_count=augment.re_count, mean=tuple(preprocess.mean),
+        input_size=(3, size, size),
+        is_training=True,
+        scale=augment.scale,
+        ratio=augment.ratio,
+        hflip=augment.hflip,
+        color_jitter=augment.color_jitter,
+        auto_augment=augment.auto_augment,
+        interpolation=augment.interpolation,
+        re_prob=augment.re_prob,
+        re_mode="pixel",
+        re_count=augment.re_count,
+        mean=tuple(preprocess.mean),
         std=tuple(preprocess.std),
     )
 
@@ -60,14 +64,20 @@ def decode_args(config: TrainConfig) -> dict:
     if config.augment.enabled:
         return {"size": config.augment.decode_short_side, "resize_mode": "whole"}
     preprocess = image_preprocess(config.model)
-    return {"size": model_image_size(config.model.name), "resize_mode": preprocess.resize_mode,
-            "interpolation": preprocess.interpolation}
+    return {
+        "size": image_size(config.model.name),
+        "resize_mode": preprocess.resize_mode,
+        "interpolation": preprocess.interpolation,
+    }
 
 
 def _pixel_column(arrays: list[np.ndarray]) -> np.ndarray:
-    """One (N, H, W, 3) array when all images share a shape, else N arrays (Ray Data: ragged tensors)."""
+    """One (N, H, W, 3) array when all images share a shape, else N arrays (Ray Data: ragged
+    tensors)."""
     if len({a.shape for a in arrays}) <= 1:
-        return np.array(arrays, np.uint8).reshape(len(arrays), *(arrays[0].shape if arrays else (0, 0, 3)))
+        return np.array(arrays, np.uint8).reshape(
+            len(arrays), *(arrays[0].shape if arrays else (0, 0, 3))
+        )
     column = np.empty(len(arrays), dtype=object)
     for i, array in enumerate(arrays):
         column[i] = array
@@ -77,8 +87,9 @@ def _pixel_column(arrays: list[np.ndarray]) -> np.ndarray:
 def decode_for_training(batch: dict, decode: dict, max_pixels: int) -> dict:
     """Records -> ``pixels`` (uint8, as ``decode_args`` says) + ``caption``; bad records logged."""
     pixels, captions = [], []
-    for kind, error, key, image, caption in zip(batch["kind"], batch["error"], batch["key"], batch["image"],
-                                                batch["caption"]):
+    for kind, error, key, image, caption in zip(
+        batch["kind"], batch["error"], batch["key"], batch["image"], batch["caption"]
+    ):
         if kind != "record":
             continue
         if error:
@@ -93,37 +104,57 @@ def decode_for_training(batch: dict, decode: dict, max_pixels: int) -> dict:
     return {"pixels": _pixel_column(pixels), "caption": np.array(captions, dtype=object)}
 
 
-def decode_and_augment(batch: dict, decode: dict, max_pixels: int, model_json: str, augment_json: str) -> dict:
-    return augment_and_tokenize(decode_for_training(batch, decode, max_pixels), model_json, augment_json)
+def decode_and_augment(
+    batch: dict, decode: dict, max_pixels: int, model_json: str, augment_json: str
+) -> dict:
+    return augment_and_tokenize(
+        decode_for_training(batch, decode, max_pixels), model_json, augment_json
+    )
 
 
 def augment_and_tokenize(batch: dict, model_json: str, augment_json: str) -> dict:
     transform = _transform(model_json, augment_json)
     name = ModelConfig.model_validate_json(model_json).name
-    size = model_image_size(name)
+    size = image_size(name)
     images = [transform(Image.fromarray(p)).numpy() for p in batch["pixels"]]
     tokens = get_tokenizer(name)(list(batch["caption"]))
-    return {"image": np.array(images, np.float32).reshape(-1, 3, size, size), "text": tokens.numpy()}
+    return {
+        "image": np.array(images, np.float32).reshape(-1, 3, size, size),
+        "text": tokens.numpy(),
+    }
 
 
 def training_dataset(config: TrainConfig) -> ray.data.Dataset:
     """The stream of training batches for ``config.data`` (webdataset shards, local or s3://)."""
     shards = list_input_shards(config.data, "webdataset")
-    cpu_task = {"num_cpus": config.decode_num_cpus}
+    cpu_task = config.decode.ray_options()
     dataset = ray.data.from_items(shard_items(shards), override_num_blocks=len(shards))
     if config.data_sharding == "stream":
         dataset = dataset.randomize_block_order(seed=config.seed)
     decode = {"decode": decode_args(config), "max_pixels": config.max_image_pixels}
-    augment = {"model_json": config.model.model_dump_json(), "augment_json": config.augment.model_dump_json()}
+    augment = {
+        "model_json": config.model.model_dump_json(),
+        "augment_json": config.augment.model_dump_json(),
+    }
     dataset.context.enable_progress_bars = False  # the training loop prints its own progress
-    if config.seed is not None:  # blocks in input order (a cached set keeps the order it was built in)
+    # blocks in input order (a cached set keeps the order it was built in)
+    if config.seed is not None:
         dataset.context.execution_options.preserve_order = True
     read = {"source": 0, "block_rows": 256}
-    if not config.cache_decoded and not config.augment_in_worker:  # one task reads, decodes and augments a shard
-        return dataset.map_batches(read_blocks, batch_size=1, fn_kwargs=read | {
-            "then": decode_and_augment, **decode, **augment}, **cpu_task)
-    decoded = dataset.map_batches(read_blocks, batch_size=1, fn_kwargs=read | {"then": decode_for_training, **decode},
-                                  **cpu_task)
+    # one task reads, decodes and augments a shard
+    if not config.cache_decoded and not config.augment_in_worker:
+        return dataset.map_batches(
+            read_blocks,
+            batch_size=1,
+            fn_kwargs=read | {"then": decode_and_augment, **decode, **augment},
+            **cpu_task,
+        )
+    decoded = dataset.map_batches(
+        read_blocks,
+        batch_size=1,
+        fn_kwargs=read | {"then": decode_for_training, **decode},
+        **cpu_task,
+    )
     if config.cache_decoded:
         decoded = decoded.materialize()
     if config.augment_in_worker:  # the workers call augment_and_tokenize on each batch

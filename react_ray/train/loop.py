@@ -9,9 +9,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import random
 import sys
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -21,10 +21,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from react_ray import storage
 from react_ray.config import ModelConfig, TrainConfig
+from react_ray.formats import storage
 from react_ray.models import (
     apply_tuning_mode,
+    autocast,
     build_model,
     export_react_checkpoint,
     gate_values,
@@ -37,17 +38,20 @@ from react_ray.train.data import augment_and_tokenize
 from react_ray.train.loss import clip_loss
 
 MAX_LOGIT_SCALE = math.log(100)
-AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def training_spec(config: TrainConfig) -> ModelConfig:
     """gated-image needs gated blocks: REACT's K unless the config (or a gated checkpoint) says."""
     if config.mode == "gated-image" and config.model.gated_layers is None:
-        return config.model.model_copy(update={"gated_layers": react_gated_layers(config.model.name)})
+        return config.model.model_copy(
+            update={"gated_layers": react_gated_layers(config.model.name)}
+        )
     return config.model
 
 
-def build_for_training(config: TrainConfig, device: torch.device | str = "cpu") -> tuple[ClipModel, list[str]]:
+def build_for_training(
+    config: TrainConfig, device: torch.device | str = "cpu"
+) -> tuple[ClipModel, list[str]]:
     clip = build_model(training_spec(config), device=device)
     trainable = apply_tuning_mode(clip.model, config.mode)
     if config.grad_checkpointing:
@@ -67,8 +71,13 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
             (no_decay if no_weight_decay(name, param) else decay).append(param)
     optim = config.optim
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=optim.peak_lr(config.mode), betas=optim.betas, eps=optim.eps,
+        [
+            {"params": decay, "weight_decay": optim.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=optim.peak_lr(config.mode),
+        betas=optim.betas,
+        eps=optim.eps,
     )
 
 
@@ -89,16 +98,20 @@ def _unwrap(model: nn.Module) -> nn.Module:
 class Stepper:
     """One optimizer step of the symmetric CLIP loss, with AMP on GPU and the logit-scale clamp."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig, device: torch.device):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: TrainConfig,
+        device: torch.device,
+    ):
         self.model, self.optimizer, self.config, self.device = model, optimizer, config, device
-        dtype = AMP_DTYPES.get(config.precision)
-        self.autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype is not None)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
 
     def __call__(self, images: torch.Tensor, texts: torch.Tensor, step: int) -> torch.Tensor:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, self.config)
-        with torch.autocast(**self.autocast):
+        with autocast(self.device, self.config.precision):
             image_features, text_features, logit_scale = self.model(images, texts)[:3]
         loss = clip_loss(image_features.float(), text_features.float(), logit_scale.float())
         self.optimizer.zero_grad(set_to_none=True)
@@ -118,7 +131,9 @@ class RunState:
     history: list[dict] = field(default_factory=list)
 
 
-def save_checkpoint(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState) -> None:
+def save_checkpoint(
+    directory: str, model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState
+) -> None:
     """Trainable weights only (the base comes from the model spec), optimizer, step, history."""
     model = _unwrap(model)
     trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
@@ -130,14 +145,19 @@ def save_checkpoint(directory: str, model: nn.Module, optimizer: torch.optim.Opt
 
 def load_checkpoint(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> RunState:
     model = _unwrap(model)
-    trainable = torch.load(os.path.join(directory, "trainable.pt"), map_location="cpu", weights_only=True)
+    trainable = torch.load(
+        os.path.join(directory, "trainable.pt"), map_location="cpu", weights_only=True
+    )
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(trainable) != expected:
-        raise ValueError(f"checkpoint {directory} holds {len(trainable)} trainable tensors, this run trains "
-                         f"{len(expected)}: was it written with another model or mode?")
+        raise ValueError(
+            f"checkpoint {directory} holds {len(trainable)} trainable tensors, this run trains "
+            f"{len(expected)}: was it written with another model or mode?"
+        )
     model.load_state_dict(trainable, strict=False)
-    optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), map_location="cpu",
-                                         weights_only=True))
+    optimizer.load_state_dict(
+        torch.load(os.path.join(directory, "optimizer.pt"), map_location="cpu", weights_only=True)
+    )
     with open(os.path.join(directory, "state.json")) as f:
         saved = json.load(f)
     return RunState(step=saved["step"], history=saved["history"])
@@ -151,15 +171,20 @@ def _mean_across_workers(value: torch.Tensor) -> float:
     return float(value)
 
 
-def step_metrics(model: nn.Module, loss: torch.Tensor, step: int, config: TrainConfig, samples_per_s: float) -> dict:
+def step_metrics(
+    model: nn.Module, loss: torch.Tensor, step: int, config: TrainConfig, samples_per_s: float
+) -> dict:
     model = _unwrap(model)
     gates = gate_values(model)
     params = list(model.parameters())
     return {
-        "step": step, "loss": _mean_across_workers(loss), "lr": lr_at(step - 1, config),
+        "step": step,
+        "loss": _mean_across_workers(loss),
+        "lr": lr_at(step - 1, config),
         "trainable_params": sum(p.numel() for p in params if p.requires_grad),
         "total_params": sum(p.numel() for p in params),
-        "logit_scale": float(model.logit_scale.detach().exp()), "samples_per_s": samples_per_s,
+        "logit_scale": float(model.logit_scale.detach().exp()),
+        "samples_per_s": samples_per_s,
         "gate_mean": sum(abs(v) for v in gates.values()) / len(gates) if gates else 0.0,
         **{f"gate/{k}": v for k, v in gates.items()},
     }
@@ -170,21 +195,41 @@ def _batches(config: TrainConfig, rank: int, world: int, device: torch.device):
     import ray.train
 
     source, per_worker = ray.train.get_dataset_shard("train"), config.batch_size // world
-    slicing = config.data_sharding == "slice"  # every worker reads the same ordered stream and takes its part
-    size, shuffle = (config.batch_size, None) if slicing else (per_worker, config.shuffle_buffer or None)
+    # every worker reads the same ordered stream and takes its part
+    slicing = config.data_sharding == "slice"
+    size, shuffle = (
+        (config.batch_size, None) if slicing else (per_worker, config.shuffle_buffer or None)
+    )
     part = slice(rank * per_worker, (rank + 1) * per_worker) if slicing else slice(None)
 
     def batches(shuffle_seed: int | None):
-        if config.augment_in_worker:  # Ray Data brings decoded pixels; this worker augments its part
-            for batch in source.iter_batches(batch_size=size, batch_format="numpy", drop_last=True,
-                                             local_shuffle_buffer_size=shuffle, local_shuffle_seed=shuffle_seed):
-                mine = augment_and_tokenize({k: v[part] for k, v in batch.items()}, config.model.model_dump_json(),
-                                            config.augment.model_dump_json())
-                yield torch.from_numpy(mine["image"]).to(device), torch.from_numpy(mine["text"]).to(device)
+        # Ray Data brings decoded pixels; this worker augments its part
+        if config.augment_in_worker:
+            for batch in source.iter_batches(
+                batch_size=size,
+                batch_format="numpy",
+                drop_last=True,
+                local_shuffle_buffer_size=shuffle,
+                local_shuffle_seed=shuffle_seed,
+            ):
+                mine = augment_and_tokenize(
+                    {k: v[part] for k, v in batch.items()},
+                    config.model.model_dump_json(),
+                    config.augment.model_dump_json(),
+                )
+                yield (
+                    torch.from_numpy(mine["image"]).to(device),
+                    torch.from_numpy(mine["text"]).to(device),
+                )
         else:
-            for batch in source.iter_torch_batches(batch_size=size, drop_last=True, local_shuffle_buffer_size=shuffle,
-                                                   local_shuffle_seed=shuffle_seed, device=device,
-                                                   dtypes={"image": torch.float32, "text": torch.long}):
+            for batch in source.iter_torch_batches(
+                batch_size=size,
+                drop_last=True,
+                local_shuffle_buffer_size=shuffle,
+                local_shuffle_seed=shuffle_seed,
+                device=device,
+                dtypes={"image": torch.float32, "text": torch.long},
+            ):
                 yield batch["image"][part], batch["text"][part]
 
     for epoch in itertools.count():
@@ -194,12 +239,15 @@ def _batches(config: TrainConfig, rank: int, world: int, device: torch.device):
             produced += 1
             yield images, texts
         if not produced:
-            raise ValueError(f"train: {config.data} yields fewer than {size} samples per worker, not one batch; "
-                             "lower batch_size or add data")
+            raise ValueError(
+                f"train: {config.data} yields fewer than {size} samples per worker, not one batch; "
+                "lower batch_size or add data"
+            )
 
 
 def seed_everything(seed: int) -> None:
-    """Python's, numpy's and torch's generators (timm's augmentations draw from the first and last)."""
+    """Python's, numpy's and torch's generators (timm's augmentations draw from the first and
+    last)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -215,8 +263,9 @@ def train_worker(config_data: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
-        torch.set_num_threads(config.threads or max(1, int(config.cpus_per_worker)))
-    if config.seed is not None:  # in-worker augmentation and any other draw (build_model fixes the init)
+        torch.set_num_threads(config.threads or max(1, int(config.worker.num_cpus)))
+    # in-worker augmentation and any other draw (build_model fixes the init)
+    if config.seed is not None:
         seed_everything(config.seed + rank)
     clip, _ = build_for_training(config)
     model = ray.train.torch.prepare_model(clip.model)
@@ -242,10 +291,14 @@ def train_worker(config_data: dict) -> None:
         metrics = step_metrics(model, loss, state.step, config, rate)
         last_time, last_step = now, state.step
         state.history.append(metrics)
-        if rank == 0:  # not print(): Ray Train patches it to log too, and the driver would show it twice
-            sys.stdout.write(f"step {state.step}/{config.steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
-                             f"logit scale {metrics['logit_scale']:.1f}  gates {metrics['gate_mean']:.3f}  "
-                             f"{rate:.0f} samples/s\n")
+        # not print(): Ray Train patches it to log too, and the driver would show it twice
+        if rank == 0:
+            sys.stdout.write(
+                f"step {state.step}/{config.steps}  loss {metrics['loss']:.4f}  lr "
+                f"{metrics['lr']:.2e}  "
+                f"logit scale {metrics['logit_scale']:.1f}  gates {metrics['gate_mean']:.3f}  "
+                f"{rate:.0f} samples/s\n"
+            )
             sys.stdout.flush()
         # Ray Train only hears of checkpoints: V2 holds a worker's report until the controller polls
         # it (every 2 s), so a report per logged step stalls the loop. The steps' metrics live in
@@ -259,6 +312,8 @@ def train_worker(config_data: dict) -> None:
         else:
             ray.train.report(metrics)
     if rank == 0:
-        export_react_checkpoint(_unwrap(model), storage.join(config.output, "model.pt"), config.model)
+        export_react_checkpoint(
+            _unwrap(model), storage.join(config.output, "model.pt"), config.model
+        )
         metrics_text = "".join(json.dumps(row) + "\n" for row in state.history)
         storage.write_text_atomic(storage.join(config.output, "metrics.jsonl"), metrics_text)

@@ -24,7 +24,9 @@ def _gathered(features: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def clip_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
     """Mean of image->text and text->image cross-entropy; features L2-normalised, scale = exp(t)."""
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     all_images, all_texts = _gathered(image_features), _gathered(text_features)
@@ -32,4 +34,6 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     labels = torch.arange(n, device=image_features.device) + rank * n
     logits_per_image = logit_scale * image_features @ all_texts.T
     logits_per_text = logit_scale * text_features @ all_images.T
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    return (
+        F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
+    ) / 2

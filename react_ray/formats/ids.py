@@ -15,6 +15,7 @@ import numpy as np
 
 SOURCE_BITS, SHARD_BITS, ROW_BITS = 11, 28, 24
 MAX_SOURCE, MAX_SHARD, MAX_ROW = (1 << SOURCE_BITS) - 1, (1 << SHARD_BITS) - 1, (1 << ROW_BITS) - 1
+LAYOUT = "source<<52 | shard<<24 | row"
 _DIGITS = re.compile(r"(\d+)")
 
 
@@ -25,8 +26,14 @@ def encode(shard: int, row, source: int = 0):
     if not 0 <= shard <= MAX_SHARD:
         raise ValueError(f"shard number: got {shard}; must be in 0..{MAX_SHARD}")
     if np.any(np.asarray(row) > MAX_ROW) or np.any(np.asarray(row) < 0):
-        raise ValueError(f"row: must be in 0..{MAX_ROW} (a shard holds at most {MAX_ROW + 1:,} rows)")
-    return (np.int64(source) << (SHARD_BITS + ROW_BITS)) | (np.int64(shard) << ROW_BITS) | np.asarray(row, np.int64)
+        raise ValueError(
+            f"row: must be in 0..{MAX_ROW} (a shard holds at most {MAX_ROW + 1:,} rows)"
+        )
+    return (
+        (np.int64(source) << (SHARD_BITS + ROW_BITS))
+        | (np.int64(shard) << ROW_BITS)
+        | np.asarray(row, np.int64)
+    )
 
 
 def decode(ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -41,5 +48,7 @@ def shard_number(uri: str) -> int:
     stem = os.path.basename(uri.rstrip("/")).split(".")[0]
     runs = _DIGITS.findall(stem)
     if not runs:
-        raise ValueError(f"{uri}: input file names must carry a shard number (e.g. 00012.tar) for stable ids")
+        raise ValueError(
+            f"{uri}: input file names must carry a shard number (e.g. 00012.tar) for stable ids"
+        )
     return int(runs[-1])

@@ -38,7 +38,7 @@ def join(uri: str, *parts: str) -> str:
 
 
 def local_path(uri: str) -> str:
-    return uri[len("file://"):] if uri.startswith("file://") else uri
+    return uri.removeprefix("file://")
 
 
 def exists(uri: str) -> bool:
@@ -124,13 +124,22 @@ def file_sizes(uri: str, suffix: str) -> dict[str, int]:
     fs, path = filesystem(uri)
     if not fs.exists(path):
         return {}
-    entries = [e for e in fs.ls(path, detail=True) if e["name"].endswith(suffix) and e.get("type") != "directory"]
-    return dict(zip(_uris(uri, [e["name"] for e in entries]), [int(e["size"]) for e in sorted(
-        entries, key=lambda e: e["name"])]))
+    entries = [
+        e
+        for e in fs.ls(path, detail=True)
+        if e["name"].endswith(suffix) and e.get("type") != "directory"
+    ]
+    return dict(
+        zip(
+            _uris(uri, [e["name"] for e in entries]),
+            [int(e["size"]) for e in sorted(entries, key=lambda e: e["name"])],
+        )
+    )
 
 
 def find_files(uri: str, suffixes: tuple[str, ...]) -> list[str]:
-    """Sorted URIs of the files anywhere under ``uri`` whose names end with one of ``suffixes`` (any case)."""
+    """Sorted URIs of the files anywhere under ``uri`` whose names end with one of ``suffixes`` (any
+    case)."""
     fs, path = filesystem(uri)
     if not fs.exists(path):
         return []
@@ -154,7 +163,12 @@ def local_copy(uri: str) -> str:
     """A local path for ``uri``: itself when local, else a cached download keyed by the URI."""
     if not is_remote(uri):
         return local_path(uri)
-    target = cache_dir() / "files" / hashlib.sha256(uri.encode()).hexdigest()[:16] / os.path.basename(uri)
+    target = (
+        cache_dir()
+        / "files"
+        / hashlib.sha256(uri.encode()).hexdigest()[:16]
+        / os.path.basename(uri)
+    )
     if not target.exists():
         write_bytes_atomic(str(target), read_bytes(uri))
     return str(target)

@@ -16,12 +16,24 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
-from react_ray import ids, storage
+from react_ray.formats import ids, storage
+from react_ray.formats.embedding_set import shard_name
 
 SUFFIX = {"webdataset": ".tar", "parquet": ".parquet", "laion-embeddings": ".npy"}
 IMAGE_FORMATS = ("webdataset", "parquet", "image-folder")  # the input formats that hold image bytes
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")  # what PIL decodes safely
-MAX_MEMBER_BYTES = 64 * 2**20  # a tar member larger than this is not read into memory (counted: oversize_member)
+# what PIL decodes safely
+IMAGE_EXTENSIONS = (
+    "jpg",
+    "jpeg",
+    "png",
+    "webp",
+    "gif",
+    "bmp",
+    "tif",
+    "tiff",
+)
+# a tar member larger than this is not read into memory (counted: oversize_member)
+MAX_MEMBER_BYTES = 64 * 2**20
 # An image folder (any depth, e.g. CLASS/*.jpg) is read as shards of this many files in sorted
 # path order; its ids are stable while the folder's contents are.
 IMAGE_FOLDER_SHARD_FILES = 1000
@@ -29,8 +41,22 @@ IMAGE_COLUMNS = ("jpg", "image", "img", "image_bytes", "bytes", "png")
 CAPTION_COLUMNS = ("caption", "TEXT", "txt", "text")
 URL_COLUMNS = ("url", "URL")
 # Source columns kept (as one JSON object, ``meta``) so that retrieval can filter on them.
-METADATA_COLUMNS = ("punsafe", "pwatermark", "similarity", "NSFW", "LICENSE", "language", "width", "height",
-                    "original_width", "original_height", "WIDTH", "HEIGHT", "sha256", "hash")
+METADATA_COLUMNS = (
+    "punsafe",
+    "pwatermark",
+    "similarity",
+    "NSFW",
+    "LICENSE",
+    "language",
+    "width",
+    "height",
+    "original_width",
+    "original_height",
+    "WIDTH",
+    "HEIGHT",
+    "sha256",
+    "hash",
+)
 
 
 @dataclass(frozen=True)
@@ -41,7 +67,7 @@ class InputShard:
 
     @property
     def name(self) -> str:
-        return f"part-{self.number:06d}"
+        return shard_name(self.number)
 
 
 def list_input_shards(input_uri: str, input_format: str) -> list[InputShard]:
@@ -49,33 +75,63 @@ def list_input_shards(input_uri: str, input_format: str) -> list[InputShard]:
     if input_format == "image-folder":
         count = len(image_folder_files(input_uri))
         if not count:
-            raise FileNotFoundError(f"input: no {'/'.join(IMAGE_EXTENSIONS)} files under {input_uri}")
-        return [InputShard(input_uri, k, input_format) for k in range(-(-count // IMAGE_FOLDER_SHARD_FILES))]
+            raise FileNotFoundError(
+                f"input: no {'/'.join(IMAGE_EXTENSIONS)} files under {input_uri}"
+            )
+        return [
+            InputShard(input_uri, k, input_format)
+            for k in range(-(-count // IMAGE_FOLDER_SHARD_FILES))
+        ]
     folder = storage.join(input_uri, "img_emb") if input_format == "laion-embeddings" else input_uri
     files = storage.list_files(folder, SUFFIX[input_format])
     if not files:
         raise FileNotFoundError(
             f"input: no *{SUFFIX[input_format]} files in {folder} for input_format={input_format!r}"
         )
-    shards = sorted((InputShard(uri, ids.shard_number(uri), input_format) for uri in files), key=lambda s: s.number)
+    shards = sorted(
+        (InputShard(uri, ids.shard_number(uri), input_format) for uri in files),
+        key=lambda s: s.number,
+    )
     for a, b in zip(shards, shards[1:]):
         if a.number == b.number:
-            raise ValueError(f"input: {a.uri} and {b.uri} have the same shard number {a.number}; ids would collide")
+            raise ValueError(
+                f"input: {a.uri} and {b.uri} have the same shard number {a.number}; ids would "
+                "collide"
+            )
     return shards
 
 
 # Text fields are never None ("" means absent): all-null columns would lose their type in Ray Data.
-_EMPTY = dict.fromkeys(("key", "url", "caption", "meta", "error", "message"), "") | {"image": b""}
+# Every row of a shard is a record but the last, its end row: ``shard_rows`` (its record count)
+# and ``shard_error`` (why the shard ended early) are set there only, typed, beside the records.
+_EMPTY = dict.fromkeys(("key", "url", "caption", "meta", "error", "message", "shard_error"), "") | {
+    "image": b"",
+    "shard_rows": -1,
+}
 
 
 def _record(shard: InputShard, row: int, source: int, **fields) -> dict:
     fields = {k: ("" if v is None else v) for k, v in fields.items()}
-    return _EMPTY | {"kind": "record", "id": int(ids.encode(shard.number, row, source)), "shard": shard.number} | fields
+    return (
+        _EMPTY
+        | {
+            "kind": "record",
+            "id": int(ids.encode(shard.number, row, source)),
+            "shard": shard.number,
+        }
+        | fields
+    )
 
 
 def end_row(shard: InputShard, count: int, error: str | None) -> dict:
-    """The shard's last row: ``caption`` holds its record count, ``message`` its shard-level error."""
-    return _EMPTY | {"kind": "end", "id": -1, "shard": shard.number, "caption": str(count), "message": error or ""}
+    """The shard's last row: how many records it held, and its shard-level error if any."""
+    return _EMPTY | {
+        "kind": "end",
+        "id": -1,
+        "shard": shard.number,
+        "shard_rows": count,
+        "shard_error": error or "",
+    }
 
 
 def metadata_json(source: dict, columns: tuple[str, ...] = METADATA_COLUMNS) -> str:
@@ -118,7 +174,9 @@ def webdataset_samples(fileobj) -> Iterator[dict[str, bytes]]:
     tracked = _TailTracker(fileobj)
     with tarfile.open(fileobj=tracked, mode="r|") as tar:
         for member in tar:
-            end_of_members = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            end_of_members = (
+                member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            )
             if not member.isfile():
                 continue
             base = member.name.rsplit("/", 1)[-1]
@@ -128,7 +186,9 @@ def webdataset_samples(fileobj) -> Iterator[dict[str, bytes]]:
                 sample = {}
             current_key = key
             if member.size > MAX_MEMBER_BYTES:
-                sample["__oversize__"] = f"{base} ({member.size:,} bytes > {MAX_MEMBER_BYTES:,})".encode()
+                sample["__oversize__"] = (
+                    f"{base} ({member.size:,} bytes > {MAX_MEMBER_BYTES:,})".encode()
+                )
                 continue
             sample[ext.lower()] = tar.extractfile(member).read()
     while tracked.read(2**20):  # to the end of the file, to see what follows the last member
@@ -136,9 +196,13 @@ def webdataset_samples(fileobj) -> Iterator[dict[str, bytes]]:
     if sample:
         yield {"__key__": current_key, **sample}
     after = tracked.total - end_of_members
-    if end_of_members and (after < tarfile.BLOCKSIZE or tracked.tail[-min(after, 1024):].strip(b"\0")):
-        raise tarfile.ReadError(f"no end-of-archive blocks after the member ending at byte {end_of_members:,}: "
-                                "the file was cut there, and what followed is lost")
+    if end_of_members and (
+        after < tarfile.BLOCKSIZE or tracked.tail[-min(after, 1024) :].strip(b"\0")
+    ):
+        raise tarfile.ReadError(
+            f"no end-of-archive blocks after the member ending at byte {end_of_members:,}: "
+            "the file was cut there, and what followed is lost"
+        )
 
 
 def _sidecar(sample: dict) -> tuple[dict, str, str]:
@@ -160,7 +224,11 @@ def _read_webdataset(shard: InputShard, source: int, caption_required: bool) -> 
         with storage.open_uri(shard.uri) as f:
             for sample in webdataset_samples(f):
                 meta, json_error, json_message = _sidecar(sample)
-                caption = sample["txt"].decode("utf-8", "replace") if "txt" in sample else meta.get("caption")
+                caption = (
+                    sample["txt"].decode("utf-8", "replace")
+                    if "txt" in sample
+                    else meta.get("caption")
+                )
                 image = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
                 error, message = _caption_error(caption, caption_required)
                 if json_error:
@@ -169,12 +237,23 @@ def _read_webdataset(shard: InputShard, source: int, caption_required: bool) -> 
                     error, message = "oversize_member", sample["__oversize__"].decode()
                 elif image is None:
                     error, message = "missing_image", f"no {'/'.join(IMAGE_EXTENSIONS)} member"
-                yield _record(shard, row, source, key=str(meta.get("key", sample["__key__"])),
-                              url=_text(meta.get("url")), caption=_text(caption),
-                              image=image, meta=metadata_json(meta), error=error, message=message)
+                yield _record(
+                    shard,
+                    row,
+                    source,
+                    key=str(meta.get("key", sample["__key__"])),
+                    url=_text(meta.get("url")),
+                    caption=_text(caption),
+                    image=image,
+                    meta=metadata_json(meta),
+                    error=error,
+                    message=message,
+                )
                 row += 1
     except (tarfile.TarError, EOFError, OSError) as error:
-        yield end_row(shard, row, f"{shard.uri}: truncated or corrupt tar after {row} samples ({error})")
+        yield end_row(
+            shard, row, f"{shard.uri}: truncated or corrupt tar after {row} samples ({error})"
+        )
         return
     yield end_row(shard, row, None)
 
@@ -187,7 +266,9 @@ def _pick(columns: list[str], candidates: tuple[str, ...]) -> str | None:
     return next((c for c in candidates if c in columns), None)
 
 
-def _read_parquet(shard: InputShard, source: int, block_rows: int, caption_required: bool) -> Iterator[dict]:
+def _read_parquet(
+    shard: InputShard, source: int, block_rows: int, caption_required: bool
+) -> Iterator[dict]:
     row = 0
     try:
         with storage.open_uri(shard.uri) as f:
@@ -195,23 +276,35 @@ def _read_parquet(shard: InputShard, source: int, block_rows: int, caption_requi
             names = parquet.schema_arrow.names
             image_col, caption_col = _pick(names, IMAGE_COLUMNS), _pick(names, CAPTION_COLUMNS)
             if image_col is None:
-                raise ValueError(f"no image column (one of {', '.join(IMAGE_COLUMNS)}); columns are {names}")
+                raise ValueError(
+                    f"no image column (one of {', '.join(IMAGE_COLUMNS)}); columns are {names}"
+                )
             url_col = _pick(names, URL_COLUMNS)
             meta_cols = tuple(c for c in METADATA_COLUMNS if c in names)
             for batch in parquet.iter_batches(batch_size=block_rows):
                 data = batch.to_pydict()
                 for i in range(batch.num_rows):
                     image = data[image_col][i]
-                    if isinstance(image, dict):  # Hugging Face datasets store {"bytes": ..., "path": ...}
+                    # Hugging Face datasets store {"bytes": ..., "path": ...}
+                    if isinstance(image, dict):
                         image = image.get("bytes")
                     caption = data[caption_col][i] if caption_col else None
                     error, message = _caption_error(caption, caption_required)
                     if image is None:
                         error, message = "missing_image", f"null {image_col!r} value"
                     key = data["key"][i] if "key" in data else f"{shard.number:05d}{row:04d}"
-                    yield _record(shard, row, source, key=str(key), url=_text(data[url_col][i]) if url_col else None,
-                                  caption=_text(caption), image=image, error=error, message=message,
-                                  meta=metadata_json({c: data[c][i] for c in meta_cols}, meta_cols))
+                    yield _record(
+                        shard,
+                        row,
+                        source,
+                        key=str(key),
+                        url=_text(data[url_col][i]) if url_col else None,
+                        caption=_text(caption),
+                        image=image,
+                        error=error,
+                        message=message,
+                        meta=metadata_json({c: data[c][i] for c in meta_cols}, meta_cols),
+                    )
                     row += 1
     except (OSError, ValueError) as error:
         yield end_row(shard, row, f"{shard.uri}: unreadable parquet after {row} rows ({error})")
@@ -222,20 +315,26 @@ def _read_parquet(shard: InputShard, source: int, block_rows: int, caption_requi
 def _read_image_folder(shard: InputShard, source: int, caption_required: bool) -> Iterator[dict]:
     """Files [k * IMAGE_FOLDER_SHARD_FILES, ...) of the folder; the key is the path inside it."""
     start = shard.number * IMAGE_FOLDER_SHARD_FILES
-    files = image_folder_files(shard.uri)[start:start + IMAGE_FOLDER_SHARD_FILES]
+    files = image_folder_files(shard.uri)[start : start + IMAGE_FOLDER_SHARD_FILES]
     root = shard.uri.rstrip("/") + "/"
     for row, path in enumerate(files):
         key = path.removeprefix(root)
         try:
-            image, (error, message) = storage.read_bytes(path), _caption_error(None, caption_required)
+            image, (error, message) = (
+                storage.read_bytes(path),
+                _caption_error(None, caption_required),
+            )
         except OSError as failure:
             image, error, message = None, "unreadable_file", f"{path}: {failure}"
-        yield _record(shard, row, source, key=key, url=path, image=image, error=error, message=message)
+        yield _record(
+            shard, row, source, key=key, url=path, image=image, error=error, message=message
+        )
     yield end_row(shard, len(files), None)
 
 
-def read_shard(shard: InputShard, source: int = 0, block_rows: int = 1000,
-               caption_required: bool = True) -> Iterator[list[dict]]:
+def read_shard(
+    shard: InputShard, source: int = 0, block_rows: int = 1000, caption_required: bool = True
+) -> Iterator[list[dict]]:
     """Blocks of at most ``block_rows`` records of one shard, then its end row. Without
     ``caption_required`` a record with no caption is embedded all the same (evaluation images)."""
     if shard.format == "webdataset":
@@ -256,14 +355,23 @@ def read_shard(shard: InputShard, source: int = 0, block_rows: int = 1000,
         yield block
 
 
-def read_blocks(batch: dict, source: int, block_rows: int, caption_required: bool = True, then=None, **then_kwargs):
+def read_blocks(
+    batch: dict,
+    source: int,
+    block_rows: int,
+    caption_required: bool = True,
+    then=None,
+    **then_kwargs,
+):
     """Ray Data generator UDF: a batch of shard descriptions (uri, number, format) -> record blocks,
     each passed through ``then(block, **then_kwargs)`` (decoding) before it leaves the task.
 
     Decoding here, not in a following ``map_batches(batch_size=N)``, keeps one shard per task:
     Ray Data fuses such a step into this one and would then hand N shards to every task."""
     for uri, number, fmt in zip(batch["uri"], batch["number"], batch["format"]):
-        for block in read_shard(InputShard(str(uri), int(number), str(fmt)), source, block_rows, caption_required):
+        for block in read_shard(
+            InputShard(str(uri), int(number), str(fmt)), source, block_rows, caption_required
+        ):
             columns = {k: np.array([r[k] for r in block], dtype=object) for k in block[0]}
             yield then(columns, **then_kwargs) if then else columns
 

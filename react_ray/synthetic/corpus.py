@@ -38,11 +38,22 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm.auto import tqdm
 
-from react_ray import storage
 from react_ray.config import CorpusConfig, GenerateConfig
+from react_ray.formats import storage
 from react_ray.report import image_grid_html
 
-SHAPES = ("circle", "square", "triangle", "star", "cross", "heart", "hexagon", "crescent", "diamond", "ring")
+SHAPES = (
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "heart",
+    "hexagon",
+    "crescent",
+    "diamond",
+    "ring",
+)
 SYNONYMS = {
     "circle": ("circle", "round disc", "dot"),
     "square": ("square", "box", "block"),
@@ -56,9 +67,16 @@ SYNONYMS = {
     "ring": ("ring", "donut shape", "hoop"),
 }
 COLORS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
-    "purple": (140, 60, 180), "orange": (245, 140, 30), "pink": (240, 120, 180), "white": (245, 245, 245),
-    "black": (20, 20, 20), "brown": (130, 80, 40),
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "purple": (140, 60, 180),
+    "orange": (245, 140, 30),
+    "pink": (240, 120, 180),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+    "brown": (130, 80, 40),
 }
 BACKGROUNDS = ("plain", "striped", "dotted", "checkered", "noisy", "gradient")
 CAPTION_KINDS = ("descriptive", "short", "alt-text", "noise", "wrong")
@@ -84,8 +102,13 @@ def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float, angle: fl
         return [(cx + x * r * cos - y * r * sin, cy + x * r * sin + y * r * cos) for x, y in points]
 
     def regular(n: int, radius: float = 1.0, offset: float = 0.0) -> list[tuple[float, float]]:
-        return [(radius * math.cos(offset + 2 * math.pi * k / n), radius * math.sin(offset + 2 * math.pi * k / n))
-                for k in range(n)]
+        return [
+            (
+                radius * math.cos(offset + 2 * math.pi * k / n),
+                radius * math.sin(offset + 2 * math.pi * k / n),
+            )
+            for k in range(n)
+        ]
 
     box = (cx - r, cy - r, cx + r, cy + r)
     if shape == "circle":
@@ -110,12 +133,31 @@ def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float, angle: fl
         draw.polygon(polygon([p for pair in zip(outer, inner) for p in pair]), fill=255)
     elif shape == "cross":
         t = 0.3
-        draw.polygon(polygon([(-t, -1), (t, -1), (t, -t), (1, -t), (1, t), (t, t), (t, 1), (-t, 1), (-t, t),
-                              (-1, t), (-1, -t), (-t, -t)]), fill=255)
+        draw.polygon(
+            polygon(
+                [
+                    (-t, -1),
+                    (t, -1),
+                    (t, -t),
+                    (1, -t),
+                    (1, t),
+                    (t, t),
+                    (t, 1),
+                    (-t, 1),
+                    (-t, t),
+                    (-1, t),
+                    (-1, -t),
+                    (-t, -t),
+                ]
+            ),
+            fill=255,
+        )
     elif shape == "heart":
         draw.ellipse((cx - r, cy - 0.75 * r, cx, cy + 0.1 * r), fill=255)
         draw.ellipse((cx, cy - 0.75 * r, cx + r, cy + 0.1 * r), fill=255)
-        draw.polygon([(cx - 0.97 * r, cy - 0.1 * r), (cx + 0.97 * r, cy - 0.1 * r), (cx, cy + r)], fill=255)
+        draw.polygon(
+            [(cx - 0.97 * r, cy - 0.1 * r), (cx + 0.97 * r, cy - 0.1 * r), (cx, cy + r)], fill=255
+        )
     else:
         raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
     return mask
@@ -131,7 +173,9 @@ def _background(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
     elif kind == "striped":
         pattern = ((xx + yy * int(rng.integers(0, 2))) // period) % 2 == 0
     elif kind == "dotted":
-        pattern = ((xx % period - period / 2) ** 2 + (yy % period - period / 2) ** 2) < (period / 4) ** 2
+        pattern = ((xx % period - period / 2) ** 2 + (yy % period - period / 2) ** 2) < (
+            period / 4
+        ) ** 2
     elif kind == "checkered":
         pattern = ((xx // period) + (yy // period)) % 2 == 0
     elif kind == "noisy":
@@ -142,8 +186,9 @@ def _background(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
     return np.where(pattern[..., None], other, base).astype(np.uint8)
 
 
-def render(rng: np.random.Generator, size: int, no_shape_fraction: float = NO_SHAPE_FRACTION
-           ) -> tuple[Image.Image, Truth]:
+def render(
+    rng: np.random.Generator, size: int, no_shape_fraction: float = NO_SHAPE_FRACTION
+) -> tuple[Image.Image, Truth]:
     """One image and what is really in it; ``no_shape_fraction`` of them show only a texture."""
     background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     color = list(COLORS)[rng.integers(len(COLORS))]
@@ -151,15 +196,26 @@ def render(rng: np.random.Generator, size: int, no_shape_fraction: float = NO_SH
     shape = None if rng.random() < no_shape_fraction else SHAPES[rng.integers(len(SHAPES))]
     objects = [] if shape is None else [(shape, color, rng.uniform(0.22, 0.4) * size)]
     if shape is not None and rng.random() < 0.25:  # a small distractor in another colour
-        objects.append((SHAPES[rng.integers(len(SHAPES))], list(COLORS)[rng.integers(len(COLORS))], 0.12 * size))
+        objects.append(
+            (
+                SHAPES[rng.integers(len(SHAPES))],
+                list(COLORS)[rng.integers(len(COLORS))],
+                0.12 * size,
+            )
+        )
     for i, (name, colour, radius) in enumerate(objects):
         margin = radius * 1.05
         cx, cy = (rng.uniform(margin, size - margin) for _ in range(2))
         if i:  # keep the distractor in a corner, away from the main object's centre
-            cx, cy = (margin if rng.random() < 0.5 else size - margin), (margin if rng.random() < 0.5 else size - margin)
+            cx, cy = (
+                (margin if rng.random() < 0.5 else size - margin),
+                (margin if rng.random() < 0.5 else size - margin),
+            )
         jitter = np.clip(np.array(COLORS[colour]) + rng.integers(-25, 25, size=3), 0, 255)
         fill = Image.new("RGB", (size, size), tuple(int(c) for c in jitter))
-        canvas.paste(fill, mask=_shape_mask(name, size, cx, cy, radius, rng.uniform(0, 2 * math.pi)))
+        canvas.paste(
+            fill, mask=_shape_mask(name, size, cx, cy, radius, rng.uniform(0, 2 * math.pi))
+        )
     if rng.random() < 0.2:
         canvas = canvas.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.3, 1.0)))
     return canvas, Truth(shape=shape, color=color, background=background)
@@ -174,8 +230,18 @@ def caption(rng: np.random.Generator, truth: Truth) -> tuple[str, str]:
     else:
         kind = CAPTION_KINDS[rng.choice(len(CAPTION_KINDS), p=CAPTION_KIND_WEIGHTS)]
     if kind == "noise":
-        return str(rng.choice([f"IMG_{rng.integers(1000, 9999)}.jpg", "untitled", "click here for more",
-                               f"product {rng.integers(100, 999)}", "image", "free shipping on all orders"])), kind
+        return str(
+            rng.choice(
+                [
+                    f"IMG_{rng.integers(1000, 9999)}.jpg",
+                    "untitled",
+                    "click here for more",
+                    f"product {rng.integers(100, 999)}",
+                    "image",
+                    "free shipping on all orders",
+                ]
+            )
+        ), kind
     if kind == "wrong":  # label noise, as scraped alt-text has
         others = [s for s in SHAPES if s != truth.shape]
         truth = Truth(others[rng.integers(len(others))], truth.color, truth.background)
@@ -183,11 +249,26 @@ def caption(rng: np.random.Generator, truth: Truth) -> tuple[str, str]:
     if kind == "short":
         return f"{truth.color} {name}", kind
     if kind == "alt-text":
-        pattern = rng.choice(["{s} clipart", "stock photo of a {s}", "{s} icon vector", "{c} {s} sticker",
-                              "simple {s} logo", "{s} png"])
+        pattern = rng.choice(
+            [
+                "{s} clipart",
+                "stock photo of a {s}",
+                "{s} icon vector",
+                "{c} {s} sticker",
+                "simple {s} logo",
+                "{s} png",
+            ]
+        )
         return str(pattern).format(s=name, c=truth.color), kind
-    pattern = rng.choice(["a {c} {s} on a {b} background", "photo of a {c} {s}", "a {c} {s} against a {b} pattern",
-                          "{c} {s} drawn on {b} paper", "a picture of a {s}, {c}"])
+    pattern = rng.choice(
+        [
+            "a {c} {s} on a {b} background",
+            "photo of a {c} {s}",
+            "a {c} {s} against a {b} pattern",
+            "{c} {s} drawn on {b} paper",
+            "a picture of a {s}, {c}",
+        ]
+    )
     return str(pattern).format(s=name, c=truth.color, b=truth.background), kind
 
 
@@ -202,7 +283,12 @@ def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o644  # mtime 0: identical bytes on every run
+            # mtime 0: identical bytes on every run
+            info.size, info.mtime, info.mode = (
+                len(data),
+                0,
+                0o644,
+            )
             tar.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
 
@@ -231,14 +317,26 @@ def shard_samples(corpus: CorpusConfig, shard: int) -> list[dict]:
         if eval_key is not None:  # drawn above all the same, so the other rows do not change
             jpg, truth, text = _planted_copy(corpus, eval_key, transform, key)
             image, kind = Image.open(io.BytesIO(jpg)), "planted"
-        samples.append({
-            "key": key, "url": f"{corpus.url_base}/{key}.jpg", "caption": text, "jpg": jpg,
-            "width": image.width, "height": image.height, "sha256": hashlib.sha256(jpg).hexdigest(),
-            "similarity": float(rng.uniform(0.28, 0.42)), "punsafe": float(rng.beta(0.5, 12)),
-            "pwatermark": float(rng.beta(0.8, 6)), "shape": truth.shape, "color": truth.color,
-            "background": truth.background, "caption_kind": kind, "planted_from": eval_key,
-            "plant_transform": transform,
-        })
+        samples.append(
+            {
+                "key": key,
+                "url": f"{corpus.url_base}/{key}.jpg",
+                "caption": text,
+                "jpg": jpg,
+                "width": image.width,
+                "height": image.height,
+                "sha256": hashlib.sha256(jpg).hexdigest(),
+                "similarity": float(rng.uniform(0.28, 0.42)),
+                "punsafe": float(rng.beta(0.5, 12)),
+                "pwatermark": float(rng.beta(0.8, 6)),
+                "shape": truth.shape,
+                "color": truth.color,
+                "background": truth.background,
+                "caption_kind": kind,
+                "planted_from": eval_key,
+                "plant_transform": transform,
+            }
+        )
     return samples
 
 
@@ -247,21 +345,42 @@ def write_shard(output: str, corpus: CorpusConfig, shard: int) -> list[dict]:
     if "webdataset" in corpus.formats:
         members = []
         for s in samples:
-            meta = {k: s[k] for k in ("key", "url", "caption", "width", "height", "sha256", *LAION_SCORES)} | {"status": "success"}
-            members += [(f"{s['key']}.jpg", s["jpg"]), (f"{s['key']}.txt", s["caption"].encode()),
-                        (f"{s['key']}.json", json.dumps(meta).encode())]
-        storage.write_bytes_atomic(storage.join(output, "webdataset", f"{shard:05d}.tar"), _tar_bytes(members))
+            meta = {
+                k: s[k]
+                for k in ("key", "url", "caption", "width", "height", "sha256", *LAION_SCORES)
+            } | {"status": "success"}
+            members += [
+                (f"{s['key']}.jpg", s["jpg"]),
+                (f"{s['key']}.txt", s["caption"].encode()),
+                (f"{s['key']}.json", json.dumps(meta).encode()),
+            ]
+        storage.write_bytes_atomic(
+            storage.join(output, "webdataset", f"{shard:05d}.tar"), _tar_bytes(members)
+        )
     if "parquet" in corpus.formats:
         columns = ("key", "url", "caption", "jpg", "width", "height", "sha256", *LAION_SCORES)
         table = pa.table({c: [s[c] for s in samples] for c in columns})
-        storage.write_bytes_atomic(storage.join(output, "parquet", f"{shard:05d}.parquet"), _parquet_bytes(table))
+        storage.write_bytes_atomic(
+            storage.join(output, "parquet", f"{shard:05d}.parquet"), _parquet_bytes(table)
+        )
     if "laion-metadata" in corpus.formats:
-        renames = {"URL": "url", "TEXT": "caption", "WIDTH": "width", "HEIGHT": "height",
-                   "similarity": "similarity", "punsafe": "punsafe", "pwatermark": "pwatermark"}
-        table = pa.table({new: [s[old] for s in samples] for new, old in renames.items()}
-                         | {"hash": [int(s["sha256"][:15], 16) for s in samples]})
-        storage.write_bytes_atomic(storage.join(output, "laion-metadata", f"part-{shard:05d}.parquet"),
-                                   _parquet_bytes(table))
+        renames = {
+            "URL": "url",
+            "TEXT": "caption",
+            "WIDTH": "width",
+            "HEIGHT": "height",
+            "similarity": "similarity",
+            "punsafe": "punsafe",
+            "pwatermark": "pwatermark",
+        }
+        table = pa.table(
+            {new: [s[old] for s in samples] for new, old in renames.items()}
+            | {"hash": [int(s["sha256"][:15], 16) for s in samples]}
+        )
+        storage.write_bytes_atomic(
+            storage.join(output, "laion-metadata", f"part-{shard:05d}.parquet"),
+            _parquet_bytes(table),
+        )
     if corpus.write_images:
         for s in samples:
             storage.write_bytes_atomic(storage.join(output, "images", f"{s['key']}.jpg"), s["jpg"])
@@ -290,16 +409,27 @@ def planted_rows(corpus: CorpusConfig) -> dict[tuple[int, int], tuple[str, str]]
     keys = sorted(eval_samples(corpus.seed, corpus.image_size, corpus.eval_samples_per_class))
     per_shard = -(-corpus.planted_eval_copies // corpus.num_shards)
     if per_shard > corpus.samples_per_shard or corpus.planted_eval_copies > len(keys):
-        raise ValueError(f"planted_eval_copies={corpus.planted_eval_copies}: more than the eval set "
-                         f"({len(keys)}) or the corpus shards can hold")
-    return {(j % corpus.num_shards, corpus.samples_per_shard - 1 - j // corpus.num_shards):
-            (keys[j * len(keys) // corpus.planted_eval_copies], PLANT_TRANSFORMS[j % len(PLANT_TRANSFORMS)])
-            for j in range(corpus.planted_eval_copies)}
+        raise ValueError(
+            f"planted_eval_copies={corpus.planted_eval_copies}: more than the eval set "
+            f"({len(keys)}) or the corpus shards can hold"
+        )
+    return {
+        (j % corpus.num_shards, corpus.samples_per_shard - 1 - j // corpus.num_shards): (
+            keys[j * len(keys) // corpus.planted_eval_copies],
+            PLANT_TRANSFORMS[j % len(PLANT_TRANSFORMS)],
+        )
+        for j in range(corpus.planted_eval_copies)
+    }
 
 
-def _planted_copy(corpus: CorpusConfig, eval_key: str, transform: str, key: str) -> tuple[bytes, Truth, str]:
-    """A web copy of an eval image: re-encoded at low quality, resized, or cropped by a few percent."""
-    jpg, truth = eval_samples(corpus.seed, corpus.image_size, corpus.eval_samples_per_class)[eval_key]
+def _planted_copy(
+    corpus: CorpusConfig, eval_key: str, transform: str, key: str
+) -> tuple[bytes, Truth, str]:
+    """A web copy of an eval image: re-encoded at low quality, resized, or cropped by a few
+    percent."""
+    jpg, truth = eval_samples(corpus.seed, corpus.image_size, corpus.eval_samples_per_class)[
+        eval_key
+    ]
     rng = np.random.default_rng([corpus.seed, int(key)])
     image = Image.open(io.BytesIO(jpg)).convert("RGB")
     size = image.width
@@ -317,10 +447,18 @@ def _planted_copy(corpus: CorpusConfig, eval_key: str, transform: str, key: str)
 def write_eval_set(output: str, corpus: CorpusConfig) -> int:
     """Held-out labeled images for the shapes task (every image shows one of SHAPES)."""
     members, count = [], 0
-    for key, (jpg, truth) in eval_samples(corpus.seed, corpus.image_size, corpus.eval_samples_per_class).items():
+    for key, (jpg, truth) in eval_samples(
+        corpus.seed, corpus.image_size, corpus.eval_samples_per_class
+    ).items():
         label = SHAPES.index(truth.shape)
-        members += [(f"{key}.jpg", jpg), (f"{key}.cls", str(label).encode()),
-                    (f"{key}.json", json.dumps({"key": key, "label": label, "classname": truth.shape}).encode())]
+        members += [
+            (f"{key}.jpg", jpg),
+            (f"{key}.cls", str(label).encode()),
+            (
+                f"{key}.json",
+                json.dumps({"key": key, "label": label, "classname": truth.shape}).encode(),
+            ),
+        ]
         count += 1
     storage.write_bytes_atomic(storage.join(output, "eval", "eval-00000.tar"), _tar_bytes(members))
     task = {"name": "shapes", "classnames": list(SHAPES), "num_samples": count}
@@ -339,8 +477,10 @@ class CorpusSummary:
 
     def __str__(self) -> str:
         kinds = ", ".join(f"{k} {v}" for k, v in self.caption_kinds.items())
-        return (f"corpus: {self.num_pairs} pairs in {', '.join(self.formats)} at {self.output} "
-                f"({self.seconds:.1f}s); captions: {kinds}; eval set: {self.num_eval} labeled images")
+        return (
+            f"corpus: {self.num_pairs} pairs in {', '.join(self.formats)} at {self.output} "
+            f"({self.seconds:.1f}s); captions: {kinds}; eval set: {self.num_eval} labeled images"
+        )
 
 
 def generate_corpus(config: GenerateConfig, progress: bool = True) -> CorpusSummary:
@@ -348,20 +488,43 @@ def generate_corpus(config: GenerateConfig, progress: bool = True) -> CorpusSumm
     corpus, output = config.corpus, config.output
     storage.makedirs(output)
     truth_rows, preview = [], []
-    for shard in tqdm(range(corpus.num_shards), desc="generate shards", unit="shard", disable=not progress):
+    for shard in tqdm(
+        range(corpus.num_shards), desc="generate shards", unit="shard", disable=not progress
+    ):
         for s in write_shard(output, corpus, shard):
-            truth_rows.append({k: s[k] for k in ("key", "shape", "color", "background", "caption_kind", "caption",
-                                                 "planted_from", "plant_transform")})
+            truth_rows.append(
+                {
+                    k: s[k]
+                    for k in (
+                        "key",
+                        "shape",
+                        "color",
+                        "background",
+                        "caption_kind",
+                        "caption",
+                        "planted_from",
+                        "plant_transform",
+                    )
+                }
+            )
             if len(preview) < 60:
                 preview.append((s["jpg"], [s["caption"], f"truth: {s['shape'] or 'no shape'}"]))
     truth = pa.Table.from_pylist(truth_rows)
     storage.write_bytes_atomic(storage.join(output, "ground_truth.parquet"), _parquet_bytes(truth))
     num_eval = write_eval_set(output, corpus)
-    storage.write_text_atomic(storage.join(output, "preview.html"),
-                              image_grid_html("Synthetic LAION-style corpus: first pairs", preview))
-    kinds = {k: int(v) for k, v in zip(*np.unique([r["caption_kind"] for r in truth_rows], return_counts=True))}
-    summary = CorpusSummary(output, len(truth_rows), num_eval, list(corpus.formats), kinds,
-                            time.perf_counter() - start)
-    storage.write_text_atomic(storage.join(output, "corpus.json"),
-                              json.dumps({"config": config.model_dump(mode="json")} | summary.__dict__, indent=2))
+    storage.write_text_atomic(
+        storage.join(output, "preview.html"),
+        image_grid_html("Synthetic LAION-style corpus: first pairs", preview),
+    )
+    kinds = {
+        k: int(v)
+        for k, v in zip(*np.unique([r["caption_kind"] for r in truth_rows], return_counts=True))
+    }
+    summary = CorpusSummary(
+        output, len(truth_rows), num_eval, list(corpus.formats), kinds, time.perf_counter() - start
+    )
+    storage.write_text_atomic(
+        storage.join(output, "corpus.json"),
+        json.dumps({"config": config.model_dump(mode="json")} | summary.__dict__, indent=2),
+    )
     return summary

@@ -1,0 +1,2 @@
+"""Generated data for the demo, tests and benchmarks: a LAION-style corpus, clustered embedding
+sets."""
