@@ -75,19 +75,19 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
     half = args.files // 2 * args.rows
     print(
-        f"\n{args.files * args.rows:,} x {args.dim} vectors, {args.factory}; the second {half:,} "
-        "arrive later"
+        f"\n{args.files * args.rows:,} x {args.dim} vectors, "
+        f"{args.factory}; the second {half:,} arrive later"
     )
     print(
-        f"  append the new half          {appended:7.1f} s  (drift check, add, merge, new manifest "
-        "version)"
+        f"  append the new half          {appended:7.1f} s "
+        " (drift check, add, merge, new manifest version)"
     )
     print(
         f"  rebuild all, same quantizer  {rebuilt:7.1f} s  (add, merge, tune: {manifest.seconds})"
     )
     print(
-        f"  append / rebuild             {appended / rebuilt:7.2f}   same neighbours at nprobe 16: "
-        f"{same}"
+        f"  append / rebuild             {appended / rebuilt:7.2f} "
+        f"  same neighbours at nprobe 16: {same}"
     )
 
 

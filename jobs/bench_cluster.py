@@ -118,13 +118,12 @@ def main() -> None:
     pairs = args.shards * args.rows
     print(f"\n{pairs:,} pairs, {args.model}, pool min 1 / max {args.grow_to}")
     print(
-        f"  one GPU node throughout       {fixed:7.1f} s  ({pairs / fixed:6.1f} pairs/s, "
-        f"{fixed_nodes} node used)"
+        f"  one GPU node throughout       {fixed:7.1f} s  "
+        f"({pairs / fixed:6.1f} pairs/s, {fixed_nodes} node used)"
     )
     print(
         f"  grows to {args.grow_to} nodes mid-run       {grown:7.1f} s  ({pairs / grown:6.1f} "
-        "pairs/s, "
-        f"{grown_nodes} nodes used)"
+        f"pairs/s, {grown_nodes} nodes used)"
     )
     print(f"  speed-up                      {fixed / grown:7.2f}x")
 

@@ -101,13 +101,11 @@ def main() -> None:
     rate = summary.success / summary.seconds
     print(
         f"\ndownload benchmark: {args.images} JPEGs of {args.size}px from 127.0.0.1, {args.cpus} "
-        "CPUs, "
-        f"{args.threads} threads per task, keep_ratio resize to 224"
+        f"CPUs, {args.threads} threads per task, keep_ratio resize to 224"
     )
     print(
         f"  materialize: {summary.success} ok, failed {summary.failed or 'none'}, "
-        f"{summary.seconds:.1f}s "
-        f"(incl. Ray start-up): {rate:,.0f} images/s, "
+        f"{summary.seconds:.1f}s (incl. Ray start-up): {rate:,.0f} images/s, "
         f"{summary.bytes / summary.seconds / 2**20:.1f} MB/s written"
     )
     print(

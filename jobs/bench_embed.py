@@ -227,9 +227,8 @@ def main() -> None:
 
     print(
         f"\nembedding benchmark: {args.model}, batch {args.batch_size}, {args.cpus} CPUs, "
-        f"{args.actors} actors, "
-        f"fp32, {turns[0][0].pairs} pairs per run; pairs/s wall (start-up included) / steady "
-        "(after the first batch)"
+        f"{args.actors} actors, fp32, {turns[0][0].pairs} pairs per run; pairs/s wall (start-up "
+        "included) / steady (after the first batch)"
     )
     print(
         f"{'turn':>4} {'bare loop':>13} {'pipeline':>13} {'start-up s':>10} {'ratio':>11} "
@@ -251,16 +250,13 @@ def main() -> None:
         top = float(np.median([c / t[column][0].steady for c, t in zip(ceilings, turns)]))
         print(
             f"  decoding {where}: median ratio pipeline / bare loop {wall:.2f} wall, {steady:.2f} "
-            "steady "
-            f"(goal >= 0.9); model-forward ceiling / pipeline steady {top:.2f}"
+            f"steady (goal >= 0.9); model-forward ceiling / pipeline steady {top:.2f}"
         )
     if peaks:
         print(
             f"  peak memory (PSS, driver + Ray): {peaks['small'] / 2**20:.0f} MiB for "
-            f"{args.shards * args.rows} pairs, "
-            f"{peaks['large'] / 2**20:.0f} MiB for {args.scale}x that: growth "
-            f"{peaks['large'] / peaks['small']:.2f}x "
-            f"(goal <= 1.3)"
+            f"{args.shards * args.rows} pairs, {peaks['large'] / 2**20:.0f} MiB for {args.scale}x "
+            f"that: growth {peaks['large'] / peaks['small']:.2f}x (goal <= 1.3)"
         )
 
 

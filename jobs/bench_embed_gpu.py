@@ -62,8 +62,7 @@ def main() -> None:
         per_gpu = summary.this_run_steady_rows_per_s / args.gpus
         print(
             f"{model}: {summary.this_run_rows} pairs, {per_gpu:,.0f} images/s per GPU in steady "
-            "state "
-            f"({summary.this_run_startup_seconds:.0f}s start-up, {cpus} CPUs decoding); "
+            f"state ({summary.this_run_startup_seconds:.0f}s start-up, {cpus} CPUs decoding); "
             f"clip-retrieval published {PUBLISHED.get(model, '?')}/s per A100"
         )
 

@@ -143,8 +143,8 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=20)
     args = parser.parse_args()
     print(
-        f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, {args.workers} decode "
-        "processes"
+        f"GPU: {torch.cuda.get_device_name(0)}, torch "
+        f"{torch.__version__}, {args.workers} decode processes"
     )
     root = tempfile.mkdtemp(prefix="bench-gpu-")
     corpus = CorpusConfig(
@@ -170,8 +170,7 @@ def main() -> None:
         rate, share = train_rate(mode, "ViT-B-32", args.train_batch, args.train_steps)
         print(
             f"train ViT-B-32 {mode} fp16 AMP, batch {args.train_batch}: {rate:,.0f} samples/s per "
-            "GPU "
-            f"({share:.1%} of parameters trainable), peak memory "
+            f"GPU ({share:.1%} of parameters trainable), peak memory "
             f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB",
             flush=True,
         )

@@ -165,8 +165,8 @@ def main() -> None:
             )
         serve.shutdown()
     print(
-        f"\n{args.vectors:,} vectors, {args.clients} clients x {args.seconds:.0f} s, {args.cpus} "
-        "CPUs"
+        f"\n{args.vectors:,} vectors, {args.clients} "
+        f"clients x {args.seconds:.0f} s, {args.cpus} CPUs"
     )
     print(f"{'run':34} {'QPS':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
     for name, r in results.items():
@@ -174,8 +174,7 @@ def main() -> None:
     on, off = results["retrieval, batching on"], results["retrieval, batching off"]
     print(
         f"batching on / off QPS: {on['qps'] / off['qps']:.2f}; vs the ~20 QPS single-process "
-        "reference: "
-        f"{on['qps'] / 20:.1f}x"
+        f"reference: {on['qps'] / 20:.1f}x"
     )
 
 

@@ -111,9 +111,9 @@ def main() -> None:
             grad_checkpointing=True,
         )
         print(
-            f"{args.model} gated-image, fp16 AMP, batch {args.batch}: "
-            f"{ceiling(config, args.steps, 'cuda'):.0f} samples/s per GPU (model step, pre-made "
-            "batch)"
+            f"{args.model} gated-image, fp16 AMP, batch "
+            f"{args.batch}: {ceiling(config, args.steps, 'cuda'):.0f} "
+            "samples/s per GPU (model step, pre-made batch)"
         )
         return
     root = tempfile.mkdtemp(prefix="bench-train-")
@@ -186,15 +186,14 @@ def main() -> None:
     )
     for i, (plain, tasks, worker) in enumerate(turns):
         print(
-            f"{i + 1:>4} {plain:12.1f} {tasks:11.1f} {tasks / plain:5.2f} {worker:19.1f} "
-            f"{worker / plain:5.2f}"
+            f"{i + 1:>4} {plain:12.1f} {tasks:11.1f} "
+            f"{tasks / plain:5.2f} {worker:19.1f} {worker / plain:5.2f}"
         )
     for column, where in ((1, "in Ray Data tasks"), (2, "in the worker (augment_in_worker)")):
         ratio = float(np.median([t[column] / t[0] for t in turns]))
         print(
             f"Ray Train gated-image, augmenting {where}: median ratio to the plain loop "
-            f"{ratio:.2f} (goal >= 0.9); "
-            "to the model-step ceiling "
+            f"{ratio:.2f} (goal >= 0.9); to the model-step ceiling "
             f"{float(np.median([t[column] for t in turns])) / rows[0][3]:.2f}"
         )
 

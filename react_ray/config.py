@@ -121,8 +121,7 @@ class DemoConfig(StrictModel):
         if self.base_corpus.seed == self.corpus.seed:
             raise ValueError(
                 f"base_corpus.seed and corpus.seed are both {self.corpus.seed}: the base must not "
-                "be "
-                "pre-trained on the pairs retrieval draws from (REACT's base never saw LAION)"
+                "be pre-trained on the pairs retrieval draws from (REACT's base never saw LAION)"
             )
         return self
 
@@ -149,8 +148,7 @@ class EmbedConfig(StrictModel):
         default=False,
         description="decode + tokenize in the model actors, not in CPU tasks: for CPU-only pools, "
         "whose own cores would decode anyway (no pixels between processes, no decode process "
-        "preempting the "
-        "model's threads); GPU actors leave it to CPU tasks",
+        "preempting the model's threads); GPU actors leave it to CPU tasks",
     )
     read_block_rows: int = Field(
         default=256,
@@ -331,8 +329,8 @@ class MaterializeConfig(StrictModel):
     def _corpus_needs_embeddings(self) -> MaterializeConfig:
         if self.source == "corpus" and not self.embeddings:
             raise ValueError(
-                "source=corpus needs embeddings: the embedding set whose stats name the corpus "
-                "shards"
+                "source=corpus needs embeddings: the embedding "
+                "set whose stats name the corpus shards"
             )
         return self
 
@@ -362,8 +360,8 @@ class AugmentConfig(StrictModel):
         default=384,
         ge=8,
         description="decoded images keep their aspect ratio, the shorter side resized down to "
-        "this when longer (REACT's shards: img2dataset 384 px); the crop is drawn "
-        "from that whole image",
+        "this when longer (REACT's shards: img2dataset "
+        "384 px); the crop is drawn from that whole image",
     )
 
 
@@ -433,8 +431,8 @@ class TrainConfig(StrictModel):
     data_sharding: Literal["stream", "slice"] = Field(
         default="stream",
         description="stream: Ray Data splits the stream over workers; slice: every worker reads "
-        "the whole ordered stream and keeps its slice of each global batch (reproducible, costs N "
-        "x reading)",
+        "the whole ordered stream and keeps its slice of "
+        "each global batch (reproducible, costs N x reading)",
     )
     cache_decoded: bool = Field(
         default=False, description="decode once and keep pixels in the object store"
@@ -455,8 +453,7 @@ class TrainConfig(StrictModel):
         default=None,
         ge=0,
         description="fix model init, data order, shuffle and augmentation "
-        "(a one-worker run, or data_sharding=slice, repeats "
-        "exactly); None: fresh randomness",
+        "(a one-worker run, or data_sharding=slice, repeats exactly); None: fresh randomness",
     )
     ray_address: RayAddress = None
 

@@ -132,8 +132,8 @@ def start_fresh(config: DemoConfig) -> None:
         storage.remove(output, recursive=True)
     elif fs.exists(path) and fs.ls(path):
         raise SystemExit(
-            f"react-ray demo: {output} is not empty and holds no earlier demo ({MARKER}); "
-            "choose another output="
+            f"react-ray demo: {output} is not empty and holds "
+            f"no earlier demo ({MARKER}); choose another output="
         )
     storage.write_text_atomic(storage.join(output, MARKER), config.model_dump_json(indent=1))
 
@@ -148,16 +148,16 @@ def run_demo(config: DemoConfig) -> int:
     corpus_dir, base_corpus_dir = out("corpus"), out("base-corpus")
     _say(
         1,
-        f"generating the base's pre-training corpus -> {base_corpus_dir} and the retrieval corpus "
-        f"-> {corpus_dir}",
+        "generating the base's pre-training corpus -> "
+        f"{base_corpus_dir} and the retrieval corpus -> {corpus_dir}",
     )
     print("   ", generate_corpus(GenerateConfig(output=base_corpus_dir, corpus=config.base_corpus)))
     print("   ", generate_corpus(GenerateConfig(output=corpus_dir, corpus=config.corpus)))
 
     _say(
         2,
-        f"pre-training the base CLIP ({config.model.name}, all weights) on its own corpus -> "
-        f"{out('base')}",
+        f"pre-training the base CLIP ({config.model.name}, "
+        f"all weights) on its own corpus -> {out('base')}",
     )
     base_run = run_training(
         _train_config(
@@ -174,8 +174,8 @@ def run_demo(config: DemoConfig) -> int:
 
     _say(
         3,
-        "embedding the retrieval corpus (never seen by the base) on a local Ray -> "
-        f"{out('embeddings')}",
+        "embedding the retrieval corpus (never seen by "
+        f"the base) on a local Ray -> {out('embeddings')}",
     )
     summary = run_embedding(
         EmbedConfig(
@@ -192,8 +192,8 @@ def run_demo(config: DemoConfig) -> int:
 
     _say(
         4,
-        f"building sharded indices of the image and caption embeddings -> {out('index')}, "
-        f"{out('index-text')}",
+        "building sharded indices of the image and caption "
+        f"embeddings -> {out('index')}, {out('index-text')}",
     )
     for keys, name in (("image", "index"), ("text", "index-text")):
         build_index(
@@ -280,9 +280,8 @@ def run_demo(config: DemoConfig) -> int:
     )
     verdict = (
         f"REACT {config.tuning_mode} {outcome} its base: {gain['gain']:+.2f} points top-1, 95% "
-        "interval "
-        f"[{gain['low']:+.2f}, {gain['high']:+.2f}] ({base_top1:.2f}% -> {react_top1:.2f}%, "
-        f"{report.results['base']['n']} held-out images)"
+        f"interval [{gain['low']:+.2f}, {gain['high']:+.2f}] ({base_top1:.2f}% -> "
+        f"{react_top1:.2f}%, {report.results['base']['n']} held-out images)"
     )
     print("   ", verdict)
 
@@ -316,8 +315,7 @@ def planted_copies_found(corpus_dir: str, retrieved: str, index: ShardedIndex) -
     caught, missed = len(planted & removed_keys), len(planted & kept_keys)
     return (
         f"planted copies of eval images that retrieval found: {caught + missed}; removed {caught}, "
-        "missed "
-        f"{missed}; other pairs removed (look-alikes the model cannot tell from copies): "
+        f"missed {missed}; other pairs removed (look-alikes the model cannot tell from copies): "
         f"{len(removed_keys - planted)} of {len(removed_keys - planted) + len(kept_keys - planted)}"
     )
 

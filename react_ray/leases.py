@@ -37,8 +37,7 @@ def _describe(lease: dict) -> str:
     age = time.time() - lease["started"]
     return (
         f"the {lease['stage']} run {lease['owner'][:8]} (host {lease['host']}, pid {lease['pid']}, "
-        "started "
-        f"{age:.0f} s ago; its lease holds until "
+        f"started {age:.0f} s ago; its lease holds until "
         f"{time.strftime('%H:%M:%S', time.localtime(lease['expires']))})"
     )
 

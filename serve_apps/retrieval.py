@@ -327,8 +327,8 @@ class RetrievalAPI:
             known = sorted(f"{n}/{m}" for n, m in self.manifests)
             raise HTTPException(
                 404,
-                f"unknown index {request.index!r} with modality {request.modality!r}; "
-                f"known: {', '.join(known)}",
+                f"unknown index {request.index!r} with modality "
+                f"{request.modality!r}; known: {', '.join(known)}",
             )
         if request.k > self.config.max_k:
             raise HTTPException(422, f"k: got {request.k}; the limit is {self.config.max_k}")
@@ -401,8 +401,8 @@ class RetrievalAPI:
             if vector.shape != (self.dim,):
                 raise HTTPException(
                     422,
-                    f"{what}.vector: got {vector.shape[0]} dimensions; the index holds "
-                    f"{self.dim}-d vectors",
+                    f"{what}.vector: got {vector.shape[0]} "
+                    f"dimensions; the index holds {self.dim}-d vectors",
                 )
             if not np.isfinite(vector).all() or not np.linalg.norm(vector):
                 raise HTTPException(422, f"{what}.vector: must be finite and non-zero")

@@ -164,8 +164,7 @@ def test_pool_lives_on_gpu_nodes_decode_on_cpu_nodes_and_grows_with_the_cluster(
     decoded_on = set().union(*(s.nodes["decode"] for s in stats))
     print(
         f"\none GPU node: {one_node_seconds:.1f} s; grown to 3 mid-run: {seconds:.1f} s on "
-        f"{len(embedded_on)} "
-        f"GPU nodes ({seconds / one_node_seconds:.2f}x)"
+        f"{len(embedded_on)} GPU nodes ({seconds / one_node_seconds:.2f}x)"
     )
     assert embedded_on <= gpu_nodes and decoded_on == {cluster.head_node.node_id}
     assert len(embedded_on) >= 2, (
@@ -243,6 +242,6 @@ def test_a_training_node_lost_resumes_from_the_last_checkpoint(cluster, corpus, 
     assert summary.resumes >= 1 and resumed and resumed[0] >= 5 and resumed[0] % 5 == 0
     assert [r["step"] for r in history if "loss" in r][-1] == 30
     print(
-        f"\ntraining node lost after a registered checkpoint: resumed at step {resumed[0]}, "
-        "finished 30 steps"
+        "\ntraining node lost after a registered checkpoint: "
+        f"resumed at step {resumed[0]}, finished 30 steps"
     )

@@ -283,8 +283,8 @@ def test_planted_copies_of_eval_images_are_removed_and_the_rest_kept(ray_local, 
         )
     kept_rate = len(kept) / (400 - len(planted))
     print(
-        f"planted copies removed 20/20; other pairs kept {len(kept)}/{400 - len(planted)} "
-        f"({kept_rate:.3f})"
+        "planted copies removed 20/20; other pairs kept "
+        f"{len(kept)}/{400 - len(planted)} ({kept_rate:.3f})"
     )
     assert kept_rate >= 0.98  # measured 378/380: two generated look-alikes are as close as copies
 

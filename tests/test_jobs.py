@@ -112,11 +112,9 @@ def test_a_small_pipeline_submitted_as_a_ray_job_succeeds(ray_head, tmp_path):
         "corpus.samples_per_shard=40 corpus.eval_samples_per_class=1 corpus.formats=[webdataset]",
         f"python jobs/embed.py --config jobs/presets/embed_demo.yaml input={out}/corpus/webdataset "
         f"output={out}/embeddings model.checkpoint=null model.name=react-micro batch_size=32 "
-        "pool.num_cpus=0.5 "
-        "decode.num_cpus=0.5",
+        "pool.num_cpus=0.5 decode.num_cpus=0.5",
         f"python jobs/index.py --config jobs/presets/index_demo.yaml embeddings={out}/embeddings "
-        f"output={out}/index "
-        "factory=IDMap,Flat num_shards=2 tune_queries=10 tasks.num_cpus=0.5",
+        f"output={out}/index factory=IDMap,Flat num_shards=2 tune_queries=10 tasks.num_cpus=0.5",
     ]
     submit = [
         str(BIN / "ray"),

@@ -114,9 +114,8 @@ def test_the_readme_first_command_runs_the_demo_and_react_beats_its_base(clone):
     assert verdict, stdout[-4000:]
     outcome, gain, low, high, base, react, images = verdict.groups()
     print(
-        f"\n{command}: {seconds:.0f} s; base {base}% -> REACT {react}%, {gain} points [{low}, "
-        f"{high}], "
-        f"{images} images"
+        f"\n{command}: {seconds:.0f} s; base {base}% -> REACT "
+        f"{react}%, {gain} points [{low}, {high}], {images} images"
     )
     assert outcome == "beats" and float(low) > 0 and float(react) > float(base)
     assert float(low) <= float(gain) <= float(high) and int(images) == 3000

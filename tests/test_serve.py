@@ -855,8 +855,8 @@ def _no_server_error(app: str, case) -> None:
     response = case.call(timeout=60)
     FUZZED[f"{app} {case.operation.label}"] += 1
     assert response.status_code < 500, (
-        f"{case.method} {case.path} {case.body!r:.300} -> {response.status_code}: "
-        f"{response.text[:300]}"
+        f"{case.method} {case.path} {case.body!r:.300} "
+        f"-> {response.status_code}: {response.text[:300]}"
     )
 
 

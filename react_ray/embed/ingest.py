@@ -84,9 +84,9 @@ def ingest_file(config: EmbedConfig, shard: InputShard, dim: int) -> embedding_s
             or width != dim
         ):
             raise ValueError(
-                f"{shard.uri}: {rows} x {width} vectors, {metadata.metadata.num_rows} metadata rows"
-                f"{f', {text_shape[0]} text vectors' if text_shape else ''}; expected aligned rows "
-                f"and dim {dim}"
+                f"{shard.uri}: {rows} x {width} vectors, {metadata.metadata.num_rows} "
+                f"metadata rows{f', {text_shape[0]} text vectors' if text_shape else ''}; "
+                f"expected aligned rows and dim {dim}"
             )
         names = metadata.schema_arrow.names
         url_col = next((c for c in URL_COLUMNS if c in names), None)

@@ -68,8 +68,7 @@ def check_embedding_info(config: EmbedConfig) -> EmbeddingSetInfo:
         if getattr(existing, field) != getattr(info, field):
             raise ValueError(
                 f"{config.output} holds embeddings with {field}={getattr(existing, field)!r}; this "
-                "run "
-                f"has {field}={getattr(info, field)!r}. Use another output or the same {field}."
+                f"run has {field}={getattr(info, field)!r}. Use another output or the same {field}."
             )
     return info
 
@@ -100,10 +99,10 @@ def check_inputs_unchanged(
     ]
     if changed:
         raise ValueError(
-            f"embed: {len(changed)} input shard(s) changed since they were embedded: "
-            f"{'; '.join(changed[:5])}. Their embeddings describe the old files: embed the new "
-            "data "
-            f"into another output, or delete those shards' files from {config.output} to redo them."
+            f"embed: {len(changed)} input shard(s) changed since they were "
+            f"embedded: {'; '.join(changed[:5])}. Their embeddings describe "
+            "the old files: embed the new data into another output, or "
+            f"delete those shards' files from {config.output} to redo them."
         )
     return recorded
 
@@ -263,8 +262,8 @@ def _embed_shards(
     ]
     if incomplete:
         raise RuntimeError(
-            f"embed: {len(incomplete)} shards did not complete (rerun resumes them): "
-            f"{incomplete[:5]}"
+            f"embed: {len(incomplete)} shards did not "
+            f"complete (rerun resumes them): {incomplete[:5]}"
         )
     # Leftovers of killed runs.
     storage.remove(storage.join(config.output, "_parts"), recursive=True)

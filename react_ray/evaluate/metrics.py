@@ -114,8 +114,8 @@ def task_metric(metric: TaskMetric, logits: np.ndarray, targets: np.ndarray) -> 
         return mean_average_precision_11point(scores, targets)
     if targets.shape[1] != 2:
         raise ValueError(
-            f"roc_auc needs a binary task (2 classes, the second positive); this one has "
-            f"{targets.shape[1]}"
+            "roc_auc needs a binary task (2 classes, the "
+            f"second positive); this one has {targets.shape[1]}"
         )
     return roc_auc(scores[:, 1], targets[:, 1] > 0)
 

@@ -107,8 +107,8 @@ def _sample_labels(sample: dict, index: dict[str, int], tar: str) -> tuple[int, 
             )
     if not labels or not all(0 <= int(label) < len(index) for label in labels):
         raise ValueError(
-            f"eval_set: sample {sample['__key__']} in {tar} has labels {labels}, but the task has "
-            f"{len(index)} classes"
+            f"eval_set: sample {sample['__key__']} in {tar} has "
+            f"labels {labels}, but the task has {len(index)} classes"
         )
     return tuple(int(label) for label in labels)
 
@@ -182,8 +182,7 @@ class EvalReport:
         return [
             f"{label} vs {baseline}: {g['gain']:+.2f} points top-1, 95% interval [{g['low']:+.2f}, "
             f"{g['high']:+.2f}] (paired bootstrap over the {self.results[label]['n']} images, "
-            f"{g['samples']} "
-            f"resamples)"
+            f"{g['samples']} resamples)"
             for label, g in self.gains.items()
         ]
 

@@ -143,8 +143,8 @@ def fetch_vectors(embeddings: str, id_list: np.ndarray, column: str = "img_emb")
         name = shard_name(int(shard))
         if not is_done(embeddings, name):
             raise KeyError(
-                f"{embeddings}: shard {name} is not committed (no .done marker); its ids cannot be "
-                "read"
+                f"{embeddings}: shard {name} is not committed "
+                "(no .done marker); its ids cannot be read"
             )
         table = read_parquet(storage.join(embeddings, f"{name}.parquet"), ["id", column])
         file_ids = table["id"].to_numpy()
@@ -246,9 +246,9 @@ class RunSummary:
             f"embedding set: {self.shards} shards, {self.rows_in:,} rows in, "
             f"{self.rows_embedded:,} embedded",
             f"skipped: {skipped}",
-            f"this run: {self.this_run_shards} shards, {self.this_run_rows:,} rows in "
-            f"{self.this_run_seconds:.1f}s "
-            f"({rate:,.1f} rows/s; first batch after {self.this_run_startup_seconds:.1f}s, "
+            f"this run: {self.this_run_shards} shards, {self.this_run_rows:,} "
+            f"rows in {self.this_run_seconds:.1f}s ({rate:,.1f} rows/s; "
+            f"first batch after {self.this_run_startup_seconds:.1f}s, "
             f"{self.this_run_steady_rows_per_s:,.1f} rows/s from then on)",
         ]
         lines += [f"shard error: {e}" for e in self.shard_errors]
@@ -323,7 +323,7 @@ def read_vectors(
         table = table.take(positions)
     if table.num_rows and table[column].null_count == table.num_rows:
         raise ValueError(
-            f"{uri}: column {column!r} is empty (ingested without text embeddings?); "
-            "index keys=image instead"
+            f"{uri}: column {column!r} is empty (ingested "
+            "without text embeddings?); index keys=image instead"
         )
     return table["id"].to_numpy(), np.ascontiguousarray(column_matrix(table, column), np.float32)

@@ -95,8 +95,8 @@ def list_input_shards(input_uri: str, input_format: str) -> list[InputShard]:
     for a, b in zip(shards, shards[1:]):
         if a.number == b.number:
             raise ValueError(
-                f"input: {a.uri} and {b.uri} have the same shard number {a.number}; ids would "
-                "collide"
+                f"input: {a.uri} and {b.uri} have the same "
+                f"shard number {a.number}; ids would collide"
             )
     return shards
 

@@ -54,10 +54,9 @@ class Summary:
 
     def __str__(self) -> str:
         return (
-            f"materialize: {self.success:,} of {self.pairs:,} pairs in {self.shards} shards; "
-            "failed "
-            f"{self.failed or 'none'}; this run fetched {self.this_run_fetched:,} in "
-            f"{self.seconds:.1f}s"
+            f"materialize: {self.success:,} of {self.pairs:,} pairs in "
+            f"{self.shards} shards; failed {self.failed or 'none'}; this "
+            f"run fetched {self.this_run_fetched:,} in {self.seconds:.1f}s"
         )
 
 

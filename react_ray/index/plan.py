@@ -78,8 +78,7 @@ def plan_index(n: int, dim: int, memory_budget_bytes: float) -> IndexPlan:
             return IndexPlan(factory, size + quantizer, reason)
     smallest = n * (8 + ID_BYTES) + quantizer
     raise ValueError(
-        f"index plan: {n:,} x {dim} vectors need at least {format_bytes(smallest)} even with "
-        "8-byte "
-        f"PQ codes; the memory budget is {format_bytes(memory_budget_bytes)}: raise it or add "
-        "shards"
+        f"index plan: {n:,} x {dim} vectors need at least "
+        f"{format_bytes(smallest)} even with 8-byte PQ codes; the memory budget is "
+        f"{format_bytes(memory_budget_bytes)}: raise it or add shards"
     )

@@ -206,8 +206,8 @@ class ShardedIndex:
             )
         if expect_dim is not None and self.manifest.dim != expect_dim:
             raise ValueError(
-                f"index {self.root} holds {self.manifest.dim}-d vectors; the queries are "
-                f"{expect_dim}-d"
+                f"index {self.root} holds {self.manifest.dim}-d "
+                f"vectors; the queries are {expect_dim}-d"
             )
         # group (g, G): every G-th shard from the g-th, for one replica group of an index too large
         # for a node.

@@ -18,9 +18,9 @@ def run_embedding(config: EmbedConfig, progress: bool = True) -> embedding_set.R
     start = time.perf_counter()
     plan = plan_embedding(config)
     print(
-        f"embed: {len(plan.shards)} input shards, {len(plan.shards) - len(plan.pending)} already "
-        f"done, {len(plan.pending)} to do ({plan.info.model}, dim {plan.info.dim}, "
-        f"{config.precision})"
+        f"embed: {len(plan.shards)} input shards, {len(plan.shards) - len(plan.pending)} "
+        f"already done, {len(plan.pending)} to do "
+        f"({plan.info.model}, dim {plan.info.dim}, {config.precision})"
     )
     if plan.pending:
         connect(config.ray_address)

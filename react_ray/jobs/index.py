@@ -37,11 +37,11 @@ def build_index(config: IndexConfig, progress: bool = True) -> IndexManifest:
         ", ".join(f"{k} {v:.1f}s" for k, v in manifest.seconds.items()),
     )
     print(
-        f"index: {manifest.ntotal:,} vectors in {len(manifest.shards)} shards "
-        f"({format_bytes(sum(s.bytes for s in manifest.shards))}); search params "
-        f"{manifest.search_params or 'none (exact)'} give recall@{config.recall_k} "
-        f"{tuning['recall']:.3f} on {tuning['queries']}; built in {manifest.build_seconds:.1f}s "
-        f"({phases})"
+        f"index: {manifest.ntotal:,} vectors in {len(manifest.shards)} "
+        f"shards ({format_bytes(sum(s.bytes for s in manifest.shards))}); "
+        f"search params {manifest.search_params or 'none (exact)'} give "
+        f"recall@{config.recall_k} {tuning['recall']:.3f} on "
+        f"{tuning['queries']}; built in {manifest.build_seconds:.1f}s ({phases})"
     )
     return manifest
 
@@ -55,15 +55,15 @@ def append_to_index(config: IndexConfig, progress: bool = True) -> IndexManifest
     plan = plan_append(config)
     if not plan.new:
         print(
-            f"index --append: all {len(plan.files)} embedding files are indexed already "
-            f"(version {plan.manifest.version})"
+            f"index --append: all {len(plan.files)} embedding files "
+            f"are indexed already (version {plan.manifest.version})"
         )
         return plan.manifest
     if plan.resumed:
         print(
-            f"index --append: resuming the interrupted append to version "
-            f"{plan.manifest.version + 1} ({len(plan.new)} files in {len(plan.shard_files)} "
-            "shards, as planned)"
+            "index --append: resuming the interrupted append to "
+            f"version {plan.manifest.version + 1} ({len(plan.new)} "
+            f"files in {len(plan.shard_files)} shards, as planned)"
         )
     connect(config.ray_address)
     updated = append_planned(config, plan, progress)

@@ -62,8 +62,7 @@ def run_retrieval(config: RetrieveConfig) -> tuple[pd.DataFrame, StepLog]:
     if record:
         print(
             f"decontamination: removed {record.removed:,} pairs {record.removed_by_reason} within "
-            "cosine "
-            f"{record.threshold} of {record.eval_images:,} eval images; closest kept "
+            f"cosine {record.threshold} of {record.eval_images:,} eval images; closest kept "
             f"{record.closest_kept_cosine}; see decontamination.html"
         )
     return pairs, log

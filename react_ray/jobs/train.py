@@ -66,9 +66,8 @@ def run_training(config: TrainConfig) -> TrainSummary:
     connect(config.ray_address)
     print(
         f"train: {config.mode} on {config.model.name}, {config.steps} steps, global batch "
-        f"{config.batch_size} on "
-        f"{config.workers} worker(s) ({'GPU' if config.worker.num_gpus else 'CPU'}) -> "
-        f"{config.output}"
+        f"{config.batch_size} on {config.workers} worker(s) "
+        f"({'GPU' if config.worker.num_gpus else 'CPU'}) -> {config.output}"
     )
     result = make_trainer(config).fit()
     if result.error is not None:

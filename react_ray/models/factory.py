@@ -176,10 +176,9 @@ def _check_release_copy(spec: ModelConfig) -> None:
     if spec.release and spec.checkpoint and not storage.exists(spec.checkpoint):
         file = spec.checkpoint.rsplit("/", 1)[-1]
         raise FileNotFoundError(
-            f"model: REACT's {spec.release} is read from {spec.checkpoint}, which does not exist; "
-            "fetch "
-            f"{HUB_REPO}/{file} from the Hugging Face hub there (or set {WEIGHTS_ENV} to the "
-            "folder holding it)"
+            f"model: REACT's {spec.release} is read from {spec.checkpoint}, "
+            f"which does not exist; fetch {HUB_REPO}/{file} from the Hugging "
+            f"Face hub there (or set {WEIGHTS_ENV} to the folder holding it)"
         )
 
 
@@ -290,9 +289,9 @@ def build_model(spec: ModelConfig | str, device: str | torch.device = "cpu") -> 
                 model = open_clip.create_model(spec.name, pretrained=pretrained, device=device)
         except RuntimeError as error:
             raise RuntimeError(
-                f"could not load pretrained weights {spec.pretrained!r} for {spec.name}: {error}. "
-                "Without network access, download the weights once and pass their path or s3:// "
-                "URI."
+                f"could not load pretrained weights {spec.pretrained!r} "
+                f"for {spec.name}: {error}. Without network access, download "
+                "the weights once and pass their path or s3:// URI."
             ) from error
         if state is not None and num_gated and not gated_layers_in(state):
             # A base checkpoint under fresh gated blocks: REACT's starting point.

@@ -143,10 +143,9 @@ def embed_eval_sets(
         field = info.model_mismatch(corpus)
         if field:
             raise ValueError(
-                f"decontaminate: eval set {uri} is embedded with {field}={getattr(info, field)!r} "
-                "but "
-                f"the corpus with {field}={getattr(corpus, field)!r}; cosines across models mean "
-                "nothing"
+                f"decontaminate: eval set {uri} is embedded with "
+                f"{field}={getattr(info, field)!r} but the corpus with "
+                f"{field}={getattr(corpus, field)!r}; cosines across models mean nothing"
             )
         targets.append(target)
     return EvalImages.load(list(config.eval_sets), targets)
@@ -268,8 +267,7 @@ class Decontaminator:
             "images embedded"
             f"{'; not embedded: ' + html.escape(str(not_embedded)) if not_embedded else ''})."
             f" Removed a pair when its image had cosine &ge; {self.config.threshold} with an eval "
-            "image"
-            f"{' or its caption repeated an eval caption' if self.config.captions else ''}: "
+            f"image{' or its caption repeated an eval caption' if self.config.captions else ''}: "
             f"<b>{record.removed:,} pairs removed</b> {record.removed_by_reason}.</p>"
         )
         counts = table(["class", "removed"], [[c, n] for c, n in record.removed_per_class.items()])
@@ -301,14 +299,12 @@ def decontamination_statement(training_set: str, eval_set: str) -> str:
     covered = _set_folder(eval_set) in {_set_folder(s) for s in record.eval_sets}
     what = (
         f"{record.removed:,} pairs removed ({record.removed_by_reason}) at cosine >= "
-        f"{record.threshold}"
-        f" against {record.eval_images:,} eval images"
+        f"{record.threshold} against {record.eval_images:,} eval images"
     )
     if not covered:
         return (
             f"training set {training_set} was decontaminated against {', '.join(record.eval_sets)} "
-            "only, "
-            f"NOT against this eval set ({what})"
+            f"only, NOT against this eval set ({what})"
         )
     return f"training set {training_set} was decontaminated against this eval set: {what}"
 

@@ -190,8 +190,8 @@ def download(url: str, policy: FetchPolicy) -> tuple[bytes | None, str | None, s
         except TimeoutError:
             reason, message = (
                 "timeout",
-                f"no answer within {policy.timeout:g} s, or the whole fetch past "
-                f"{policy.deadline:g} s",
+                f"no answer within {policy.timeout:g} s, or "
+                f"the whole fetch past {policy.deadline:g} s",
             )
         except (
             http.client.HTTPException,

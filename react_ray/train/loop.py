@@ -295,9 +295,8 @@ def train_worker(config_data: dict) -> None:
         if rank == 0:
             sys.stdout.write(
                 f"step {state.step}/{config.steps}  loss {metrics['loss']:.4f}  lr "
-                f"{metrics['lr']:.2e}  "
-                f"logit scale {metrics['logit_scale']:.1f}  gates {metrics['gate_mean']:.3f}  "
-                f"{rate:.0f} samples/s\n"
+                f"{metrics['lr']:.2e}  logit scale {metrics['logit_scale']:.1f}  gates "
+                f"{metrics['gate_mean']:.3f}  {rate:.0f} samples/s\n"
             )
             sys.stdout.flush()
         # Ray Train only hears of checkpoints: V2 holds a worker's report until the controller polls
