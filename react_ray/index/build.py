@@ -401,6 +401,12 @@ class AppendPlan:
     def new(self) -> list[EmbeddingFile]:
         return [f for shard in self.shard_files for f in shard]
 
+    @property
+    def indexed(self) -> list[EmbeddingFile]:
+        """The files the index holds already."""
+        held = {uri for shard in self.manifest.shards for uri in shard.embedding_files}
+        return [f for f in self.files if f.uri in held]
+
 
 def plan_append(config: IndexConfig) -> AppendPlan:
     """The committed embedding files the index does not hold yet, by new shard; refuses another
@@ -428,12 +434,10 @@ def append_planned(config: IndexConfig, plan: AppendPlan, progress: bool) -> Ind
     start, manifest, new = time.perf_counter(), plan.manifest, plan.new
     column, factory = manifest.key_column, manifest.factory
     trained = storage.read_bytes(storage.join(config.output, "_trained.index"))
-    indexed = {uri for shard in manifest.shards for uri in shard.embedding_files}
-    old_files = [f for f in plan.files if f.uri in indexed]
     sample = min(config.train_samples, 20_000)
     drift = quantization_drift(
         trained,
-        training_sample(old_files, column, sample, config.seed, config.tasks),
+        training_sample(plan.indexed, column, sample, config.seed, config.tasks),
         training_sample(new, column, sample, config.seed, config.tasks),
     )
     names = _build_shards(

@@ -32,10 +32,8 @@ def build_index(config: IndexConfig, progress: bool = True) -> IndexManifest:
     )
     connect(config.ray_address)
     manifest = build_planned(config, plan, progress)
-    tuning, phases = (
-        manifest.tuning,
-        ", ".join(f"{k} {v:.1f}s" for k, v in manifest.seconds.items()),
-    )
+    tuning = manifest.tuning
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in manifest.seconds.items())
     print(
         f"index: {manifest.ntotal:,} vectors in {len(manifest.shards)} "
         f"shards ({format_bytes(sum(s.bytes for s in manifest.shards))}); "
