@@ -10,6 +10,8 @@ import argparse
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import get_type_hints
 
 from react_ray.config import (
     ConfigError,
@@ -21,7 +23,6 @@ from react_ray.config import (
     IndexConfig,
     MaterializeConfig,
     RetrieveConfig,
-    ServeConfig,
     TrainConfig,
     load_config,
 )
@@ -90,19 +91,13 @@ def _run_elevater(config: ElevaterConfig) -> int:
     return 0
 
 
-def _run_serve(config: ServeConfig) -> int:
-    from serve_apps.run import run_serve
-
-    return run_serve(config)
-
-
 def _run_demo(config: DemoConfig) -> int:
     from react_ray.demo import run_demo
 
     return run_demo(config)
 
 
-STAGES: dict[str, Stage] = {
+LIBRARY_STAGES: dict[str, Stage] = {
     "generate": Stage(
         "write the synthetic LAION-style corpus and eval set", GenerateConfig, _run_generate
     ),
@@ -127,9 +122,23 @@ STAGES: dict[str, Stage] = {
         ElevaterConfig,
         _run_elevater,
     ),
-    "serve": Stage("run the retrieval and zero-shot Serve apps locally", ServeConfig, _run_serve),
     "demo": Stage("run the end-to-end demo on generated data", DemoConfig, _run_demo),
 }
+
+
+def registered_stages() -> dict[str, Stage]:
+    """Stages that installed packages register in the entry-point group ``react_ray.stages``: a
+    function ``run(config: SomeConfig) -> int`` whose docstring's first line is its help.
+    ``serve_apps`` registers ``serve`` this way, so the library never imports the apps."""
+    stages = {}
+    for entry in entry_points(group="react_ray.stages"):
+        run = entry.load()
+        help_line = (run.__doc__ or entry.name).strip().splitlines()[0]
+        stages[entry.name] = Stage(help_line, get_type_hints(run)["config"], run)
+    return stages
+
+
+STAGES: dict[str, Stage] = LIBRARY_STAGES | registered_stages()
 
 
 def _list_models() -> int:

@@ -35,6 +35,10 @@ def start_apps(config: ServeConfig) -> dict[str, str]:
 
 
 def run_serve(config: ServeConfig) -> int:
+    """run the retrieval and zero-shot Serve apps locally
+
+    Registered as the ``serve`` stage of ``react-ray`` (pyproject's ``react_ray.stages`` entry
+    points)."""
     for name, url in start_apps(config).items():
         print(f"serve: {name} at {url}/ (OpenAPI docs: {url}/docs, health: {url}/healthz)")
     print("serve: running; Ctrl-C stops it")

@@ -77,11 +77,7 @@ def test_base_layers_import_no_stage_and_the_library_no_app_or_command():
                 broken.append(f"{module} (a base layer) imports {target}")
             if within(module, stages) and within(target, ["serve_apps", *COMMANDS]):
                 broken.append(f"{module} (a stage) imports {target}")
-            if (
-                within(module, [LIBRARY])
-                and not within(module, COMMANDS)
-                and within(target, ["serve_apps"])
-            ):
+            if within(module, [LIBRARY]) and within(target, ["serve_apps"]):
                 broken.append(f"{module} (the library) imports {target}")
     assert not broken, "\n".join(broken)
 
@@ -89,7 +85,7 @@ def test_base_layers_import_no_stage_and_the_library_no_app_or_command():
 def test_the_rules_catch_what_they_forbid(tmp_path, monkeypatch):
     """The checks above, run on a small tree that breaks each rule once, report each break."""
     for package, files in {
-        "react_ray": {"__init__.py": "", "cli.py": ""},
+        "react_ray": {"__init__.py": "", "cli.py": "def main():\n    import serve_apps.w\n"},
         "react_ray/formats": {
             "__init__.py": "",
             "x.py": "def f():\n    import react_ray.embed.y\n",
@@ -98,7 +94,7 @@ def test_the_rules_catch_what_they_forbid(tmp_path, monkeypatch):
             "__init__.py": "",
             "y.py": "from react_ray.formats import x\nimport serve_apps.z\n",
         },
-        "serve_apps": {"__init__.py": "", "z.py": "from react_ray.formats import x\n"},
+        "serve_apps": {"__init__.py": "", "z.py": "from react_ray.formats import x\n", "w.py": ""},
     }.items():
         (tmp_path / package).mkdir(parents=True, exist_ok=True)
         for name, text in files.items():
@@ -112,6 +108,15 @@ def test_the_rules_catch_what_they_forbid(tmp_path, monkeypatch):
         test_base_layers_import_no_stage_and_the_library_no_app_or_command()
     assert "react_ray.formats.x (a base layer) imports react_ray.embed.y" in str(broken.value)
     assert "react_ray.embed.y (a stage) imports serve_apps.z" in str(broken.value)
+    assert "react_ray.cli (the library) imports serve_apps.w" in str(broken.value)
+
+
+def test_serve_is_a_stage_the_apps_register():
+    """``react-ray serve`` comes from serve_apps' entry point (pyproject), not an import in cli."""
+    from react_ray.cli import LIBRARY_STAGES, STAGES
+
+    assert "serve" not in LIBRARY_STAGES and STAGES["serve"].run.__module__ == "serve_apps.run"
+    assert STAGES["serve"].config_type.__name__ == "ServeConfig"
 
 
 def _tool(name: str) -> str:
