@@ -93,8 +93,6 @@ def bare_loop(
         pixels, captions = [], []
         for block in read_shard(shard, block_rows=batch_size):
             for record in block:
-                if record["kind"] != "record":
-                    continue
                 array, _, _ = decode_image(record["image"], size, 40_000_000)
                 if array is not None and not record["error"]:
                     pixels.append(array)

@@ -40,7 +40,7 @@ def _decode_shard(args) -> tuple[str, tuple, list[str]]:
     pixels, captions = [], []
     for block in read_shard(shard):
         for record in block:
-            if record["kind"] != "record" or record["error"]:
+            if record["error"]:
                 continue
             array, _, _ = decode_image(record["image"], size, 40_000_000)
             if array is not None:

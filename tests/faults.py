@@ -90,3 +90,15 @@ def faulty_shard() -> bytes:
         members = sample(key, image, caption) | MEMBERS.get(key, {})
         samples.append({k: v for k, v in members.items() if v is not None})
     return tar_bytes(samples)
+
+
+def read_whole(shard, **kwargs) -> tuple[list[dict], object]:
+    """All records of a shard, and its ShardRead (what ``read_shard`` returns at its end)."""
+    from react_ray.formats.readers import read_shard
+
+    blocks, records = read_shard(shard, **kwargs), []
+    while True:
+        try:
+            records.extend(next(blocks))
+        except StopIteration as end:
+            return records, end.value

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from faults import FAULTY_SHARD, GOOD, faulty_shard, sample, tar_bytes
+from faults import FAULTY_SHARD, GOOD, faulty_shard, read_whole, sample, tar_bytes
 from PIL import Image
 
 from react_ray.config import CorpusConfig, EmbedConfig, GenerateConfig, ModelConfig
@@ -20,6 +20,7 @@ from react_ray.formats import ids, storage
 from react_ray.formats.decode import decode_image
 from react_ray.formats.embedding_set import column_matrix, load_embeddings, read_parquet
 from react_ray.formats.readers import InputShard, list_input_shards, read_shard
+from react_ray.formats.shard_writer import ShardRead
 from react_ray.jobs.embed import run_embedding
 from react_ray.models import build_model
 from react_ray.synthetic.corpus import generate_corpus, shard_samples
@@ -69,45 +70,28 @@ def test_every_image_fault_gets_its_reason(key):
 
 def test_reader_counts_records_and_reports_truncated_tars(tmp_path):
     (tmp_path / "00001.tar").write_bytes(faulty_shard())
-    rows = [
-        r
-        for block in read_shard(InputShard(str(tmp_path / "00001.tar"), 1, "webdataset"))
-        for r in block
-    ]
-    *records, end = rows
+    records, end = read_whole(InputShard(str(tmp_path / "00001.tar"), 1, "webdataset"))
     assert [r["key"] for r in records] == list(FAULTY_SHARD)
     assert [r["id"] for r in records] == [int(ids.encode(1, i)) for i in range(len(FAULTY_SHARD))]
     assert {r["key"]: r["error"] for r in records if r["error"]} == {
         k: reason for k, (_, _, reason) in FAULTY_SHARD.items() if reason and k not in DECODE_FAULTS
     }
-    assert (end["kind"], end["shard_rows"], end["shard_error"]) == ("end", len(FAULTY_SHARD), "")
+    assert end == ShardRead(1, len(FAULTY_SHARD), None)
 
     whole = faulty_shard()
     (tmp_path / "00002.tar").write_bytes(whole[: len(whole) // 3])
-    rows = [
-        r
-        for block in read_shard(InputShard(str(tmp_path / "00002.tar"), 2, "webdataset"))
-        for r in block
-    ]
-    *records, end = rows
+    records, end = read_whole(InputShard(str(tmp_path / "00002.tar"), 2, "webdataset"))
     assert 0 < len(records) < len(FAULTY_SHARD)
-    assert (
-        end["shard_rows"] == len(records)
-        and "00002.tar: truncated or corrupt tar" in end["shard_error"]
-    )
+    assert end.rows == len(records) and "00002.tar: truncated or corrupt tar" in end.error
 
     # Cut exactly where a member's header starts (a 512-byte boundary): tarfile reads that as a
     # complete archive; the missing end-of-archive blocks give the loss away.
     with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
         cut = next(m.offset for m in tar.getmembers() if m.name.startswith("000010006."))
     (tmp_path / "00003.tar").write_bytes(whole[:cut])
-    *records, end = [
-        r
-        for block in read_shard(InputShard(str(tmp_path / "00003.tar"), 3, "webdataset"))
-        for r in block
-    ]
+    records, end = read_whole(InputShard(str(tmp_path / "00003.tar"), 3, "webdataset"))
     assert [r["key"] for r in records] == list(FAULTY_SHARD)[:6]
-    assert "no end-of-archive blocks after the member ending at byte" in end["shard_error"]
+    assert "no end-of-archive blocks after the member ending at byte" in end.error
 
 
 def test_listing_rejects_empty_inputs_and_colliding_shard_numbers(tmp_path):
@@ -143,17 +127,11 @@ def test_image_folders_are_read_in_sorted_shards_with_optional_captions(
     storage.write_text_atomic(f"{root}/notes.txt", "not an image")
     shards = list_input_shards(root, "image-folder")
     assert [(s.number, s.uri) for s in shards] == [(0, root), (1, root)]
-    records = [
-        r
-        for s in shards
-        for block in read_shard(s, caption_required=False)
-        for r in block
-        if r["kind"] == "record"
-    ]
+    records = [r for s in shards for block in read_shard(s, caption_required=False) for r in block]
     assert [r["key"] for r in records] == names and not any(r["error"] for r in records)
     assert [r["id"] for r in records] == [int(ids.encode(k // 3, k % 3)) for k in range(5)]
     assert all(r["image"] == jpeg.getvalue() for r in records)
-    strict = [r for block in read_shard(shards[0]) for r in block if r["kind"] == "record"]
+    strict = [r for block in read_shard(shards[0]) for r in block]
     assert {r["error"] for r in strict} == {"missing_caption"}
     labels = [label for _, _, (label,) in labeled_samples(root, ["cat", "dog", "fish", "deeper"])]
     assert labels == [0, 0, 1, 3, 2]  # the folder holding each image names its class
@@ -187,7 +165,7 @@ def test_readers_keep_the_sources_laion_columns(corpus, fmt):
     """img2dataset keeps LAION's scores (punsafe, ...) in the json / parquet; the reader carries
     them as ``meta``."""
     shard = list_input_shards(f"{corpus}/{fmt}", fmt)[0]
-    *records, _ = [r for block in read_shard(shard) for r in block]
+    records = [r for block in read_shard(shard) for r in block]
     truth = shard_samples(CORPUS, shard.number)
     assert len(records) == len(truth) > 0
     for record, expected in zip(records, truth):
@@ -384,8 +362,8 @@ def test_a_write_that_fails_leaves_no_object_on_s3(s3_bucket):
 
 
 def test_vectors_are_read_only_from_committed_shards_and_only_for_ids_they_hold(tmp_path):
-    from react_ray.formats.committed import done_uri
     from react_ray.formats.embedding_set import embedding_table, fetch_vectors, write_parquet
+    from react_ray.formats.shard_writer import done_uri
 
     out = str(tmp_path)
     rows = np.array([0, 2, 5])
@@ -441,14 +419,10 @@ def test_a_tar_member_over_the_cap_is_counted_not_read(tmp_path, monkeypatch):
     (tmp_path / "00004.tar").write_bytes(
         tar_bytes([sample("a", GOOD, "ok"), sample("b", big, "too big")])
     )
-    *records, end = [
-        r
-        for block in read_shard(InputShard(str(tmp_path / "00004.tar"), 4, "webdataset"))
-        for r in block
-    ]
+    records, end = read_whole(InputShard(str(tmp_path / "00004.tar"), 4, "webdataset"))
     assert [(r["key"], r["error"]) for r in records] == [("a", ""), ("b", "oversize_member")]
     assert (
         "b.jpg (" in records[1]["message"]
         and "> 10,000)" in records[1]["message"]
-        and end["shard_error"] == ""
+        and end.error is None
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from faults import faulty_shard
 
 from react_ray.config import (
     ConfigError,
@@ -15,10 +16,11 @@ from react_ray.config import (
     build_config,
 )
 from react_ray.fields import ActorPool, Resources
-from react_ray.formats import committed, storage, training_shards
+from react_ray.formats import shard_writer, storage, training_shards
 from react_ray.formats.embedding_set import EmbeddingSetInfo
 from react_ray.formats.index_manifest import IndexManifest, IndexShard
 from react_ray.formats.retrieved_set import RetrievalRecord, RetrievalStep
+from react_ray.formats.shard_writer import PartWritten, ShardRead, ShardTally
 
 
 def _info(**changes) -> EmbeddingSetInfo:
@@ -104,28 +106,71 @@ def test_retrieval_record_reads_from_the_folder_or_the_file(tmp_path):
         RetrievalRecord.read(str(tmp_path / "other"))
 
 
-def test_a_shard_is_done_only_after_its_stats_and_its_marker(tmp_path):
+def test_a_shard_is_done_only_after_its_parts_merge_and_its_stats_and_marker(tmp_path):
     out = str(tmp_path)
     stats = training_shards.ShardStats(
-        shard=3,
-        rows=4,
-        success=3,
-        failed={"http_error": 1},
-        fetched_this_run=4,
-        bytes=99,
-        seconds=0.1,
+        shard=3, rows=4, success=3, failed={"http_error": 1}, fetched_this_run=4, bytes=9, seconds=0
     )
+    parts = [shard_writer.part_uri(out, "00003", "run", first, ".bin") for first in (2, 0)]
+    for part in parts:
+        storage.write_bytes_atomic(part, part.encode())
+    merged = []
+
+    def merge(uris: list[str]) -> None:
+        assert not training_shards.is_done(out, 3)  # not before its data is whole
+        merged.extend(uris)
+
     assert not training_shards.is_done(out, 3)
-    training_shards.commit(out, stats)
+    training_shards.commit(out, stats, parts, merge)
+    assert merged == sorted(parts)  # in row order
     assert (
         training_shards.is_done(out, 3)
-        and committed.read_stats(out, "00003", training_shards.ShardStats) == stats
+        and shard_writer.read_stats(out, "00003", training_shards.ShardStats) == stats
+        and not storage.exists(shard_writer.parts_dir(out, "00003"))
     )
     assert json.loads((tmp_path / "00003.done").read_text())["success"] == 3
-    (
-        tmp_path / "00003.done"
-    ).unlink()  # a marker missing: the shard is redone, whatever its stats say
+
+    def killed(uris: list[str]) -> None:
+        raise RuntimeError("killed mid-merge")
+
+    with pytest.raises(RuntimeError):  # a shard redone loses its marker before its files change
+        training_shards.commit(out, stats, parts, killed)
     assert not training_shards.is_done(out, 3)
+
+
+def test_the_tally_names_each_shard_once_when_every_row_it_held_is_accounted_for():
+    tally = ShardTally()
+    part = PartWritten(shard=1, rows=3, written=2, part="p1", skipped=[{"reason": "bad_image"}])
+    assert tally.add(part) is None and not tally.knows_size(1)  # its size is not known yet
+    assert tally.add(ShardRead(1, 5)) is None  # 3 of 5 rows
+    last = PartWritten(shard=1, rows=2, written=2, part="p0", nodes={"embed": ["n"]})
+    assert tally.add(last) == 1
+    assert tally.add(PartWritten(shard=1, rows=0, written=0)) is None  # named once
+    assert tally.add(ShardRead(2, 0, "corrupt")) == 2  # a shard without rows: its read says so
+    assert tally.add(PartWritten(shard=3, rows=4, written=4)) is None
+    assert tally.add(ShardRead(3, 5)) is None and tally.incomplete([1, 2, 3]) == [3]
+    total = tally.total(1)
+    assert (total.rows, total.written, total.skipped_by_reason(), total.nodes) == (
+        5,
+        4,
+        {"bad_image": 1},
+        {"embed": ["n"]},
+    )
+    assert tally.part_uris(1) == ["p0", "p1"] and tally.skipped == 1
+    assert PartWritten.decode(part.encode()) == part
+
+
+def test_a_shards_size_is_reported_before_its_last_block_leaves_the_reader(tmp_path):
+    """The tally downstream must know a shard's size by the time its last rows arrive."""
+    from react_ray.formats.readers import read_blocks
+
+    (tmp_path / "00005.tar").write_bytes(faulty_shard())
+    events = []
+    batch = {"uri": [str(tmp_path / "00005.tar")], "number": [5], "format": ["webdataset"]}
+    for block in read_blocks(batch, 0, 4, on_read=lambda read: events.append(read)):
+        events.append(len(block["id"]))
+    *blocks, read, last = events
+    assert read == ShardRead(5, sum(blocks) + last, None) and len(blocks) >= 2
 
 
 def test_training_shards_summary_adds_every_shard_up(tmp_path):
@@ -134,7 +179,10 @@ def test_training_shards_summary_adds_every_shard_up(tmp_path):
         [(3, {"http_error": 1}), (2, {"http_error": 1, "corrupt_image": 2})]
     ):
         training_shards.commit(
-            out, training_shards.ShardStats(k, 5, success, failed, 5 * (k == 1), 10, 0.1)
+            out,
+            training_shards.ShardStats(k, 5, success, failed, 5 * (k == 1), 10, 0.1),
+            [],
+            lambda parts: None,
         )
     summary = training_shards.summarize(out, shards=2, pairs=10, this_run={1}, seconds=1.0)
     assert (summary.success, summary.failed) == (5, {"http_error": 2, "corrupt_image": 2})

@@ -28,6 +28,7 @@ from react_ray.formats import ids
 from react_ray.formats.embedding_set import read_parquet, write_parquet
 from react_ray.jobs.embed import run_embedding
 from react_ray.jobs.materialize import run_materialize
+from react_ray.retrieve import materialize
 from react_ray.synthetic.corpus import generate_corpus
 
 
@@ -136,7 +137,7 @@ EXPECTED = {
 EXPECTED_REASONS = pd.Series([r for r in EXPECTED.values() if r]).value_counts().to_dict()
 
 
-def _retrieved(tmp_path, base: str) -> str:
+def _retrieved(tmp_path, base: str, paths=tuple(EXPECTED)) -> str:
     rows = [
         {
             "id": int(ids.encode(0, i)),
@@ -147,7 +148,7 @@ def _retrieved(tmp_path, base: str) -> str:
             "label": i % 2,
             "score": 1.0 - i / 100,
         }
-        for i, path in enumerate(EXPECTED)
+        for i, path in enumerate(paths)
     ]
     uri = str(tmp_path / "retrieved.parquet")
     write_parquet(uri, pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False))
@@ -205,6 +206,50 @@ def test_download_counts_every_failure_and_retries_only_failed(ray_local, server
     assert again.success == 4 and again.failed["http_error"] == EXPECTED_REASONS["http_error"] - 1
     rerun = run_materialize(config, progress=False)  # plain rerun: every shard is done
     assert rerun.this_run_shards == 0 and rerun.success == 4
+
+
+def _members(tar_path) -> dict[str, bytes]:
+    with tarfile.open(tar_path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def test_a_shard_is_written_in_parts_and_a_retry_equals_an_uninterrupted_run(
+    server, tmp_path, monkeypatch
+):
+    """Parts of PART_SAMPLES samples (what a task holds in memory) merged in order; a retry keeps
+    the members it had, fetches the failed ones, and writes what a run without failures would."""
+    paths = ["/good/1", "/broken", "/missing", "/good/2", "/good/4", "/text", "/good/3"]
+    retrieved = _retrieved(tmp_path, server, paths)
+    config = MaterializeConfig(
+        retrieved=retrieved,
+        output=str(tmp_path / "train"),
+        source="download",
+        image_size=64,
+        allowed_networks=["127.0.0.1/32"],
+        retries=0,
+        threads=2,
+    )
+    monkeypatch.setattr(materialize, "PART_SAMPLES", 2)
+    merged = []
+    real_merge = materialize.merge_tars
+    monkeypatch.setattr(
+        materialize, "merge_tars", lambda parts, uri: merged.append(parts) or real_merge(parts, uri)
+    )
+    rows = materialize.standard_rows(materialize.read_rows(retrieved, 0, len(paths)), 0, config)
+    STATE["broken_fixed"] = False
+    first = materialize.materialize_shard(0, rows, config)
+    assert (first.success, first.failed) == (4, {"http_error": 2, "corrupt_image": 1})
+    assert len(merged[-1]) == 4 and not (tmp_path / "train" / "_parts" / "00000").exists()
+    STATE["broken_fixed"] = True
+    again = materialize.materialize_shard(0, rows, config.model_copy(update={"retry_failed": True}))
+    assert (again.success, again.fetched_this_run) == (5, 3)
+    fresh = materialize.materialize_shard(
+        0, rows, config.model_copy(update={"output": str(tmp_path / "fresh")})
+    )
+    retried, uninterrupted = (_members(tmp_path / d / "00000.tar") for d in ("train", "fresh"))
+    assert list(retried) == list(uninterrupted) and retried == uninterrupted
+    assert len(retried) == 4 * fresh.success  # jpg, txt, cls, json each
+    assert list(retried) == sorted(retried)  # samples in key order, each one's members together
 
 
 @pytest.mark.ray

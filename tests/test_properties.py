@@ -12,13 +12,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from faults import GOOD, faulty_shard, gif, jpeg, strip_png
+from faults import GOOD, faulty_shard, gif, jpeg, read_whole, strip_png
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from react_ray.formats.decode import decode_batch, decode_image
-from react_ray.formats.readers import InputShard, read_shard
+from react_ray.formats.readers import InputShard
 
 REASONS = {"corrupt_image", "truncated_image", "zero_size_image", "oversize_image"}
 RECORD_REASONS = {
@@ -87,12 +87,10 @@ def test_decoding_any_bytes_gives_pixels_or_a_reason(data, size, mode):
             assert pixels.shape[:2] == (size, size)
 
 
-def _ledger(rows: list[dict]) -> None:
-    """Every record is clean or carries a known reason, and so is every decode; the end row counts
-    them all."""
-    *records, end = rows
-    assert end["kind"] == "end" and all(r["kind"] == "record" for r in records)
-    assert end["shard_rows"] == len(records) and len({r["id"] for r in records}) == len(records)
+def _ledger(records: list[dict], end) -> None:
+    """Every record is clean or carries a known reason, and so is every decode; the shard's
+    ShardRead counts them all."""
+    assert end.rows == len(records) and len({r["id"] for r in records}) == len(records)
     assert all(r["error"] in RECORD_REASONS | {""} for r in records)
     if records:
         decoded = decode_batch(
@@ -107,7 +105,7 @@ def test_reading_a_corrupted_tar_never_raises_and_counts_every_record(tmp_path_f
     _count("tar")
     path = tmp_path_factory.mktemp("tar") / "00007.tar"
     path.write_bytes(data)
-    _ledger([r for block in read_shard(InputShard(str(path), 7, "webdataset")) for r in block])
+    _ledger(*read_whole(InputShard(str(path), 7, "webdataset")))
 
 
 def _parquet_bytes() -> bytes:
@@ -131,7 +129,7 @@ def test_reading_a_corrupted_parquet_never_raises_and_counts_every_record(tmp_pa
     _count("parquet")
     path = tmp_path_factory.mktemp("pq") / "00008.parquet"
     path.write_bytes(data)
-    _ledger([r for block in read_shard(InputShard(str(path), 8, "parquet")) for r in block])
+    _ledger(*read_whole(InputShard(str(path), 8, "parquet")))
 
 
 def test_the_examples_ran():

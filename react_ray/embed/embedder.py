@@ -2,43 +2,26 @@
 
 ``ClipEmbedder`` is a callable class (model loaded once in ``__init__``), so Ray Data runs it
 on an actor pool; called directly it is plain PyTorch. It writes each batch's embeddings
-as a part file next to the output and returns only small report rows, so embeddings never
-travel through the driver. ``decode_and_tokenize`` prepares its batches (in CPU tasks, or in
-the actor: ``decode_in_actor``); it lives here because tokenizing imports open_clip and torch,
-which ``decode`` (also run by download tasks and Serve replicas) does not need.
+as parts of their shards (``formats.shard_writer``) and returns only what it wrote, typed
+(``PartWritten``), so embeddings never travel through the driver. ``decode_and_tokenize``
+prepares its batches (in CPU tasks, or in the actor: ``decode_in_actor``); it lives here because
+tokenizing imports open_clip and torch, which ``decode`` (also run by download tasks and Serve
+replicas) does not need.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from collections import Counter
 
 import numpy as np
 import torch
 
 from react_ray.config import ModelConfig
-from react_ray.formats import storage
+from react_ray.formats import shard_writer
 from react_ray.formats.decode import decode_batch
-from react_ray.formats.embedding_set import (
-    batch_parts_dir,
-    embedding_table,
-    shard_name,
-    write_parquet,
-)
+from react_ray.formats.embedding_set import embedding_table, shard_name, write_parquet
+from react_ray.formats.shard_writer import PartWritten
 from react_ray.models import autocast, build_model, get_tokenizer
-
-REPORT_COLUMNS = (
-    "shard",
-    "records",
-    "embedded",
-    "end_count",
-    "shard_error",
-    "part",
-    "skipped",
-    "seconds",
-    "nodes",
-)
 
 
 def node_id() -> str:
@@ -63,7 +46,7 @@ def decode_and_tokenize(
     tokens = get_tokenizer(model_name)([str(c) for c in out["caption"]]).numpy()
     return out | {
         "tokens": tokens,
-        "decode_node": np.full(len(out["kind"]), node_id(), object),
+        "decode_node": np.full(len(out["id"]), node_id(), object),
     }
 
 
@@ -118,103 +101,57 @@ class ClipEmbedder:
         )
 
     def __call__(self, batch: dict) -> dict:
+        """A batch of records (several shards' maybe) -> one part file per shard, and one
+        ``PartWritten`` per shard (the column ``part``, encoded) saying what became of its rows."""
         start = time.perf_counter()
         if self.prepare:
             batch = decode_and_tokenize(batch, **self.prepare)
-        kinds, errors = batch["kind"], batch["error"]
-        good = np.array([k == "record" and not e for k, e in zip(kinds, errors)], bool)
+        good = np.array([not e for e in batch["error"]], bool)
         img_emb = txt_emb = None
         if good.any():
             img_emb, txt_emb = self.embed(batch["pixels"][good], batch["tokens"][good])
-        report = {c: [] for c in REPORT_COLUMNS}
         good_index = np.cumsum(good) - 1  # row i's position among the embedded rows
-        for shard in sorted(set(int(s) for s in batch["shard"])):
-            rows = np.flatnonzero(np.asarray(batch["shard"]) == shard)
-            records = rows[kinds[rows] == "record"]
-            ok = records[good[records]]
+        shards = np.asarray(batch["shard"]).astype(np.int64)
+        reports = []
+        for shard in sorted(set(shards.tolist())):
+            rows = np.flatnonzero(shards == shard)
+            ok, bad = rows[good[rows]], rows[~good[rows]]
             part = ""
             if len(ok):
-                name = shard_name(shard)
-                part = storage.join(
-                    batch_parts_dir(self.output, name),
-                    f"{self.run_id}-{int(batch['id'][ok[0]])}.parquet",
+                part = shard_writer.part_uri(
+                    self.output, shard_name(shard), self.run_id, int(batch["id"][ok[0]]), ".parquet"
                 )
                 pick = good_index[ok]
-                urls = [str(u) or None for u in batch["url"][ok]]
                 write_parquet(
                     part,
                     embedding_table(
                         batch["id"][ok],
                         batch["key"][ok],
-                        urls,
+                        [str(u) or None for u in batch["url"][ok]],
                         batch["caption"][ok],
                         img_emb[pick],
                         txt_emb[pick],
                         batch["meta"][ok],
                     ),
                 )
-            bad = records[~good[records]]
-            ends = rows[kinds[rows] == "end"]
-            report["shard"].append(shard)
-            report["records"].append(len(records))
-            report["embedded"].append(len(ok))
-            report["end_count"].append(int(batch["shard_rows"][ends[0]]) if len(ends) else -1)
-            report["shard_error"].append(str(batch["shard_error"][ends[0]]) if len(ends) else "")
-            report["part"].append(part)
-            report["skipped"].append(
-                json.dumps(
-                    [
+            decoders = batch["decode_node"][rows] if "decode_node" in batch else []
+            reports.append(
+                PartWritten(
+                    shard=shard,
+                    rows=len(rows),
+                    written=len(ok),
+                    part=part,
+                    skipped=[
                         {
                             "id": int(batch["id"][i]),
                             "key": str(batch["key"][i]),
-                            "reason": str(errors[i]),
+                            "reason": str(batch["error"][i]),
                             "message": str(batch["message"][i]),
                         }
                         for i in bad
-                    ]
-                )
+                    ],
+                    seconds=time.perf_counter() - start,
+                    nodes={"decode": sorted({str(n) for n in decoders}), "embed": [self.node]},
+                ).encode()
             )
-            report["seconds"].append(time.perf_counter() - start)
-            decoders = (
-                sorted({str(n) for n in batch["decode_node"][rows]})
-                if "decode_node" in batch
-                else []
-            )
-            report["nodes"].append(json.dumps({"decode": decoders, "embed": [self.node]}))
-        return {
-            c: np.array(
-                v, dtype=object if c in ("shard_error", "part", "skipped", "nodes") else None
-            )
-            for c, v in report.items()
-        }
-
-
-class ShardTally:
-    """Driver-side bookkeeping: which shards are complete, from the embedder's report rows."""
-
-    def __init__(self):
-        self.records: Counter = Counter()
-        self.embedded: Counter = Counter()
-        self.expected: dict[int, int] = {}
-        self.errors: dict[int, str | None] = {}
-        self.parts: dict[int, list[str]] = {}
-        self.skipped: dict[int, list[dict]] = {}
-        self.seconds: Counter = Counter()
-        self.nodes: dict[int, dict[str, set]] = {}
-
-    def add(self, row: dict) -> int | None:
-        """Account one report row; return the shard number if that shard just became complete."""
-        shard = int(row["shard"])
-        self.records[shard] += int(row["records"])
-        self.embedded[shard] += int(row["embedded"])
-        self.seconds[shard] += float(row["seconds"])
-        if row["part"]:
-            self.parts.setdefault(shard, []).append(row["part"])
-        self.skipped.setdefault(shard, []).extend(json.loads(row["skipped"]))
-        for stage, nodes in json.loads(row.get("nodes") or "{}").items():
-            self.nodes.setdefault(shard, {}).setdefault(stage, set()).update(nodes)
-        if int(row["end_count"]) >= 0:
-            self.expected[shard] = int(row["end_count"])
-            self.errors[shard] = row["shard_error"] or None
-        done = self.expected.get(shard) == self.records[shard]
-        return shard if done else None
+        return {"part": np.array(reports, dtype=object)}

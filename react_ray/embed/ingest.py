@@ -92,7 +92,7 @@ def ingest_file(config: EmbedConfig, shard: InputShard, dim: int) -> embedding_s
         url_col = next((c for c in URL_COLUMNS if c in names), None)
         caption_col = next((c for c in CAPTION_COLUMNS if c in names), None)
         meta_cols = tuple(c for c in METADATA_COLUMNS if c in names)
-        with storage.atomic_writer(embedding_set.part_uri(config.output, shard.name)) as out:
+        with storage.atomic_writer(embedding_set.shard_uri(config.output, shard.name)) as out:
             writer, row = None, 0
             for batch, image_chunk in zip(metadata.iter_batches(batch_size=CHUNK_ROWS), images):
                 data = batch.to_pydict()

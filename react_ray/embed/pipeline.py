@@ -4,14 +4,16 @@ actor pool.
 ```
 shards (one task each) --read--> records --decode, tokenize (CPU tasks; or in the actors:
     decode_in_actor)--> uint8 pixels + tokens
-    --ClipEmbedder (ActorPoolStrategy(min, max), num_gpus from config)--> part files + report rows
-driver: tally report rows per shard -> commit complete shards (Ray task: merge, marker)
+    --ClipEmbedder (ActorPoolStrategy(min, max), num_gpus from config)--> parts + PartWritten
+readers --ShardRead (rows per shard)--> ReadLedger actor
+driver: ShardTally of both -> commit each complete shard (Ray task: merge parts, stats, marker)
 ```
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 import uuid
@@ -21,8 +23,8 @@ import ray
 from tqdm.auto import tqdm
 
 from react_ray.config import EmbedConfig, ModelConfig
-from react_ray.embed.embedder import ClipEmbedder, ShardTally, decode_and_tokenize
-from react_ray.formats import embedding_set, storage
+from react_ray.embed.embedder import ClipEmbedder, decode_and_tokenize
+from react_ray.formats import embedding_set, shard_writer, storage
 from react_ray.formats.embedding_set import EmbeddingSetInfo
 from react_ray.formats.readers import (
     SUFFIX,
@@ -31,7 +33,10 @@ from react_ray.formats.readers import (
     read_blocks,
     shard_items,
 )
+from react_ray.formats.shard_writer import PartWritten, ReadLedger, ShardRead, ShardTally
 from react_ray.models.factory import embed_dim, image_preprocess
+
+log = logging.getLogger(__name__)
 
 
 def embedding_info(config: EmbedConfig) -> EmbeddingSetInfo:
@@ -138,7 +143,9 @@ def decode_settings(model: ModelConfig) -> dict:
     }
 
 
-def build_dataset(config: EmbedConfig, shards: list[InputShard], run_id: str) -> ray.data.Dataset:
+def build_dataset(
+    config: EmbedConfig, shards: list[InputShard], run_id: str, ledger: ray.actor.ActorHandle
+) -> ray.data.Dataset:
     items = shard_items(shards)
     device = config.pool.device or ("cuda" if config.pool.num_gpus > 0 else "cpu")
     # Reading and decoding spread over all (CPU) nodes as tasks; the model actors pack by default.
@@ -148,6 +155,7 @@ def build_dataset(config: EmbedConfig, shards: list[InputShard], run_id: str) ->
         "source": config.source_id,
         "block_rows": config.read_block_rows,
         "caption_required": config.caption_required,
+        "on_read": _recorder(ledger),
     }
     prepare = {
         "max_pixels": config.max_image_pixels,
@@ -178,6 +186,15 @@ def build_dataset(config: EmbedConfig, shards: list[InputShard], run_id: str) ->
             **config.pool.ray_options(),
         )
     )
+
+
+def _recorder(ledger: ray.actor.ActorHandle):
+    """``read_blocks``' callback: each shard's size to the ledger, before its last block leaves."""
+
+    def record(read: ShardRead) -> None:
+        ray.get(ledger.record.remote(read))
+
+    return record
 
 
 @dataclass
@@ -211,9 +228,33 @@ def embed_pending(config: EmbedConfig, plan: EmbeddingPlan, progress: bool) -> R
 
         timing.rows = ingest_laion_embeddings(config, plan.pending, plan.info.dim, progress)
     elif plan.pending:
-        _embed_shards(config, plan.pending, timing, progress)
+        _embed_resuming(config, plan.pending, timing, progress)
     record_inputs(config, plan.recorded, plan.pending, plan.sizes)  # all committed by now
     return timing
+
+
+# A node lost (a reclaimed spot instance) usually costs a retried task; now and then Ray Data gives
+# up on the dataset instead (ActorUnavailableError). The committed shards stand: resume the rest.
+NODE_LOSS = (
+    ray.exceptions.RayActorError,
+    ray.exceptions.NodeDiedError,
+    ray.exceptions.ObjectLostError,
+)
+RESUMES_AFTER_NODE_LOSS = 3
+
+
+def _embed_resuming(
+    config: EmbedConfig, pending: list[InputShard], timing: RunTiming, progress: bool
+) -> None:
+    for resumes_left in range(RESUMES_AFTER_NODE_LOSS, -1, -1):
+        try:
+            _embed_shards(config, pending, timing, progress)
+            return
+        except NODE_LOSS as lost:
+            pending = [s for s in pending if not embedding_set.is_done(config.output, s.name)]
+            if not resumes_left:
+                raise
+            log.warning("embed: %s; resuming the %d shards not committed", lost, len(pending))
 
 
 class RunTiming:
@@ -233,55 +274,52 @@ def _embed_shards(
 ) -> None:
     run_id = uuid.uuid4().hex[:8]
     by_number = {s.number: s for s in pending}
+    # Beside the driver: readers leave each shard's size here before its last rows go downstream.
+    ledger = ray.remote(ReadLedger).options(num_cpus=0, scheduling_strategy=_this_node()).remote()
     tally, commits = ShardTally(), []
     bar = tqdm(total=len(pending), desc="embed shards", unit="shard", disable=not progress)
-    for batch in build_dataset(config, pending, run_id).iter_batches(
-        batch_size=None, batch_format="numpy"
-    ):
-        for i in range(len(batch["shard"])):
-            row = {k: batch[k][i] for k in batch}
-            timing.add(int(row["records"]))
-            complete = tally.add(row)
-            if complete is not None:
-                commits.append(
-                    _commit.remote(
-                        config.output,
-                        by_number[complete].name,
-                        tally.parts.get(complete, []),
-                        _stats(tally, by_number[complete]),
-                    )
-                )
-                bar.update(1)
-        bar.set_postfix(rows=timing.rows, skipped=timing.rows - sum(tally.embedded.values()))
-    ray.get(commits)
-    bar.close()
-    incomplete = [
-        s.uri
-        for s in pending
-        if s.number not in tally.expected or tally.expected[s.number] != tally.records[s.number]
-    ]
-    if incomplete:
-        raise RuntimeError(
-            f"embed: {len(incomplete)} shards did not "
-            f"complete (rerun resumes them): {incomplete[:5]}"
+
+    def commit(shard: int | None) -> None:
+        if shard is None:
+            return
+        stats = embedding_set.ShardStats.of(
+            by_number[shard].uri, tally.total(shard), tally.reads[shard].error
         )
-    # Leftovers of killed runs.
-    storage.remove(storage.join(config.output, "_parts"), recursive=True)
+        commits.append(
+            _commit.remote(config.output, by_number[shard].name, tally.part_uris(shard), stats)
+        )
+        bar.update(1)
+
+    def drain_ledger() -> None:
+        for read in ray.get(ledger.drain.remote()):
+            commit(tally.add(read))
+
+    try:
+        for batch in build_dataset(config, pending, run_id, ledger).iter_batches(
+            batch_size=None, batch_format="numpy"
+        ):
+            for encoded in batch["part"]:
+                part = PartWritten.decode(encoded)
+                timing.add(part.rows)
+                if not tally.knows_size(part.shard):
+                    drain_ledger()
+                commit(tally.add(part))
+            bar.set_postfix(rows=timing.rows, skipped=tally.skipped)
+        drain_ledger()  # shards without a single record
+    finally:  # commits under way finish (or fail) before anything redoes their shards
+        if commits:
+            ray.wait(commits, num_returns=len(commits))
+        bar.close()
+    ray.get(commits)
+    if incomplete := tally.incomplete(list(by_number)):
+        raise RuntimeError(
+            f"embed: {len(incomplete)} shards did not complete (rerun resumes them): "
+            f"{[by_number[s].uri for s in incomplete[:5]]}"
+        )
+    shard_writer.remove_leftover_parts(config.output)
 
 
-def _stats(tally: ShardTally, shard: InputShard) -> embedding_set.ShardStats:
-    skipped = tally.skipped.get(shard.number, [])
-    reasons = {}
-    for record in skipped:
-        reasons[record["reason"]] = reasons.get(record["reason"], 0) + 1
-    return embedding_set.ShardStats(
-        input=shard.uri,
-        shard=shard.number,
-        rows_in=tally.records[shard.number],
-        rows_embedded=tally.embedded[shard.number],
-        skipped=reasons,
-        skipped_records=skipped,
-        shard_error=tally.errors.get(shard.number),
-        seconds=tally.seconds[shard.number],
-        nodes={stage: sorted(nodes) for stage, nodes in tally.nodes.get(shard.number, {}).items()},
-    )
+def _this_node():
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)

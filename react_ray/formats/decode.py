@@ -107,11 +107,11 @@ def decode_batch(
 ) -> dict:
     """Ray Data batch (dict of columns) -> same rows with ``pixels`` (N, S, S, 3) uint8 and no
     bytes."""
-    n = len(batch["kind"])
+    n = len(batch["id"])
     pixels = np.zeros((n, image_size, image_size, 3), np.uint8)
     errors, messages = list(batch["error"]), list(batch["message"])
     for i in range(n):
-        if batch["kind"][i] != "record" or errors[i]:
+        if errors[i]:
             continue
         array, reason, message = decode_image(
             batch["image"][i], image_size, max_pixels, resize_mode, interpolation

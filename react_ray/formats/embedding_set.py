@@ -6,7 +6,8 @@ OUTPUT/part-000012.parquet         id, key, url, caption, img_emb, txt_emb (floa
                                    meta (JSON of the source's LAION columns: punsafe, ...)
 OUTPUT/part-000012.stats.json      rows in / embedded / skipped by reason (+ the skipped records)
 OUTPUT/part-000012.done            written last: the shard is complete
-OUTPUT/_parts/part-000012/*.parquet  transient batch outputs, merged and removed at commit
+OUTPUT/_parts/part-000012/*.parquet  the batches' parts, merged and removed at commit
+                                   (formats.shard_writer)
 OUTPUT/_summary.json               all shards' stats added up
 OUTPUT/_inputs.json                each input shard's URI and size: a rerun refuses a changed one
 ```
@@ -27,9 +28,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
-from react_ray.formats import committed, ids, storage
-from react_ray.formats.committed import is_done
+from react_ray.formats import ids, shard_writer, storage
 from react_ray.formats.contract import read_contract
+from react_ray.formats.shard_writer import PartWritten, is_done
 
 INFO_FILE = "_embedding.json"
 
@@ -80,12 +81,8 @@ def shard_name(shard: int) -> str:
     return f"part-{shard:06d}"
 
 
-def part_uri(output: str, name: str) -> str:
+def shard_uri(output: str, name: str) -> str:
     return storage.join(output, f"{name}.parquet")
-
-
-def batch_parts_dir(output: str, name: str) -> str:
-    return storage.join(output, "_parts", name)
 
 
 def embedding_table(
@@ -189,6 +186,21 @@ class ShardStats:
     # Ray node ids that decoded / embedded it
     nodes: dict[str, list[str]] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, input_uri: str, total: PartWritten, shard_error: str | None) -> ShardStats:
+        """The stats of a shard whose parts add up to ``total``."""
+        return cls(
+            input=input_uri,
+            shard_error=shard_error,
+            shard=total.shard,
+            rows_in=total.rows,
+            rows_embedded=total.written,
+            skipped=total.skipped_by_reason(),
+            skipped_records=total.skipped,
+            seconds=total.seconds,
+            nodes=total.nodes,
+        )
+
     def check(self) -> None:
         if self.rows_embedded + sum(self.skipped.values()) != self.rows_in:
             raise RuntimeError(
@@ -198,30 +210,33 @@ class ShardStats:
 
 
 def read_stats(output: str, name: str) -> ShardStats:
-    return committed.read_stats(output, name, ShardStats)
+    return shard_writer.read_stats(output, name, ShardStats)
 
 
 def commit_shard(output: str, name: str, part_uris: list[str], stats: ShardStats) -> ShardStats:
     """Merge a shard's batch parts into its final file (sorted by id), then stats, then the
     marker."""
     stats.check()
-    tables = [read_parquet(uri) for uri in sorted(set(part_uris))]
-    table = pa.concat_tables(tables) if tables else embedding_table([], [], [], [], None, None)
-    table = table.sort_by("id")
-    unique = len(np.unique(table["id"].to_numpy()))
-    if table.num_rows != stats.rows_embedded or unique != table.num_rows:
-        raise RuntimeError(
-            f"{stats.input}: parts hold {table.num_rows} rows ({unique} unique ids), "
-            f"expected {stats.rows_embedded}; refusing to commit"
-        )
-    write_parquet(part_uri(output, name), table)
-    finish_shard(output, name, stats)
-    storage.remove(batch_parts_dir(output, name), recursive=True)
+
+    def merge(parts: list[str]) -> None:
+        tables = [read_parquet(uri) for uri in parts]
+        table = pa.concat_tables(tables) if tables else embedding_table([], [], [], [], None, None)
+        table = table.sort_by("id")
+        unique = len(np.unique(table["id"].to_numpy()))
+        if table.num_rows != stats.rows_embedded or unique != table.num_rows:
+            raise RuntimeError(
+                f"{stats.input}: parts hold {table.num_rows} rows ({unique} unique ids), "
+                f"expected {stats.rows_embedded}; refusing to commit"
+            )
+        write_parquet(shard_uri(output, name), table)
+
+    shard_writer.commit_parts(output, name, part_uris, merge, stats, {"rows": stats.rows_embedded})
     return stats
 
 
 def finish_shard(output: str, name: str, stats: ShardStats) -> None:
-    committed.commit(output, name, stats, {"rows": stats.rows_embedded})
+    """Commit a shard whose file was written whole (``shard_uri``), without parts."""
+    shard_writer.commit(output, name, stats, {"rows": stats.rows_embedded})
 
 
 @dataclass

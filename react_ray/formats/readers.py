@@ -1,16 +1,17 @@
 """Input shards -> streams of records, each with its stable id. Pure Python, no Ray.
 
 Every record read from a shard comes out, good or bad: a bad one carries an ``error``
-reason so that the stage counts it. After its records, each shard emits one ``end`` row
-that carries how many records it had and the shard-level error (a truncated or corrupt
-file), so the driver knows when a shard is complete without holding the shard in memory.
+reason so that the stage counts it. Every row is a record: how many records a shard had and its
+shard-level error (a truncated or corrupt file) are its ``ShardRead``, which ``read_shard``
+returns and ``read_blocks`` hands to a callback, so the driver knows when a shard is complete
+without holding the shard in memory (``formats.shard_writer``).
 """
 
 from __future__ import annotations
 
 import json
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,7 @@ import pyarrow.parquet as pq
 
 from react_ray.formats import ids, storage
 from react_ray.formats.embedding_set import shard_name
+from react_ray.formats.shard_writer import ShardRead
 
 SUFFIX = {"webdataset": ".tar", "parquet": ".parquet", "laion-embeddings": ".npy"}
 IMAGE_FORMATS = ("webdataset", "parquet", "image-folder")  # the input formats that hold image bytes
@@ -102,12 +104,8 @@ def list_input_shards(input_uri: str, input_format: str) -> list[InputShard]:
 
 
 # Text fields are never None ("" means absent): all-null columns would lose their type in Ray Data.
-# Every row of a shard is a record but the last, its end row: ``shard_rows`` (its record count)
-# and ``shard_error`` (why the shard ended early) are set there only, typed, beside the records.
-_EMPTY = dict.fromkeys(("key", "url", "caption", "meta", "error", "message", "shard_error"), "") | {
-    "image": b"",
-    "shard_rows": -1,
-}
+# Every row is a record; how many a shard held, and why it ended early, is its ShardRead.
+_EMPTY = dict.fromkeys(("key", "url", "caption", "meta", "error", "message"), "") | {"image": b""}
 
 
 def _record(shard: InputShard, row: int, source: int, **fields) -> dict:
@@ -115,23 +113,11 @@ def _record(shard: InputShard, row: int, source: int, **fields) -> dict:
     return (
         _EMPTY
         | {
-            "kind": "record",
             "id": int(ids.encode(shard.number, row, source)),
             "shard": shard.number,
         }
         | fields
     )
-
-
-def end_row(shard: InputShard, count: int, error: str | None) -> dict:
-    """The shard's last row: how many records it held, and its shard-level error if any."""
-    return _EMPTY | {
-        "kind": "end",
-        "id": -1,
-        "shard": shard.number,
-        "shard_rows": count,
-        "shard_error": error or "",
-    }
 
 
 def metadata_json(source: dict, columns: tuple[str, ...] = METADATA_COLUMNS) -> str:
@@ -218,7 +204,11 @@ def _sidecar(sample: dict) -> tuple[dict, str, str]:
     return meta, "", ""
 
 
-def _read_webdataset(shard: InputShard, source: int, caption_required: bool) -> Iterator[dict]:
+# Each format's reader yields the shard's records and returns why it ended early (None: it did not).
+Records = Generator[dict, None, str | None]
+
+
+def _read_webdataset(shard: InputShard, source: int, caption_required: bool) -> Records:
     row = 0
     try:
         with storage.open_uri(shard.uri) as f:
@@ -251,11 +241,8 @@ def _read_webdataset(shard: InputShard, source: int, caption_required: bool) -> 
                 )
                 row += 1
     except (tarfile.TarError, EOFError, OSError) as error:
-        yield end_row(
-            shard, row, f"{shard.uri}: truncated or corrupt tar after {row} samples ({error})"
-        )
-        return
-    yield end_row(shard, row, None)
+        return f"{shard.uri}: truncated or corrupt tar after {row} samples ({error})"
+    return None
 
 
 def _text(value) -> str | None:
@@ -268,7 +255,7 @@ def _pick(columns: list[str], candidates: tuple[str, ...]) -> str | None:
 
 def _read_parquet(
     shard: InputShard, source: int, block_rows: int, caption_required: bool
-) -> Iterator[dict]:
+) -> Records:
     row = 0
     try:
         with storage.open_uri(shard.uri) as f:
@@ -307,12 +294,11 @@ def _read_parquet(
                     )
                     row += 1
     except (OSError, ValueError) as error:
-        yield end_row(shard, row, f"{shard.uri}: unreadable parquet after {row} rows ({error})")
-        return
-    yield end_row(shard, row, None)
+        return f"{shard.uri}: unreadable parquet after {row} rows ({error})"
+    return None
 
 
-def _read_image_folder(shard: InputShard, source: int, caption_required: bool) -> Iterator[dict]:
+def _read_image_folder(shard: InputShard, source: int, caption_required: bool) -> Records:
     """Files [k * IMAGE_FOLDER_SHARD_FILES, ...) of the folder; the key is the path inside it."""
     start = shard.number * IMAGE_FOLDER_SHARD_FILES
     files = image_folder_files(shard.uri)[start : start + IMAGE_FOLDER_SHARD_FILES]
@@ -329,30 +315,35 @@ def _read_image_folder(shard: InputShard, source: int, caption_required: bool) -
         yield _record(
             shard, row, source, key=key, url=path, image=image, error=error, message=message
         )
-    yield end_row(shard, len(files), None)
+    return None
 
 
 def read_shard(
     shard: InputShard, source: int = 0, block_rows: int = 1000, caption_required: bool = True
-) -> Iterator[list[dict]]:
-    """Blocks of at most ``block_rows`` records of one shard, then its end row. Without
-    ``caption_required`` a record with no caption is embedded all the same (evaluation images)."""
+) -> Generator[list[dict], None, ShardRead]:
+    """Blocks of at most ``block_rows`` records of one shard; returns its ``ShardRead`` (how many
+    records, why it ended early). Without ``caption_required`` a record with no caption is embedded
+    all the same (evaluation images)."""
     if shard.format == "webdataset":
-        rows = _read_webdataset(shard, source, caption_required)
+        records = _read_webdataset(shard, source, caption_required)
     elif shard.format == "parquet":
-        rows = _read_parquet(shard, source, block_rows, caption_required)
+        records = _read_parquet(shard, source, block_rows, caption_required)
     elif shard.format == "image-folder":
-        rows = _read_image_folder(shard, source, caption_required)
+        records = _read_image_folder(shard, source, caption_required)
     else:
         raise ValueError(f"read_shard: {shard.format!r} shards are ingested, not read as images")
-    block = []
-    for row in rows:
-        block.append(row)
+    block, rows = [], 0
+    while True:
+        try:
+            block.append(next(records))
+        except StopIteration as end:
+            if block:
+                yield block
+            return ShardRead(shard.number, rows, end.value)
+        rows += 1
         if len(block) >= block_rows:
             yield block
             block = []
-    if block:
-        yield block
 
 
 def read_blocks(
@@ -360,20 +351,35 @@ def read_blocks(
     source: int,
     block_rows: int,
     caption_required: bool = True,
+    on_read: Callable[[ShardRead], None] | None = None,
     then=None,
     **then_kwargs,
 ):
     """Ray Data generator UDF: a batch of shard descriptions (uri, number, format) -> record blocks,
     each passed through ``then(block, **then_kwargs)`` (decoding) before it leaves the task.
 
+    ``on_read`` gets each shard's ``ShardRead`` before the shard's last block leaves, so a tally
+    of the rows downstream knows the shard's size by the time its last rows arrive.
     Decoding here, not in a following ``map_batches(batch_size=N)``, keeps one shard per task:
     Ray Data fuses such a step into this one and would then hand N shards to every task."""
     for uri, number, fmt in zip(batch["uri"], batch["number"], batch["format"]):
-        for block in read_shard(
+        blocks = read_shard(
             InputShard(str(uri), int(number), str(fmt)), source, block_rows, caption_required
-        ):
+        )
+        held = None  # the block last read, handed over once the next one shows it is not the last
+        while True:
+            try:
+                block = next(blocks)
+            except StopIteration as end:
+                if on_read:
+                    on_read(end.value)
+                if held is not None:
+                    yield held
+                break
+            if held is not None:
+                yield held
             columns = {k: np.array([r[k] for r in block], dtype=object) for k in block[0]}
-            yield then(columns, **then_kwargs) if then else columns
+            held = then(columns, **then_kwargs) if then else columns
 
 
 def shard_items(shards: list[InputShard]) -> list[dict]:

@@ -119,6 +119,11 @@ def list_files(uri: str, suffix: str) -> list[str]:
     return _uris(uri, (p for p in fs.ls(path, detail=False) if p.endswith(suffix)))
 
 
+def file_size(uri: str) -> int:
+    fs, path = filesystem(uri)
+    return int(fs.size(path))
+
+
 def file_sizes(uri: str, suffix: str) -> dict[str, int]:
     """{URI: size in bytes} of the files directly under ``uri`` whose names end with ``suffix``."""
     fs, path = filesystem(uri)

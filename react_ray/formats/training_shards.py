@@ -4,7 +4,8 @@
 OUTPUT/00000.tar            KEY.jpg, KEY.txt (caption), KEY.cls (label), KEY.json (id, url, ...)
 OUTPUT/00000.status.parquet every sample's status, reason and message (successes included)
 OUTPUT/00000.stats.json     ShardStats: counts by status and reason, bytes, seconds
-OUTPUT/00000.done           written last (formats.committed)
+OUTPUT/00000.done           written last
+OUTPUT/_parts/00000/*.tar   parts of PART_SAMPLES samples, merged at commit (formats.shard_writer)
 OUTPUT/_summary.json        Summary: every shard added up
 ```
 The training stage reads the tars as any webdataset corpus (``formats.readers``).
@@ -14,9 +15,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from react_ray.formats import committed, storage
+from react_ray.formats import shard_writer, storage
 
 
 def shard_name(k: int) -> str:
@@ -61,16 +63,21 @@ class Summary:
 
 
 def is_done(output: str, k: int) -> bool:
-    return committed.is_done(output, shard_name(k))
+    return shard_writer.is_done(output, shard_name(k))
 
 
-def commit(output: str, stats: ShardStats) -> None:
-    committed.commit(output, shard_name(stats.shard), stats, {"success": stats.success})
+def commit(
+    output: str, stats: ShardStats, parts: list[str], merge: Callable[[list[str]], None]
+) -> None:
+    """``merge(parts)`` writes the shard's tar and status; then its stats and marker."""
+    shard_writer.commit_parts(
+        output, shard_name(stats.shard), parts, merge, stats, {"success": stats.success}
+    )
 
 
 def summarize(output: str, shards: int, pairs: int, this_run: set[int], seconds: float) -> Summary:
     """Every shard's stats added up, and written to ``_summary.json``."""
-    stats = [committed.read_stats(output, shard_name(k), ShardStats) for k in range(shards)]
+    stats = [shard_writer.read_stats(output, shard_name(k), ShardStats) for k in range(shards)]
     failed: Counter = Counter()
     for s in stats:
         failed.update(s.failed)

@@ -8,9 +8,9 @@ import html
 import pandas as pd
 
 from react_ray.formats import ids, storage
-from react_ray.formats.committed import stats_uri
 from react_ray.formats.embedding_set import EmbeddingSetInfo, read_stats, shard_name
 from react_ray.formats.readers import IMAGE_FORMATS, InputShard, read_shard
+from react_ray.formats.shard_writer import stats_uri
 from react_ray.report import grid, page, table
 
 

@@ -14,6 +14,7 @@ import io
 import json
 import tarfile
 import time
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,7 +24,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from react_ray.config import MaterializeConfig
-from react_ray.formats import ids, storage, training_shards
+from react_ray.formats import ids, shard_writer, storage, training_shards
 from react_ray.formats.embedding_set import (
     EmbeddingSetInfo,
     read_parquet,
@@ -33,6 +34,7 @@ from react_ray.formats.embedding_set import (
 )
 from react_ray.formats.readers import IMAGE_FORMATS, InputShard, read_shard
 from react_ray.formats.retrieved_set import pairs_uri
+from react_ray.formats.shard_writer import PartWritten, ShardRead, ShardTally
 from react_ray.formats.training_shards import ShardStats, shard_uri
 from react_ray.retrieve.fetch import FetchPolicy, download, resize
 
@@ -56,8 +58,10 @@ def corpus_bytes(embeddings: str, id_list) -> dict[int, tuple[bytes | None, str 
 
 
 def _fetch_all(
-    rows: pd.DataFrame, config: MaterializeConfig
+    rows: pd.DataFrame, config: MaterializeConfig, corpus: dict | None
 ) -> list[tuple[bytes | None, str | None, str | None]]:
+    """Each row's JPEG (or None, reason, message): from ``corpus`` (``corpus_bytes``, read once
+    per shard) or downloaded."""
     policy = FetchPolicy(
         timeout=config.timeout,
         deadline=config.deadline,
@@ -67,11 +71,10 @@ def _fetch_all(
         max_bytes=config.max_bytes,
         max_pixels=config.max_image_pixels,
     )
-    if config.source == "corpus":
-        images = corpus_bytes(config.embeddings, rows["id"])
+    if corpus is not None:
         raw = [
-            (images[i][0], None, None)
-            if i in images
+            (corpus[i][0], None, None)
+            if i in corpus
             else (None, "not_in_corpus", "id not found in its shard")
             for i in rows["id"]
         ]
@@ -100,66 +103,125 @@ def _fetch_all(
     return out
 
 
-def _existing_members(uri: str) -> dict[str, bytes]:
-    if not storage.exists(uri):
-        return {}
-    with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(uri))) as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+# Samples per tar part: what one task holds in memory, however large its shard.
+PART_SAMPLES = 256
 
 
-def materialize_shard(k: int, rows: pd.DataFrame, config: MaterializeConfig) -> ShardStats:
-    """Write output shard ``k`` for ``rows`` (position i gets key kkkkkiiii); return its stats."""
-    start = time.perf_counter()
-    rows = rows.reset_index(drop=True)
-    rows["key_out"] = [f"{k:05d}{i:04d}" for i in range(len(rows))]
-    members, status = {}, None
-    todo = rows
-    if config.retry_failed and storage.exists(shard_uri(config.output, k, ".status.parquet")):
-        status = read_parquet(shard_uri(config.output, k, ".status.parquet")).to_pandas()
-        members = _existing_members(shard_uri(config.output, k, ".tar"))
-        todo = rows[rows["id"].isin(status.loc[status["status"] != "success", "id"])]
-    results = dict(zip(todo["id"], _fetch_all(todo, config)))
-    new_status = []
-    for row in rows.to_dict("records"):
-        if row["id"] not in results:  # kept from the earlier run
-            new_status.append(status[status["id"] == row["id"]].iloc[0].to_dict())
-            continue
-        jpg, reason, message = results[row["id"]]
-        key = row["key_out"]
-        new_status.append(
-            {
-                "id": row["id"],
-                "key": key,
-                "status": "success" if jpg else "failed",
-                "reason": reason or "",
-                "message": message or "",
-            }
-        )
-        if jpg:
-            meta = {"id": int(row["id"]), "key": key, "url": row["url"], "caption": row["caption"]}
-            members.update({f"{key}.jpg": jpg, f"{key}.txt": (row["caption"] or "").encode()})
-            # a retrieved set of ours; a plain URL list (REACT's file) has no labels
-            if "label" in row:
-                meta |= {
-                    "source_key": row["key"],
-                    "class": row["class"],
-                    "label": int(row["label"]),
-                    "score": float(row["score"]),
-                }
-                members[f"{key}.cls"] = str(int(row["label"])).encode()
-            members[f"{key}.json"] = json.dumps(meta).encode()
+class _EarlierShard:
+    """An earlier run's shard, for ``retry_failed``: each sample's status, and the members of its
+    tar streamed in key order (the order every run writes them in)."""
+
+    def __init__(self, config: MaterializeConfig, k: int):
+        status_uri = shard_uri(config.output, k, ".status.parquet")
+        self.status = read_parquet(status_uri).to_pandas() if storage.exists(status_uri) else None
+        self.tar_uri = shard_uri(config.output, k, ".tar")
+        self._members = self._stream() if self.status is not None else iter(())
+        self._next = next(self._members, None)
+
+    def _stream(self):
+        if not storage.exists(self.tar_uri):
+            return
+        with storage.open_uri(self.tar_uri) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                yield member.name, tar.extractfile(member).read()
+
+    def succeeded(self) -> set:
+        if self.status is None:
+            return set()
+        return set(self.status.loc[self.status["status"] == "success", "id"])
+
+    def status_of(self, sample_id) -> dict:
+        return self.status[self.status["id"] == sample_id].iloc[0].to_dict()
+
+    def members_up_to(self, last_key: str) -> dict[str, bytes]:
+        """The members of samples with keys up to ``last_key`` not taken yet."""
+        taken = {}
+        while self._next is not None and self._next[0].partition(".")[0] <= last_key:
+            taken[self._next[0]] = self._next[1]
+            self._next = next(self._members, None)
+        return taken
+
+
+def _sample_members(row: dict, jpg: bytes) -> dict[str, bytes]:
+    """A fetched sample's members: image, caption, metadata (and label for a retrieved set)."""
+    key = row["key_out"]
+    meta = {"id": int(row["id"]), "key": key, "url": row["url"], "caption": row["caption"]}
+    members = {f"{key}.jpg": jpg, f"{key}.txt": (row["caption"] or "").encode()}
+    # a retrieved set of ours; a plain URL list (REACT's file) has no labels
+    if "label" in row:
+        meta |= {
+            "source_key": row["key"],
+            "class": row["class"],
+            "label": int(row["label"]),
+            "score": float(row["score"]),
+        }
+        members[f"{key}.cls"] = str(int(row["label"])).encode()
+    members[f"{key}.json"] = json.dumps(meta).encode()
+    return members
+
+
+def _tar_bytes(members: dict[str, bytes]) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for name in sorted(members):
             info = tarfile.TarInfo(name)
             info.size = len(members[name])
             tar.addfile(info, io.BytesIO(members[name]))
-    storage.write_bytes_atomic(shard_uri(config.output, k, ".tar"), buffer.getvalue())
-    status_table = pd.DataFrame(new_status)
-    write_parquet(
-        shard_uri(config.output, k, ".status.parquet"),
-        pa.Table.from_pandas(status_table, preserve_index=False),
-    )
+    return buffer.getvalue()
+
+
+def merge_tars(parts: list[str], uri: str) -> int:
+    """The parts' members, in order, streamed into one tar at ``uri``; -> its size in bytes."""
+    with storage.atomic_writer(uri) as out:
+        with tarfile.open(fileobj=out, mode="w|") as merged:
+            for part in parts:
+                with storage.open_uri(part) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+                    for member in tar:
+                        merged.addfile(member, tar.extractfile(member))
+    return storage.file_size(uri)
+
+
+def materialize_shard(k: int, rows: pd.DataFrame, config: MaterializeConfig) -> ShardStats:
+    """Write output shard ``k`` for ``rows`` (position i gets key kkkkkiiii) in parts of
+    PART_SAMPLES samples (``formats.shard_writer``); return its stats."""
+    start, run_id, name = time.perf_counter(), uuid.uuid4().hex[:8], shard_name(k)
+    rows = rows.reset_index(drop=True)
+    rows["key_out"] = [f"{k:05d}{i:04d}" for i in range(len(rows))]
+    earlier = _EarlierShard(config, k) if config.retry_failed else None
+    kept = earlier.succeeded() if earlier else set()
+    todo = rows[~rows["id"].isin(kept)]
+    corpus = corpus_bytes(config.embeddings, todo["id"]) if config.source == "corpus" else None
+    tally, statuses = ShardTally(), []
+    tally.add(ShardRead(k, len(rows)))
+    for first in range(0, len(rows), PART_SAMPLES):
+        chunk = rows.iloc[first : first + PART_SAMPLES]
+        fetched = chunk[~chunk["id"].isin(kept)]
+        results = dict(zip(fetched["id"], _fetch_all(fetched, config, corpus)))
+        members = earlier.members_up_to(chunk["key_out"].iloc[-1]) if earlier else {}
+        skipped = []
+        for row in chunk.to_dict("records"):
+            if row["id"] not in results:  # kept from the earlier run
+                statuses.append(earlier.status_of(row["id"]))
+                continue
+            jpg, reason, message = results[row["id"]]
+            statuses.append(
+                {
+                    "id": row["id"],
+                    "key": row["key_out"],
+                    "status": "success" if jpg else "failed",
+                    "reason": reason or "",
+                    "message": message or "",
+                }
+            )
+            if jpg:
+                members |= _sample_members(row, jpg)
+            else:
+                skipped.append(statuses[-1] | {"id": int(row["id"])})
+        part = shard_writer.part_uri(config.output, name, run_id, first, ".tar")
+        storage.write_bytes_atomic(part, _tar_bytes(members))
+        tally.add(PartWritten(k, len(chunk), len(chunk) - len(skipped), part, skipped))
+    assert tally.completed == {k}, "every row of the shard is in a part"
+    status_table = pd.DataFrame(statuses)
     failed = Counter(status_table.loc[status_table["status"] != "success", "reason"])
     stats = ShardStats(
         shard=k,
@@ -167,10 +229,19 @@ def materialize_shard(k: int, rows: pd.DataFrame, config: MaterializeConfig) -> 
         success=int((status_table["status"] == "success").sum()),
         failed=dict(failed),
         fetched_this_run=len(todo),
-        bytes=len(buffer.getvalue()),
-        seconds=round(time.perf_counter() - start, 3),
+        bytes=0,  # the merged tar's, set by merge
+        seconds=0.0,
     )
-    training_shards.commit(config.output, stats)
+
+    def merge(parts: list[str]) -> None:
+        stats.bytes = merge_tars(parts, shard_uri(config.output, k, ".tar"))
+        write_parquet(
+            shard_uri(config.output, k, ".status.parquet"),
+            pa.Table.from_pandas(status_table, preserve_index=False),
+        )
+        stats.seconds = round(time.perf_counter() - start, 3)
+
+    training_shards.commit(config.output, stats, tally.part_uris(k), merge)
     return stats
 
 

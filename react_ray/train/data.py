@@ -87,11 +87,9 @@ def _pixel_column(arrays: list[np.ndarray]) -> np.ndarray:
 def decode_for_training(batch: dict, decode: dict, max_pixels: int) -> dict:
     """Records -> ``pixels`` (uint8, as ``decode_args`` says) + ``caption``; bad records logged."""
     pixels, captions = [], []
-    for kind, error, key, image, caption in zip(
-        batch["kind"], batch["error"], batch["key"], batch["image"], batch["caption"]
+    for error, key, image, caption in zip(
+        batch["error"], batch["key"], batch["image"], batch["caption"]
     ):
-        if kind != "record":
-            continue
         if error:
             log.warning("training sample %s left out: %s", key, error)
             continue
