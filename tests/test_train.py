@@ -463,3 +463,27 @@ def test_training_crops_from_the_whole_decoded_image(ray_local, tmp_path):
     }
     batch = training_dataset(TrainConfig(**common)).take_batch(12, batch_format="numpy")
     assert batch["image"].shape == (12, 3, 32, 32) and batch["text"].shape[0] == 12
+
+
+def test_reacts_randaugment_survives_magnitude_ten_posterize():
+    """rand-m9-mstd0.5-inc1 samples magnitudes up to 10, where timm's PosterizeIncreasing keeps 0
+    bits: Pillow 13 raises on that (a crashed read task, once in ~50 draws of that op); our
+    transform gives the black image REACT's older Pillow gave."""
+    from PIL import Image
+    from timm.data.auto_augment import RandAugment, posterize
+
+    from react_ray.config import AugmentConfig
+    from react_ray.train.data import _transform
+
+    red = Image.new("RGB", (40, 40), "red")
+    with pytest.raises(ValueError, match="bits"):  # upstream as installed; drop the fix when fixed
+        posterize(red, 0)
+    transform = _transform(
+        ModelConfig(name="react-micro").model_dump_json(), AugmentConfig().model_dump_json()
+    )
+    (randaugment,) = [t for t in transform.transforms if isinstance(t, RandAugment)]
+    (op,) = [op for op in randaugment.ops if op.name == "PosterizeIncreasing"]
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
+    assert np.asarray(op(red)).max() == 0  # black, not a ValueError
+    op.magnitude = 5  # 4 - int(0.5 * 4) = 2 bits: red 255 -> 192
+    assert np.asarray(op(red))[..., 0].max() == 192

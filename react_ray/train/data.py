@@ -41,7 +41,7 @@ def _transform(model_json: str, augment_json: str):
 
     preprocess = image_preprocess(model)
     size = image_size(model.name)
-    return create_transform(
+    transform = create_transform(
         input_size=(3, size, size),
         is_training=True,
         scale=augment.scale,
@@ -56,6 +56,32 @@ def _transform(model_json: str, augment_json: str):
         mean=tuple(preprocess.mean),
         std=tuple(preprocess.std),
     )
+    return posterize_keeping_zero_bits(transform)
+
+
+def _posterize(img, bits_to_keep: int, **_):
+    """PIL's posterize as REACT's training saw it: keeping 0 bits gives a black image."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    return (
+        ImageOps.posterize(img, bits_to_keep) if bits_to_keep > 0 else Image.new(img.mode, img.size)
+    )
+
+
+def posterize_keeping_zero_bits(transform):
+    """timm's RandAugment asks for 0 bits when a sampled magnitude reaches 10 (m9 + mstd0.5 does,
+    2% of draws), which recent Pillow (13 here) refuses with a ValueError that ends the training
+    read task; older Pillow returned black, as REACT's runs had. Give the posterize ops that."""
+    from timm.data.auto_augment import RandAugment
+
+    for step in getattr(transform, "transforms", []):
+        if isinstance(step, RandAugment):
+            for op in step.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = _posterize
+    return transform
 
 
 def decode_args(config: TrainConfig) -> dict:
