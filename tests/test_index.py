@@ -104,6 +104,25 @@ def _exact(embeddings: str, queries: np.ndarray, k: int, column: str = "img_emb"
     return np.take_along_axis(scores, order, 1), all_ids[order]
 
 
+def test_tuning_ground_truth_is_exact_whatever_the_chunks_and_file_order(embeddings):
+    """Each file's top-k over chunks of its rows, merged across files as results come: the exact
+    top-k of the whole set (the index wiring runs the files on Ray tasks)."""
+    from react_ray.formats.embedding_set import committed_files
+    from react_ray.index.tune import exact_ground_truth, file_top_k
+
+    _, files = committed_files(embeddings)
+    queries = np.random.default_rng(3).standard_normal((20, 64)).astype(np.float32)
+    expected = _exact(embeddings, queries, 7)[1]
+    assert len(files) > 1
+    assert np.array_equal(exact_ground_truth(queries, files, "img_emb", 7), expected)
+
+    def small_chunks_backwards(queries, files, column, k):
+        return (file_top_k(queries, f.uri, column, k, chunk_rows=33) for f in files[::-1])
+
+    found = exact_ground_truth(queries, files, "img_emb", 7, file_results=small_chunks_backwards)
+    assert np.array_equal(found, expected)
+
+
 @pytest.mark.ray
 def test_sharded_flat_equals_single_exact_search(ray_local, embeddings, tmp_path):
     manifest = build_index(

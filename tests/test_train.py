@@ -487,3 +487,38 @@ def test_reacts_randaugment_survives_magnitude_ten_posterize():
     assert np.asarray(op(red)).max() == 0  # black, not a ValueError
     op.magnitude = 5  # 4 - int(0.5 * 4) = 2 bits: red 255 -> 192
     assert np.asarray(op(red))[..., 0].max() == 192
+
+
+def test_the_eval_set_is_read_in_groups_by_tasks_as_the_local_reader_reads_it(
+    tmp_path, monkeypatch
+):
+    """Distributed evaluation reads images in its read tasks (groups of files): the same samples,
+    keys and labels as the local reader, and no images in the Ray Data items the driver makes."""
+    import io
+
+    from PIL import Image
+
+    from react_ray.evaluate import zeroshot
+
+    for i, name in enumerate(["cat/a.jpg", "cat/b.jpg", "dog/c.jpg", "dog/d.jpg", "dog/e.jpg"]):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        jpeg = io.BytesIO()
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(jpeg, "JPEG")
+        (tmp_path / name).write_bytes(jpeg.getvalue())
+    monkeypatch.setattr(zeroshot, "FOLDER_FILES_PER_TASK", 2)
+    sources = zeroshot.labeled_sources(str(tmp_path))
+    assert [len(s["files"]) for s in sources] == [2, 2, 1]
+    assert all(set(s) == {"kind", "files"} for s in sources)  # paths only
+    read = [
+        (key, image, label)
+        for s in sources
+        for block in zeroshot.read_labeled(
+            {"kind": [s["kind"]], "files": [s["files"]]}, ["cat", "dog"], block_rows=1
+        )
+        for key, image, label in zip(block["key"], block["image"], block["label"])
+    ]
+    local = [
+        (key, image, ",".join(map(str, labels)))
+        for key, image, labels in zeroshot.labeled_samples(str(tmp_path), ["cat", "dog"])
+    ]
+    assert read == local and [label for _, _, label in read] == ["0", "0", "1", "1", "1"]

@@ -75,9 +75,49 @@ def labeled_samples(
     uri: str, classnames: list[str]
 ) -> Iterator[tuple[str, bytes | None, tuple[int, ...]]]:
     """(key, image bytes, label indices) for every sample; labels from ``KEY.cls`` (``3``, or
-    ``3,7``
-    for a multi-label image), the json's ``label``/``labels``/``class``, or the folder name."""
+    ``3,7`` for a multi-label image), the json's ``label``/``labels``/``class``, or the folder
+    name."""
     kind, files = _label_files(uri)
+    return _read_labeled(kind, files, classnames)
+
+
+# Image files per read task of a folder set (a tar set: one tar per task).
+FOLDER_FILES_PER_TASK = 256
+
+
+def labeled_sources(uri: str) -> list[dict]:
+    """The set's files in groups, one per read task: the Ray Data items of ``read_labeled``."""
+    kind, files = _label_files(uri)
+    step = 1 if kind == "webdataset" else FOLDER_FILES_PER_TASK
+    return [{"kind": kind, "files": files[i : i + step]} for i in range(0, len(files), step)]
+
+
+def read_labeled(batch: dict, classnames: list[str], block_rows: int = 256) -> Iterator[dict]:
+    """Ray Data generator UDF: groups of files (``labeled_sources``) -> blocks of key, image
+    bytes and labels (``"3,7"``), so images go from the read tasks to the scorers, never through
+    the driver."""
+    for kind, files in zip(batch["kind"], batch["files"]):
+        block = []
+        for sample in _read_labeled(str(kind), [str(f) for f in files], classnames):
+            block.append(sample)
+            if len(block) >= block_rows:
+                yield _labeled_columns(block)
+                block = []
+        if block:
+            yield _labeled_columns(block)
+
+
+def _labeled_columns(block: list[tuple[str, bytes | None, tuple[int, ...]]]) -> dict:
+    return {
+        "key": np.array([key for key, _, _ in block], object),
+        "image": np.array([image or b"" for _, image, _ in block], object),
+        "label": np.array([",".join(map(str, labels)) for _, _, labels in block], object),
+    }
+
+
+def _read_labeled(
+    kind: str, files: list[str], classnames: list[str]
+) -> Iterator[tuple[str, bytes | None, tuple[int, ...]]]:
     index = {name: i for i, name in enumerate(classnames)}
     if kind == "folder":
         for path in files:
@@ -265,22 +305,24 @@ def _score_ray(
 ) -> tuple[dict, list[tuple[int, ...]], list[str | None]]:
     import ray
 
-    rows = [
-        {"key": key, "image": image or b"", "label": ",".join(map(str, labels))}
-        for key, image, labels in labeled_samples(config.eval_set, task.classes)
-    ]
-    dataset = ray.data.from_items(rows).map_batches(
-        ZeroShotScorer,
-        batch_size=config.batch_size,
-        **config.pool.ray_options(),
-        compute=ray.data.ActorPoolStrategy(
-            min_size=config.pool.min_actors, max_size=config.pool.max_actors
-        ),
-        fn_constructor_kwargs={
-            "models": {k: v.model_dump() for k, v in config.models.items()},
-            "classnames": task.classes,
-            "templates": task.template_list,
-        },
+    sources = labeled_sources(config.eval_set)
+    dataset = (
+        ray.data.from_items(sources, override_num_blocks=len(sources))
+        # images go from read tasks (one per tar / file group) to the scorers, not via the driver
+        .map_batches(read_labeled, batch_size=1, fn_kwargs={"classnames": task.classes})
+        .map_batches(
+            ZeroShotScorer,
+            batch_size=config.batch_size,
+            **config.pool.ray_options(),
+            compute=ray.data.ActorPoolStrategy(
+                min_size=config.pool.min_actors, max_size=config.pool.max_actors
+            ),
+            fn_constructor_kwargs={
+                "models": {k: v.model_dump() for k, v in config.models.items()},
+                "classnames": task.classes,
+                "templates": task.template_list,
+            },
+        )
     )
     parts = list(dataset.iter_batches(batch_size=None, batch_format="numpy"))
     # a stable order, whatever the actors did

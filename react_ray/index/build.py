@@ -37,7 +37,7 @@ from react_ray.formats.embedding_set import (
 from react_ray.formats.index_manifest import IndexAppend, IndexManifest, IndexShard
 from react_ray.index.plan import plan_index
 from react_ray.index.sharded import ShardedIndex, write_metadata_file
-from react_ray.index.tune import exact_ground_truth, tune_search_params
+from react_ray.index.tune import exact_ground_truth, file_top_k, tune_search_params
 
 KEY_COLUMNS = {"image": "img_emb", "text": "txt_emb"}
 
@@ -113,6 +113,20 @@ def _merge_shard(partial_uris: list[str], shard_uri: str) -> dict:
     # written last: the shard is done
     storage.write_text_atomic(f"{shard_uri}.json", json.dumps(described))
     return described
+
+
+def _top_k_on_tasks(config: IndexConfig):
+    """Each embedding file's exact top-k on a Ray task; results merged as they complete."""
+
+    def results(queries: np.ndarray, files, column: str, k: int):
+        shared = ray.put(queries)
+        remote = ray.remote(file_top_k).options(**config.tasks.ray_options())
+        pending = [remote.remote(shared, f.uri, column, k) for f in files]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+
+    return results
 
 
 def _fingerprint(config: IndexConfig, factory: str, files: list[EmbeddingFile]) -> dict:
@@ -298,7 +312,9 @@ def build_planned(config: IndexConfig, plan: BuildPlan, progress: bool) -> Index
     t = time.perf_counter()
     index = ShardedIndex(config.output, manifest=manifest, verify=False)
     queries, query_kind = _text_queries(files, config.tune_queries, config.seed, config.tasks)
-    truth = exact_ground_truth(queries, files, column, config.recall_k)
+    truth = exact_ground_truth(
+        queries, files, column, config.recall_k, file_results=_top_k_on_tasks(config)
+    )
     tuning = tune_search_params(
         index, factory, queries, truth, config.recall_k, config.target_recall
     )

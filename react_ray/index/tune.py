@@ -19,22 +19,50 @@ KNOBS = {
 }
 
 
-def exact_ground_truth(queries: np.ndarray, files, column: str, k: int) -> np.ndarray:
-    """Exact top-k ids by inner product, streaming over the embedding files (never all in
-    memory)."""
-    best_scores = np.full((len(queries), k), -np.inf, np.float32)
-    best_ids = np.full((len(queries), k), -1, np.int64)
-    for f in files:
-        ids, vectors = read_vectors(f.uri, column)
-        scores = queries @ vectors.T
-        all_scores = np.concatenate([best_scores, scores], axis=1)
-        all_ids = np.concatenate([best_ids, np.broadcast_to(ids, scores.shape)], axis=1)
+def file_top_k(
+    queries: np.ndarray, uri: str, column: str, k: int, chunk_rows: int = 65_536
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids), each (queries, k), of the exact top-k inner products in one embedding file,
+    over chunks of its rows (a file of millions of vectors never meets the queries whole)."""
+    ids, vectors = read_vectors(uri, column)
+    best = _empty_top_k(len(queries), k)
+    for start in range(0, len(ids), chunk_rows):
+        scores = queries @ vectors[start : start + chunk_rows].T
+        chunk_ids = np.broadcast_to(ids[start : start + chunk_rows], scores.shape)
+        best = merge_top_k([best, (scores, chunk_ids)], k)
+    return best
+
+
+def _empty_top_k(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64)
+
+
+def merge_top_k(parts, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top-k of several (scores, ids) results for the same queries, merged as they come (an
+    iterable, so results of many files are never all held at once). Ties keep the earlier."""
+    best = None
+    for scores, ids in parts:
+        if best is None:
+            best = _empty_top_k(len(scores), k)
+        all_scores = np.concatenate([best[0], scores], axis=1)
+        all_ids = np.concatenate([best[1], ids], axis=1)
         order = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
-        best_scores, best_ids = (
-            np.take_along_axis(all_scores, order, 1),
-            np.take_along_axis(all_ids, order, 1),
-        )
-    return best_ids
+        best = np.take_along_axis(all_scores, order, 1), np.take_along_axis(all_ids, order, 1)
+    return best
+
+
+def exact_ground_truth(
+    queries: np.ndarray, files, column: str, k: int, file_results=None
+) -> np.ndarray:
+    """Exact top-k ids by inner product over the embedding files. ``file_results(queries, files,
+    column, k)`` yields each file's ``file_top_k`` (the index wiring runs them as Ray tasks);
+    by default they are computed here, one file at a time."""
+    results = (
+        file_results(queries, files, column, k)
+        if file_results
+        else (file_top_k(queries, f.uri, column, k) for f in files)
+    )
+    return merge_top_k(results, k)[1]
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
