@@ -416,3 +416,52 @@ def test_the_connection_goes_to_the_address_that_was_checked(server, monkeypatch
     assert (data, reason) == (GOOD, None) and calls == ["rebind.test"]
     # now the IMDS
     assert fetch.download(f"http://rebind.test:{port}/good/1", policy)[1] == "blocked_address"
+
+
+def test_corpus_pairs_are_packed_so_that_each_corpus_shard_is_read_once(tmp_path, monkeypatch):
+    """Pairs in retrieval order (by class) grouped by the corpus shard their id names: consecutive
+    corpus shards share an output shard up to samples_per_shard pairs, a larger one fills several;
+    a pack's task reads its corpus shards once for all its output shards."""
+    order = [(2, 5), (0, 1), (2, 1), (1, 4), (2, 9)]  # (corpus shard, row), as retrieved
+    pairs = pd.DataFrame(
+        {
+            "id": [int(ids.encode(shard, row)) for shard, row in order],
+            "key": [f"{shard}-{row}" for shard, row in order],
+            "url": "",
+            "caption": "c",
+            "class": "a",
+            "label": 0,
+            "score": 0.5,
+        }
+    )
+    write_parquet(
+        str(tmp_path / "retrieved.parquet"), pa.Table.from_pandas(pairs, preserve_index=False)
+    )
+    config = MaterializeConfig(
+        retrieved=str(tmp_path),
+        output=str(tmp_path / "train"),
+        embeddings="unused",
+        resize_mode="no",
+        samples_per_shard=2,
+    )
+    total, shards = materialize.plan_shards(config)
+    assert total == 5 and [
+        (s["shard"], s["pack"], s["offset"], s["count"], s["corpus_shards"]) for s in shards
+    ] == [(0, 0, 0, 2, [0, 1]), (1, 1, 0, 2, [2]), (2, 1, 2, 1, [2])]
+    reads = []
+
+    def corpus_bytes(embeddings, id_list):
+        reads.append(sorted(ids.decode(list(id_list))[1].tolist()))
+        return {int(i): (GOOD, None) for i in id_list}
+
+    monkeypatch.setattr(materialize, "corpus_bytes", corpus_bytes)
+    pack = pairs[ids.decode(pairs["id"].to_numpy())[1] == 2].assign(pack=1)
+    done = materialize._materialize_pack(pack, config, {1: shards[1:]})
+    assert done["shard"].tolist() == [1, 2] and reads == [[2, 2, 2]]  # one read for both shards
+    keys = [
+        json.loads(member)["source_key"]
+        for k in (1, 2)
+        for name, member in _members(tmp_path / "train" / f"0000{k}.tar").items()
+        if name.endswith(".json")
+    ]
+    assert keys == ["2-1", "2-5", "2-9"]  # by id across the pack's shards

@@ -18,6 +18,7 @@ import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -181,16 +182,20 @@ def merge_tars(parts: list[str], uri: str) -> int:
     return storage.file_size(uri)
 
 
-def materialize_shard(k: int, rows: pd.DataFrame, config: MaterializeConfig) -> ShardStats:
+def materialize_shard(
+    k: int, rows: pd.DataFrame, config: MaterializeConfig, corpus: dict | None = None
+) -> ShardStats:
     """Write output shard ``k`` for ``rows`` (position i gets key kkkkkiiii) in parts of
-    PART_SAMPLES samples (``formats.shard_writer``); return its stats."""
+    PART_SAMPLES samples (``formats.shard_writer``); return its stats. ``corpus``: the image bytes
+    by id (``corpus_bytes``) when the caller read them for several shards at once."""
     start, run_id, name = time.perf_counter(), uuid.uuid4().hex[:8], shard_name(k)
     rows = rows.reset_index(drop=True)
     rows["key_out"] = [f"{k:05d}{i:04d}" for i in range(len(rows))]
     earlier = _EarlierShard(config, k) if config.retry_failed else None
     kept = earlier.succeeded() if earlier else set()
     todo = rows[~rows["id"].isin(kept)]
-    corpus = corpus_bytes(config.embeddings, todo["id"]) if config.source == "corpus" else None
+    if config.source == "corpus" and corpus is None:
+        corpus = corpus_bytes(config.embeddings, todo["id"])
     tally, statuses = ShardTally(), []
     tally.add(ShardRead(k, len(rows)))
     for first in range(0, len(rows), PART_SAMPLES):
@@ -285,8 +290,9 @@ def _materialize_batch(batch: dict, config: MaterializeConfig) -> dict:
 
 
 def plan_shards(config: MaterializeConfig) -> tuple[int, list[dict]]:
-    """(pairs, every output shard's rows as {shard, start, stop}); refuses a pairs file without
-    the columns the source needs."""
+    """(pairs, every output shard): download: ``{shard, start, stop}``, rows of the pairs file in
+    its order; corpus: ``{shard, pack, offset, count}``, see ``_corpus_packs``. Refuses a pairs
+    file without the columns the source needs."""
     with storage.open_uri(pairs_uri(config.retrieved)) as f:
         metadata = pq.ParquetFile(f).metadata
     total, columns = metadata.num_rows, metadata.schema.names
@@ -296,6 +302,8 @@ def plan_shards(config: MaterializeConfig) -> tuple[int, list[dict]]:
             f"materialize: {pairs_uri(config.retrieved)} has no column {missing[0]!r} (columns: "
             f"{', '.join(columns)}); set url_col / caption_col"
         )
+    if config.source == "corpus":
+        return total, _corpus_packs(config)
     step = config.samples_per_shard
     return total, [
         {"shard": k, "start": a, "stop": min(a + step, total)}
@@ -303,15 +311,81 @@ def plan_shards(config: MaterializeConfig) -> tuple[int, list[dict]]:
     ]
 
 
+def _corpus_packs(config: MaterializeConfig) -> list[dict]:
+    """Output shards that read each corpus shard once: the pairs grouped by the corpus shard their
+    id names, consecutive corpus shards packed together up to ``samples_per_shard`` pairs (a
+    corpus shard with more fills several output shards of its own). Output shard k of pack p holds
+    the pack's pairs, sorted by id, from ``offset`` for ``count``. Only the id column is read."""
+    with storage.open_uri(pairs_uri(config.retrieved)) as f:
+        id_column = pq.read_table(f, columns=["id"])["id"].to_numpy()
+    corpus_shards, counts = np.unique(ids.decode(id_column)[1], return_counts=True)
+    step, packs, shards = config.samples_per_shard, [], []
+    for corpus_shard, count in zip(corpus_shards.tolist(), counts.tolist()):
+        if packs and packs[-1]["pairs"] + count <= step:
+            packs[-1]["corpus_shards"].append(corpus_shard)
+            packs[-1]["pairs"] += count
+        else:
+            packs.append({"corpus_shards": [corpus_shard], "pairs": count})
+    for p, pack in enumerate(packs):
+        for offset in range(0, pack["pairs"], step):
+            count = min(step, pack["pairs"] - offset)
+            shards.append({"shard": len(shards), "pack": p, "offset": offset, "count": count})
+            shards[-1]["corpus_shards"] = pack["corpus_shards"]
+    return shards
+
+
+def _materialize_pack(rows: pd.DataFrame, config: MaterializeConfig, shards: dict) -> pd.DataFrame:
+    """Ray Data ``map_groups`` UDF: one pack's pairs -> its pending output shards, reading each of
+    its corpus shards once."""
+    rows = standard_rows(rows.sort_values("id", kind="stable").reset_index(drop=True), 0, config)
+    pending = shards[int(rows["pack"].iloc[0])]
+    images = corpus_bytes(config.embeddings, rows["id"])
+    done = [
+        materialize_shard(
+            s["shard"], rows.iloc[s["offset"] : s["offset"] + s["count"]], config, images
+        ).shard
+        for s in pending
+    ]
+    return pd.DataFrame({"shard": done})
+
+
 def materialize_shards(config: MaterializeConfig, shards: list[dict], progress: bool) -> None:
-    """Write ``shards`` on Ray Data tasks of the connected cluster, one task per shard."""
+    """Write ``shards`` on Ray Data tasks of the connected cluster: download, one task per shard;
+    corpus, one per pack (the pairs grouped by corpus shard, read once each)."""
     import ray
 
-    dataset = ray.data.from_items(shards, override_num_blocks=len(shards)).map_batches(
-        _materialize_batch, batch_size=1, fn_kwargs={"config": config}, **config.tasks.ray_options()
-    )
+    if config.source == "corpus":
+        by_pack: dict[int, list[dict]] = {}
+        for s in shards:
+            by_pack.setdefault(s["pack"], []).append(s)
+        pack_of = {c: p for p, pack in by_pack.items() for c in pack[0]["corpus_shards"]}
+        dataset = (
+            ray.data.read_parquet(pairs_uri(config.retrieved))
+            .map_batches(_tag_pack, batch_format="pandas", fn_kwargs={"pack_of": pack_of})
+            .groupby("pack")
+            .map_groups(
+                _materialize_pack,
+                batch_format="pandas",
+                fn_kwargs={"config": config, "shards": by_pack},
+                **config.tasks.ray_options(),
+            )
+        )
+    else:
+        dataset = ray.data.from_items(shards, override_num_blocks=len(shards)).map_batches(
+            _materialize_batch,
+            batch_size=1,
+            fn_kwargs={"config": config},
+            **config.tasks.ray_options(),
+        )
     with tqdm(
         total=len(shards), desc=f"materialize ({config.source})", unit="shard", disable=not progress
     ) as bar:
         for _ in dataset.iter_rows():
             bar.update(1)
+
+
+def _tag_pack(rows: pd.DataFrame, pack_of: dict[int, int]) -> pd.DataFrame:
+    """Each pair's pack (from the corpus shard its id names); pairs of done packs left out."""
+    corpus_shards = pd.Series(ids.decode(rows["id"].to_numpy())[1])
+    packs = corpus_shards.map(pack_of)
+    return rows[packs.notna().to_numpy()].assign(pack=packs.dropna().astype(int).to_numpy())
