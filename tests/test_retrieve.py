@@ -167,6 +167,40 @@ def test_near_duplicates_keep_the_best_scoring_copy():
     assert kept["id"].tolist() == [2, 3, 4]  # id 1 is a near-copy of the better-scoring id 2
 
 
+def test_near_duplicates_above_the_exact_size_are_found_by_ivf_with_measured_recall():
+    """Clustered vectors (CLIP-like: many near neighbours that are not copies) with planted
+    near-copies: the IVF path finds >= 95% of the close pairs the exact search finds and keeps
+    nearly the same pairs."""
+    from react_ray.retrieve.retrieval import close_pairs
+    from react_ray.synthetic.embeddings import clustered_vectors
+
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(200, 64)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    base = clustered_vectors(rng, 20_000, centres, spread=0.35 / 8)
+    copies = base[:2_000] + rng.normal(0, 0.02, (2_000, 64)).astype(np.float32)
+    vectors = np.concatenate([base, copies / np.linalg.norm(copies, axis=1, keepdims=True)])
+    pairs = pd.DataFrame({"id": np.arange(len(vectors)), "score": rng.random(len(vectors))})
+
+    def pair_set(limits, neighbours):
+        return {
+            (i, int(j))
+            for i in range(len(limits) - 1)
+            for j in neighbours[limits[i] : limits[i + 1]]
+            if i < j
+        }
+
+    exact = pair_set(*close_pairs(vectors, 0.95, exact_up_to=len(vectors)))
+    found = pair_set(*close_pairs(vectors, 0.95, exact_up_to=0))
+    recall = len(found & exact) / len(exact)
+    assert len(exact) >= 2_000 and found <= exact and recall >= 0.95, (len(exact), recall)
+    kept_exact = remove_near_duplicates(pairs, vectors, 0.95, exact_up_to=len(vectors))
+    kept_ivf = remove_near_duplicates(pairs, vectors, 0.95, exact_up_to=0)
+    agree = len(set(kept_exact["id"]) & set(kept_ivf["id"])) / len(kept_exact)
+    print(f"\nnear-duplicates, IVF vs exact: pair recall {recall:.4f}, kept sets agree {agree:.4f}")
+    assert agree >= 0.99
+
+
 def test_cap_and_balance():
     pairs = pd.DataFrame({"label": [0, 0, 0, 1], "id": [1, 2, 3, 4], "score": [0.1, 0.3, 0.2, 0.9]})
     assert cap_per_class(pairs, 2, False)["id"].tolist() == [2, 3, 4]

@@ -111,18 +111,47 @@ def resolve_across_classes(pairs: pd.DataFrame, rule: str) -> pd.DataFrame:
     return ordered.drop_duplicates("id", keep="first").reset_index(drop=True)
 
 
-def remove_near_duplicates(
-    pairs: pd.DataFrame, vectors: np.ndarray, threshold: float
-) -> pd.DataFrame:
-    """Best score first, drop a pair whose vector has cosine >= threshold with an already kept one.
+# Up to this many pairs the close pairs come from an exact search; above it, from an IVF index
+# over the retrieved vectors (each pair searched in the NEAR_DUP_NPROBE lists nearest to it):
+# cost about N * N * nprobe / nlist instead of N * N. Duplicates sit close together, so they
+# share lists; tests/test_retrieve.py measures the pairs found vs exact on planted duplicates.
+NEAR_DUP_EXACT_UP_TO = 50_000
+NEAR_DUP_NPROBE = 8
 
-    The close pairs come from one faiss range search, so this is not a Python double loop."""
+
+def close_pairs(
+    vectors: np.ndarray, threshold: float, exact_up_to: int = NEAR_DUP_EXACT_UP_TO
+) -> tuple[np.ndarray, np.ndarray]:
+    """faiss range search of every vector against all: (limits, neighbours) with cosine above
+    ``threshold``; exact up to ``exact_up_to`` vectors, approximate (IVF) above."""
     import faiss
 
     vectors = np.ascontiguousarray(vectors, np.float32)
-    flat = faiss.IndexFlatIP(vectors.shape[1])
-    flat.add(vectors)
-    limits, _, neighbours = flat.range_search(vectors, threshold)
+    dim = vectors.shape[1]
+    if len(vectors) <= exact_up_to:
+        index = faiss.IndexFlatIP(dim)
+    else:
+        nlist = int(4 * np.sqrt(len(vectors)))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        sample = np.random.default_rng(0).choice(len(vectors), min(len(vectors), 64 * nlist), False)
+        index.train(vectors[np.sort(sample)])
+        index.nprobe = NEAR_DUP_NPROBE
+    index.add(vectors)
+    limits, _, neighbours = index.range_search(vectors, threshold)
+    return limits, neighbours
+
+
+def remove_near_duplicates(
+    pairs: pd.DataFrame,
+    vectors: np.ndarray,
+    threshold: float,
+    exact_up_to: int = NEAR_DUP_EXACT_UP_TO,
+) -> pd.DataFrame:
+    """Best score first, drop a pair whose vector has cosine >= threshold with an already kept one.
+
+    The close pairs come from one faiss range search (``close_pairs``), so this is not a Python
+    double loop."""
+    limits, neighbours = close_pairs(vectors, threshold, exact_up_to)
     order = np.lexsort((pairs["id"].to_numpy(), -pairs["score"].to_numpy()))
     kept = np.zeros(len(pairs), bool)
     for i in order:
