@@ -201,6 +201,49 @@ def test_near_duplicates_above_the_exact_size_are_found_by_ivf_with_measured_rec
     assert agree >= 0.99
 
 
+def test_filters_column_wise_keep_exactly_what_a_per_row_check_keeps():
+    """Each bound, a missing value, a None, a value of the wrong type: the same verdict per pair
+    as the rule written out per row."""
+    from react_ray.retrieve.retrieval import apply_filters
+    from react_ray.retrieve.task import ColumnFilter
+
+    rng = np.random.default_rng(2)
+    choices = [None, 0.05, 0.2, 0.5, 0.9, "0.2", "high", "NSFW", "UNLIKELY", True]
+    metadata = [
+        None if i % 17 == 0 else {k: choices[rng.integers(len(choices))] for k in ("p", "tag")}
+        for i in range(400)
+    ]
+    filters = {
+        "p": ColumnFilter(min=0.1, max=0.6),
+        "tag": ColumnFilter(not_contains="nsfw"),
+    }
+    spec = TaskSpec(name="t", classnames=["a"], filters=filters)
+    pairs = pd.DataFrame({"id": range(400)})
+
+    def passes(record: dict | None) -> bool:
+        p, tag = (record or {}).get("p"), (record or {}).get("tag")
+        number = (
+            p
+            if isinstance(p, float)
+            else float(p)
+            if isinstance(p, str) and p[0].isdigit()
+            else None
+        )
+        return (
+            number is not None
+            and 0.1 <= number <= 0.6
+            and tag is not None
+            and "nsfw" not in str(tag).lower()
+        )
+
+    expected = [i for i, m in enumerate(metadata) if passes(m)]
+    assert apply_filters(pairs, metadata, spec)["id"].tolist() == expected and 20 < len(expected)
+    equals = TaskSpec(name="t", classnames=["a"], filters={"tag": ColumnFilter(equals="high")})
+    assert apply_filters(pairs, metadata, equals)["id"].tolist() == [
+        i for i, m in enumerate(metadata) if m and m["tag"] == "high"
+    ]
+
+
 def test_cap_and_balance():
     pairs = pd.DataFrame({"label": [0, 0, 0, 1], "id": [1, 2, 3, 4], "score": [0.1, 0.3, 0.2, 0.9]})
     assert cap_per_class(pairs, 2, False)["id"].tolist() == [2, 3, 4]

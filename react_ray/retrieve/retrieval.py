@@ -171,30 +171,32 @@ def cap_per_class(pairs: pd.DataFrame, cap: int | None, balance: bool) -> pd.Dat
 
 
 def apply_filters(pairs: pd.DataFrame, metadata: list[dict | None], spec: TaskSpec) -> pd.DataFrame:
-    """Keep pairs whose metadata passes every filter; a pair without the column fails it (counted,
-    not kept)."""
-    known = set().union(*(m for m in metadata if m))
-    keep = np.ones(len(pairs), bool)
+    """Keep pairs whose metadata passes every filter; a pair without the column, or with a value of
+    another type than the bound's, fails it (counted, not kept). Column-wise (pandas), not per row.
+    """
+    table = pd.DataFrame.from_records([m or {} for m in metadata], index=range(len(metadata)))
+    keep = pd.Series(True, index=table.index)
     for column, bounds in spec.filters.items():
-        if metadata and column not in known:
+        if metadata and column not in table.columns:
             raise ValueError(
-                f"filters: unknown metadata column {column!r}; this index has {sorted(known)}"
+                f"filters: unknown metadata column {column!r}; this index has "
+                f"{sorted(table.columns)}"
             )
-        for i, record in enumerate(metadata):
-            value = (record or {}).get(column)
-            if (
-                value is None
-                or bounds.min is not None
-                and value < bounds.min
-                or bounds.max is not None
-                and value > bounds.max
-                or bounds.equals is not None
-                and value != bounds.equals
-                or bounds.not_contains is not None
-                and bounds.not_contains.lower() in str(value).lower()
-            ):
-                keep[i] = False
-    return pairs[keep].reset_index(drop=True)
+        values = table[column] if column in table.columns else pd.Series(None, index=table.index)
+        keep &= values.notna()
+        if bounds.min is not None or bounds.max is not None:
+            numbers = pd.to_numeric(values, errors="coerce")
+            keep &= numbers.notna()
+            if bounds.min is not None:
+                keep &= numbers >= bounds.min
+            if bounds.max is not None:
+                keep &= numbers <= bounds.max
+        if bounds.equals is not None:
+            keep &= values == bounds.equals
+        if bounds.not_contains is not None:
+            text = values.astype(str).str.lower()
+            keep &= ~text.str.contains(bounds.not_contains.lower(), regex=False)
+    return pairs[keep.to_numpy()].reset_index(drop=True)
 
 
 def read_blocklist(uri: str | None) -> set[int]:
