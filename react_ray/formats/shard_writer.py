@@ -83,10 +83,8 @@ class ShardTally:
             self.rows[item.shard] += item.rows
             self.skipped += item.rows - item.written
         shard = item.shard
-        if (
-            shard in self.completed
-            or self.reads.get(shard, ShardRead(shard, -1)).rows != (self.rows[shard])
-        ):
+        read = self.reads.get(shard)
+        if shard in self.completed or read is None or read.rows != self.rows[shard]:
             return None
         self.completed.add(shard)
         return shard

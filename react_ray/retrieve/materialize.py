@@ -116,6 +116,12 @@ class _EarlierShard:
         status_uri = shard_uri(config.output, k, ".status.parquet")
         self.status = read_parquet(status_uri).to_pandas() if storage.exists(status_uri) else None
         self.tar_uri = shard_uri(config.output, k, ".tar")
+        # each sample's earlier status by id, looked up once per kept sample
+        self._by_id = (
+            {}
+            if self.status is None
+            else dict(zip(self.status["id"], self.status.to_dict("records")))
+        )
         self._members = self._stream() if self.status is not None else iter(())
         self._next = next(self._members, None)
 
@@ -132,7 +138,7 @@ class _EarlierShard:
         return set(self.status.loc[self.status["status"] == "success", "id"])
 
     def status_of(self, sample_id) -> dict:
-        return self.status[self.status["id"] == sample_id].iloc[0].to_dict()
+        return self._by_id[sample_id]
 
     def members_up_to(self, last_key: str) -> dict[str, bytes]:
         """The members of samples with keys up to ``last_key`` not taken yet."""
