@@ -274,6 +274,29 @@ class RetrieveConfig(StrictModel):
     decontaminate: DecontaminateConfig | None = Field(
         default=None, description="remove near-copies of eval images"
     )
+    encoders: ActorPool = Field(
+        default_factory=ActorPool, description="the model actors encoding the prompts"
+    )
+    searchers: ActorPool = Field(
+        default_factory=ActorPool,
+        description="the actors searching the index(es), one pool per shard group; each holds "
+        "its group of every index in memory",
+    )
+    search_groups: int = Field(
+        default=1,
+        ge=1,
+        description="split the index shards into this many groups, each searched by its own "
+        "pool: for an index larger than one node's memory",
+    )
+    workers: ActorPool = Field(
+        default_factory=lambda: ActorPool(max_actors=4),
+        description="the actors running the per-file steps (merge, filters, cross-class rule, "
+        "vectors, decontamination)",
+    )
+    tasks: Resources = Field(
+        default_factory=Resources,
+        description="each near-duplicate, per-class and final task",
+    )
     ray_address: RayAddress = None
 
 

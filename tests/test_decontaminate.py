@@ -261,7 +261,8 @@ def test_planted_copies_of_eval_images_are_removed_and_the_rest_kept(ray_local, 
             eval_sets=[str(corpus / "eval"), str(folder)], batch_size=64, report_pairs=30
         ),
     )
-    kept, _ = run_retrieval(config)
+    run_retrieval(config)
+    kept = pq.read_table(tmp_path / "retrieved" / "retrieved.parquet").to_pandas()
 
     truth = pq.read_table(corpus / "ground_truth.parquet").to_pandas().set_index("key")
     removed = pq.read_table(tmp_path / "retrieved" / "decontamination.parquet").to_pandas()

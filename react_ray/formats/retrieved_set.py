@@ -70,12 +70,18 @@ def pairs_uri(retrieved: str) -> str:
     return retrieved if retrieved.endswith(".parquet") else storage.join(retrieved, PAIRS_FILE)
 
 
+def write_record(output: str, summary: pd.DataFrame, record: RetrievalRecord) -> None:
+    """The summary, then the record: written after the pairs, so a folder with
+    ``retrieval.json`` is complete."""
+    storage.write_text_atomic(
+        storage.join(output, SUMMARY_FILE), summary.to_csv(index_label="class")
+    )
+    storage.write_text_atomic(storage.join(output, RECORD_FILE), record.model_dump_json(indent=1))
+
+
 def write_retrieved_set(
     output: str, pairs: pd.DataFrame, summary: pd.DataFrame, record: RetrievalRecord
 ) -> None:
     """The pairs first, the record last: a folder with ``retrieval.json`` is complete."""
     write_parquet(pairs_uri(output), pa.Table.from_pandas(pairs, preserve_index=False))
-    storage.write_text_atomic(
-        storage.join(output, SUMMARY_FILE), summary.to_csv(index_label="class")
-    )
-    storage.write_text_atomic(storage.join(output, RECORD_FILE), record.model_dump_json(indent=1))
+    write_record(output, summary, record)

@@ -183,10 +183,12 @@ class Decontaminator:
         self.removed = pd.DataFrame()
         self.closest_kept = pd.DataFrame()
 
-    def __call__(
+    def judge(
         self, pairs: pd.DataFrame, vectors: np.ndarray, captions: list[str | None]
-    ) -> np.ndarray:
-        """The mask of pairs to keep; ``vectors`` are the pairs' image embeddings, row-aligned."""
+    ) -> pd.DataFrame:
+        """``pairs`` with, per pair, its closest eval image (cosine, eval_row, eval_set, eval_id,
+        eval_key) and ``reason``: "image", "caption", or "" for a pair to keep. ``vectors`` are
+        the pairs' image embeddings, row-aligned."""
         cosine, row = nearest_eval_image(vectors, self.eval.vectors, self.config.search_batch)
         by_image = cosine >= self.config.threshold
         caption_row = np.array(
@@ -194,7 +196,8 @@ class Decontaminator:
         )
         by_caption = ~by_image & (caption_row >= 0)
         matched = np.where(by_caption, caption_row, row)
-        frame = pairs.assign(**{"class": [self.classes[label] for label in pairs["label"]]}).assign(
+        return pairs.assign(
+            **{"class": [self.classes[label] for label in pairs["label"]]},
             caption=captions,
             cosine=cosine,
             reason=np.where(by_image, "image", np.where(by_caption, "caption", "")),
@@ -203,19 +206,29 @@ class Decontaminator:
             eval_id=self.eval.ids[matched],
             eval_key=[self.eval.keys[r] for r in matched],
         )
-        keep = ~(by_image | by_caption)
+
+    def note(self, judged: pd.DataFrame) -> None:
+        """Keep, for the record and the page, the removed pairs and the closest kept ones among
+        ``judged`` (rows of :meth:`judge`: all of them, or at least every removed pair and the
+        ``report_pairs`` closest kept of each part judged)."""
+        removed = judged["reason"] != ""
         self.removed = (
-            frame[~keep]
-            .sort_values(["cosine", "id"], ascending=[False, True])
-            .reset_index(drop=True)
-        )
+            judged[removed].sort_values(["cosine", "id"], ascending=[False, True])
+        ).reset_index(drop=True)
         self.closest_kept = (
-            frame[keep]
+            judged[~removed]
             .sort_values(["cosine", "id"], ascending=[False, True])
             .head(self.config.report_pairs)
             .reset_index(drop=True)
         )
-        return keep
+
+    def __call__(
+        self, pairs: pd.DataFrame, vectors: np.ndarray, captions: list[str | None]
+    ) -> np.ndarray:
+        """The mask of pairs to keep (all pairs judged at once)."""
+        judged = self.judge(pairs, vectors, captions)
+        self.note(judged)
+        return (judged["reason"] == "").to_numpy()
 
     def record(self) -> DecontaminationRecord:
         """The decision, for retrieval.json (and so for the evaluation report)."""

@@ -34,6 +34,8 @@ def corpus_images(embeddings: str, wanted: pd.DataFrame) -> dict[int, bytes]:
 def gallery_html(
     task_name: str, pairs: pd.DataFrame, summary: pd.DataFrame, embeddings: str, per_class: int
 ) -> str:
+    """``pairs``: the best of each class (all of them, or at least ``per_class``); ``summary``:
+    classes x steps, whose last column is each class's count."""
     sample = pairs.groupby("label", sort=True).head(per_class)
     images = corpus_images(embeddings, sample)
     sections = [
@@ -59,7 +61,7 @@ def gallery_html(
         )
         name = html.escape(group["class"].iloc[0])
         sections.append(
-            f"<h2>{name}: {int((pairs['label'] == label).sum())} pairs</h2>{grid(items)}"
+            f"<h2>{name}: {int(summary.iloc[label, -1])} pairs</h2>{grid(items)}"
             + (f"<ul>{links}</ul>" if links else "")
         )
     return page(f"Retrieved for task {task_name}", "".join(sections))

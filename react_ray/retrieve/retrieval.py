@@ -57,6 +57,10 @@ class StepLog:
         )
         self.steps.append((step, len(frame), counts.tolist()))
 
+    def add(self, step: str, counts: list[int]) -> None:
+        """A step counted elsewhere: pairs per class after it."""
+        self.steps.append((step, int(sum(counts)), [int(c) for c in counts]))
+
     def __str__(self) -> str:
         return "\n".join(f"  {step:<34s} {total:>9,} pairs" for step, total, _ in self.steps)
 
@@ -102,13 +106,21 @@ def merge_within_class(hits: pd.DataFrame) -> pd.DataFrame:
     ).reset_index()
 
 
+def across_classes_keep(pairs: pd.DataFrame, rule: str) -> np.ndarray:
+    """The mask of pairs the cross-class rule keeps: a pair claimed by several classes is kept
+    for its best-scoring class (``best``, ties to the lower label) or dropped (``drop``)."""
+    pairs = pairs.reset_index(drop=True)
+    if rule == "drop":
+        return (pairs.groupby("id")["label"].transform("size") == 1).to_numpy()
+    ordered = pairs.sort_values(["id", "score", "label"], ascending=[True, False, True])
+    keep = np.zeros(len(pairs), bool)
+    keep[ordered.index[~ordered["id"].duplicated()].to_numpy()] = True
+    return keep
+
+
 def resolve_across_classes(pairs: pd.DataFrame, rule: str) -> pd.DataFrame:
     """A pair claimed by several classes: kept for its best-scoring class (``best``) or dropped."""
-    claims = pairs.groupby("id")["label"].transform("size")
-    if rule == "drop":
-        return pairs[claims == 1].reset_index(drop=True)
-    ordered = pairs.sort_values(["id", "score", "label"], ascending=[True, False, True])
-    return ordered.drop_duplicates("id", keep="first").reset_index(drop=True)
+    return pairs[across_classes_keep(pairs, rule)].reset_index(drop=True)
 
 
 # Up to this many pairs the close pairs come from an exact search; above it, from an IVF index
@@ -141,6 +153,16 @@ def close_pairs(
     return limits, neighbours
 
 
+def keep_best_first(order: np.ndarray, limits: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """Greedy, in ``order`` (best first): keep a vertex unless a kept one is among its neighbours
+    (CSR: ``neighbours[limits[i]:limits[i + 1]]``, which may list ``i`` itself)."""
+    kept = np.zeros(len(limits) - 1, bool)
+    for i in order:
+        close = neighbours[limits[i] : limits[i + 1]]
+        kept[i] = not kept[close[close != i]].any()
+    return kept
+
+
 def remove_near_duplicates(
     pairs: pd.DataFrame,
     vectors: np.ndarray,
@@ -153,11 +175,7 @@ def remove_near_duplicates(
     double loop."""
     limits, neighbours = close_pairs(vectors, threshold, exact_up_to)
     order = np.lexsort((pairs["id"].to_numpy(), -pairs["score"].to_numpy()))
-    kept = np.zeros(len(pairs), bool)
-    for i in order:
-        close = neighbours[limits[i] : limits[i + 1]]
-        kept[i] = not kept[close[close != i]].any()
-    return pairs[kept].reset_index(drop=True)
+    return pairs[keep_best_first(order, limits, neighbours)].reset_index(drop=True)
 
 
 def cap_per_class(pairs: pd.DataFrame, cap: int | None, balance: bool) -> pd.DataFrame:
@@ -170,10 +188,10 @@ def cap_per_class(pairs: pd.DataFrame, cap: int | None, balance: bool) -> pd.Dat
     return ordered.groupby("label", sort=False).head(cap).reset_index(drop=True)
 
 
-def apply_filters(pairs: pd.DataFrame, metadata: list[dict | None], spec: TaskSpec) -> pd.DataFrame:
-    """Keep pairs whose metadata passes every filter; a pair without the column, or with a value of
-    another type than the bound's, fails it (counted, not kept). Column-wise (pandas), not per row.
-    """
+def filters_keep(metadata: list[dict | None], spec: TaskSpec) -> np.ndarray:
+    """The mask of pairs whose metadata passes every filter; a pair without the column, or with a
+    value of another type than the bound's, fails it (counted, not kept). Column-wise (pandas),
+    not per row."""
     table = pd.DataFrame.from_records([m or {} for m in metadata], index=range(len(metadata)))
     keep = pd.Series(True, index=table.index)
     for column, bounds in spec.filters.items():
@@ -196,7 +214,12 @@ def apply_filters(pairs: pd.DataFrame, metadata: list[dict | None], spec: TaskSp
         if bounds.not_contains is not None:
             text = values.astype(str).str.lower()
             keep &= ~text.str.contains(bounds.not_contains.lower(), regex=False)
-    return pairs[keep.to_numpy()].reset_index(drop=True)
+    return keep.to_numpy(bool)
+
+
+def apply_filters(pairs: pd.DataFrame, metadata: list[dict | None], spec: TaskSpec) -> pd.DataFrame:
+    """The pairs :func:`filters_keep` keeps."""
+    return pairs[filters_keep(metadata, spec)].reset_index(drop=True)
 
 
 def read_blocklist(uri: str | None) -> set[int]:
@@ -268,17 +291,26 @@ def retrieve(
     pairs = pairs.sort_values(["label", "score", "id"], ascending=[True, False, True]).reset_index(
         drop=True
     )
-    meta = {m["id"]: m for m in index.lookup(pairs["id"].to_numpy()) if m}
-    pairs.insert(2, "class", [spec.classes[i] for i in pairs["label"]])
+    return with_metadata(pairs, index.lookup(pairs["id"].to_numpy()), spec.classes), log
+
+
+def with_metadata(
+    pairs: pd.DataFrame, metadata: list[dict | None], classes: list[str]
+) -> pd.DataFrame:
+    """``pairs`` with their class name and corpus metadata (row-aligned): key, url, caption, and
+    the source's other columns as JSON in ``meta``."""
+    records = [m or {} for m in metadata]
+    pairs = pairs.copy()
+    pairs.insert(2, "class", [classes[i] for i in pairs["label"]])
     for column in ("key", "url", "caption"):
-        pairs[column] = [meta.get(i, {}).get(column) for i in pairs["id"]]
+        pairs[column] = [m.get(column) for m in records]
     pairs["meta"] = [
         json.dumps(extra)
-        if (extra := {k: v for k, v in meta.get(i, {}).items() if k not in BASE_FIELDS})
+        if (extra := {k: v for k, v in m.items() if k not in BASE_FIELDS})
         else None
-        for i in pairs["id"]
+        for m in records
     ]
-    return pairs, log
+    return pairs
 
 
 def summary_table(log: StepLog) -> pd.DataFrame:
