@@ -145,16 +145,22 @@ class MetadataStore:
         per call, however many ids it holds."""
         id_array = np.asarray(id_list, np.int64).reshape(-1)
         _, shards, rows = ids.decode(id_array)
-        tables = {int(shard): self._table(int(shard)) for shard in np.unique(shards)}
-        out = []
-        for id_, shard, row in zip(id_array, shards, rows):
-            table = tables[int(shard)]
-            if table is None or row >= table.num_rows or table["id"][int(row)].as_py() != int(id_):
-                out.append(None)
+        out: list[dict | None] = [None] * len(id_array)
+        for shard in np.unique(shards):
+            table = self._table(int(shard))
+            if table is None:
                 continue
-            record = {c: table[c][int(row)].as_py() for c in ("id", "key", "url", "caption")}
-            meta = table["meta"][int(row)].as_py() if "meta" in table.column_names else None
-            out.append({**json.loads(meta), **record} if meta else record)
+            where = np.flatnonzero(shards == shard)
+            where = where[rows[where] < table.num_rows]
+            found = table.take(pa.array(rows[where]))
+            held = found["id"].to_numpy(zero_copy_only=False) == id_array[where]  # gaps: null ids
+            where, found = where[held], found.filter(pa.array(held))
+            records = found.select(["id", "key", "url", "caption"]).to_pylist()
+            metas = (
+                found["meta"].to_pylist() if "meta" in table.column_names else [None] * len(where)
+            )
+            for position, record, meta in zip(where, records, metas):
+                out[position] = {**json.loads(meta), **record} if meta else record
         return out
 
 

@@ -237,21 +237,18 @@ def vector_matrix(column: pd.Series) -> np.ndarray:
     return np.frombuffer(b"".join(column), np.float32).reshape(len(column), -1)
 
 
-def _train_lists(vectors, nlist: int, n: int) -> np.ndarray:
-    """k-means centroids of a sample of the kept pairs' vectors (Ray task): the lists
-    near-duplicates are bucketed by."""
+def train_lists(sample, nlist: int) -> np.ndarray:
+    """k-means centroids of a (materialized) sample of the kept pairs' vectors, on a Ray task:
+    the lists near-duplicates are bucketed by."""
     import faiss
 
-    sample = vectors.random_sample(min(1.0, 64 * nlist / n), seed=0).take_batch(
-        64 * nlist, batch_format="pandas"
-    )
-    matrix = vector_matrix(sample["vector"])
+    matrix = vector_matrix(sample.to_pandas()["vector"])
     kmeans = faiss.Kmeans(matrix.shape[1], nlist, niter=10, seed=0, spherical=True)
     kmeans.train(matrix)
     return kmeans.centroids
 
 
-def _list_rows(rows: pd.DataFrame, centroids, probes: int) -> pd.DataFrame:
+def list_rows(rows: pd.DataFrame, centroids, probes: int) -> pd.DataFrame:
     """Each kept pair once per list it probes; ``home`` on its nearest list, where it is stored."""
     if centroids is None:
         return rows.assign(list=0, home=True)
@@ -267,7 +264,7 @@ def _list_rows(rows: pd.DataFrame, centroids, probes: int) -> pd.DataFrame:
     return spread.assign(list=lists.ravel(), home=np.tile(np.arange(probes) == 0, len(rows)))
 
 
-def _close_pairs_in_list(rows: pd.DataFrame, threshold: float) -> pa.Table:
+def close_pairs_in_list(rows: pd.DataFrame, threshold: float) -> pa.Table:
     """One list: every pair probing it against those stored in it; (a, b) with cosine above
     ``threshold``, a != b."""
     import faiss
@@ -385,6 +382,14 @@ class RetrievedOnRay:
     seconds: dict[str, float]
 
 
+def shuffle_partitions() -> int:
+    """Partitions of each grouping: two per CPU of the cluster. Ray Data's default (200) costs a
+    reduce task each, most of them empty on a small cluster."""
+    import ray
+
+    return max(2, int(2 * ray.cluster_resources().get("CPU", 1)))
+
+
 def _actors(pool: ActorPool) -> dict:
     import ray
 
@@ -439,6 +444,7 @@ def retrieve_on_ray(
         **_actors(config.encoders),
     )
     groups = config.search_groups
+    partitions = shuffle_partitions()
     searched = [
         encoded.map_batches(
             IndexSearcher,
@@ -457,7 +463,7 @@ def retrieve_on_ray(
     if groups > 1:
         hits = (
             hits.union(*searched[1:])
-            .groupby("label")
+            .groupby("label", num_partitions=partitions)
             .map_groups(
                 top_k_per_prompt,
                 batch_format="pandas",
@@ -468,7 +474,7 @@ def retrieve_on_ray(
     near_dups = spec.near_duplicate_threshold is not None
     shared_eval = (config.decontaminate, ray.put(eval_images)) if decontaminator else None
     pairs = (
-        hits.groupby("file")
+        hits.groupby("file", num_partitions=partitions)
         .map_groups(
             FileSteps,
             batch_format="pandas",
@@ -486,7 +492,7 @@ def retrieve_on_ray(
     pairs = _non_empty(pairs)
 
     counted = (
-        pairs.groupby(["label", "dropped_by"])
+        pairs.groupby(["label", "dropped_by"], num_partitions=partitions)
         .aggregate(Count(), Sum("hits"), Sum("hits_above"))
         .to_pandas()
     )
@@ -503,7 +509,7 @@ def retrieve_on_ray(
     n = log.steps[-1][1]
     if near_dups and n:
         dropped_uri = storage.join(work, "near-duplicates.parquet")
-        dropped = _near_duplicates(kept, spec, config, n, dropped_uri)
+        dropped = _near_duplicates(kept, spec, config, n, dropped_uri, partitions)
         kept = kept.map_batches(
             _without, batch_format="pyarrow", fn_kwargs={"dropped_uri": dropped_uri}
         )
@@ -520,7 +526,7 @@ def retrieve_on_ray(
         cap = min(cap or smallest, smallest)
     folder = storage.join(work, "classes")
     written = (
-        kept.groupby("label")
+        kept.groupby("label", num_partitions=partitions)
         .map_groups(
             _write_class,
             batch_format="pandas",
@@ -554,7 +560,9 @@ def retrieve_on_ray(
     return RetrievedOnRay(log, int(written["pairs"].sum()), gallery, seconds)
 
 
-def _near_duplicates(kept, spec: TaskSpec, config: RetrieveConfig, n: int, dropped_uri: str):
+def _near_duplicates(
+    kept, spec: TaskSpec, config: RetrieveConfig, n: int, dropped_uri: str, partitions: int
+):
     """Write the ids the near-duplicate rule drops; -> how many per class."""
     import ray
 
@@ -562,21 +570,24 @@ def _near_duplicates(kept, spec: TaskSpec, config: RetrieveConfig, n: int, dropp
     nlist = 1 if n <= NEAR_DUP_EXACT_UP_TO else int(4 * np.sqrt(n))
     vectors = kept.select_columns(["id", "label", "score", "vector"])
     centroids = None
-    if nlist > 1:
-        centroids = ray.remote(_train_lists).options(**options).remote(vectors, nlist, n)
+    if nlist > 1:  # the tasks below run on datasets already computed: none waits for a CPU
+        sample = vectors.random_sample(min(1.0, 64 * nlist / n), seed=0).limit(64 * nlist)
+        centroids = ray.remote(train_lists).options(**options).remote(sample.materialize(), nlist)
+        ray.wait([centroids], fetch_local=False)
     edges = (
         vectors.map_batches(
-            _list_rows,
+            list_rows,
             batch_format="pandas",
             fn_kwargs={"centroids": centroids, "probes": min(NEAR_DUP_NPROBE, nlist)},
         )
-        .groupby("list")
+        .groupby("list", num_partitions=partitions)
         .map_groups(
-            _close_pairs_in_list,
+            close_pairs_in_list,
             batch_format="pandas",
             fn_kwargs={"threshold": spec.near_duplicate_threshold},
             **options,
         )
+        .materialize()
     )
     return np.array(
         ray.get(

@@ -95,15 +95,30 @@ def search_prompts(
 
 
 def merge_within_class(hits: pd.DataFrame) -> pd.DataFrame:
-    """One row per (class, pair): its best score and query; all queries that found it."""
-    hits = hits.sort_values(["label", "id", "score", "query"], ascending=[True, True, False, True])
-    grouped = hits.groupby(["label", "id"], sort=False)
-    best = grouped.head(1).set_index(["label", "id"])
-    queries = grouped["query"].agg(lambda q: sorted(set(q)))
-    sources = grouped["source"].agg(lambda s: "+".join(sorted(set(s))))
+    """One row per (class, pair): its best score and query; all queries that found it, sorted;
+    its sources joined by "+". Vectorized: a million pairs take seconds, not a Python call each."""
+    keys = ["label", "id"]
+    hits = hits.sort_values([*keys, "score", "query"], ascending=[True, True, False, True])
+    best = hits.drop_duplicates(keys).reset_index(drop=True)
+    distinct = hits.drop_duplicates([*keys, "query"]).sort_values([*keys, "query"])
+    starts = np.flatnonzero(~distinct.duplicated(keys).to_numpy())
+    queries = [q.tolist() for q in np.split(distinct["query"].to_numpy(object), starts[1:])]
+    queries = queries if len(best) else []
+    sources = pd.Series("", index=pd.MultiIndex.from_frame(best[keys]))
+    for name in sorted(hits["source"].unique()):
+        has = hits.assign(has=hits["source"] == name).groupby(keys)["has"].any()
+        has = has.reindex(sources.index).to_numpy()
+        sources = sources.where(~has, sources.where(sources == "", sources + "+") + name)
     return pd.DataFrame(
-        {"score": best["score"], "best_query": best["query"], "queries": queries, "source": sources}
-    ).reset_index()
+        {
+            "label": best["label"].to_numpy(),
+            "id": best["id"].to_numpy(),
+            "score": best["score"].to_numpy(),
+            "best_query": best["query"].to_numpy(object),
+            "queries": queries,
+            "source": sources.to_numpy(object),
+        }
+    )
 
 
 def across_classes_keep(pairs: pd.DataFrame, rule: str) -> np.ndarray:

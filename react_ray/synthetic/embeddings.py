@@ -41,12 +41,17 @@ def write_clustered_embedding_set(
     skip_every: int = 0,
     text_noise: float = 0.6,
     spread: float = 0.35,
+    centres: np.ndarray | None = None,
+    near_copies: float = 0.0,
 ) -> int:
     """Write ``num_files`` committed embedding files; every ``skip_every``-th row is left out
-    (as skipped records are). Returns the number of vectors written."""
+    (as skipped records are). ``centres``: given ones instead of ``num_clusters`` random ones;
+    ``near_copies``: this fraction of each file's images are re-encoded copies of others in it
+    (cosine ~0.99, as web crawls hold). Returns the number of vectors written."""
     rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(num_clusters, dim)).astype(np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    if centres is None:
+        centres = rng.normal(size=(num_clusters, dim)).astype(np.float32)
+    centres = (centres / np.linalg.norm(centres, axis=1, keepdims=True)).astype(np.float32)
     EmbeddingSetInfo(model=model, dim=dim, input="synthetic", input_format="synthetic").write(
         output
     )
@@ -57,6 +62,11 @@ def write_clustered_embedding_set(
             rows = rows[rows % skip_every != skip_every - 1]
         row_ids = ids.encode(shard, rows)
         img = clustered_vectors(rng, len(rows), centres, spread=spread)
+        copies = int(near_copies * len(rows))
+        if copies:
+            noisy = img[rng.choice(len(rows), copies, replace=False)]
+            noisy = noisy + 0.1 * rng.normal(size=noisy.shape).astype(np.float32) / np.sqrt(dim)
+            img[len(rows) - copies :] = noisy / np.linalg.norm(noisy, axis=1, keepdims=True)
         txt = img + text_noise * rng.normal(size=img.shape).astype(np.float32) / np.sqrt(dim)
         txt /= np.linalg.norm(txt, axis=1, keepdims=True)
         name = shard_name(shard)
