@@ -1,7 +1,7 @@
 """Retrieval at scale: ImageNet-1K x 80 prompts over growing corpora, on Ray and in one process.
 
-python jobs/bench_retrieve_scale.py [--sizes 1000000,2000000,4000000] [--k 10,20,40]
-    [--single-process-up-to 4000000] [--recall-sample 100000] [--work DIR]
+python jobs/bench_retrieve_scale.py [--sizes 1000000,2000000,4000000] [--k 7,14,28]
+    [--single-process-up-to 4000000] [--recall-sample 100000] [--work DIR [--reuse]]
 
 For each corpus size: a clustered embedding set (react_ray.synthetic.embeddings) whose centres
 are the class prompts' embeddings by the real (random-weight) ``react-micro`` model plus as many
@@ -9,8 +9,8 @@ background centres, 2% of its images re-encoded copies of others; an IVF index; 
 ``classnames_from: imagenet1k, templates: imagenet80`` (80,000 prompts) retrieved with the
 size's ``k_per_prompt``:
 - on Ray (``react-ray retrieve``'s job, in its own driver process joined to this script's local
-  Ray): wall time per stage, driver peak RSS, the Ray processes' peak memory (summed PSS, sampled
-  every 0.5 s), pairs per second;
+  Ray): wall time per stage, the driver's peak RSS and the Ray processes' (summed PSS), sampled
+  every 0.5 s; pairs per second;
 - in one process (``retrieve()``, the path before the Ray job) where it finishes within the
   time limit: wall time, peak RSS.
 Then the near-duplicate step's recall: the close pairs (cosine >= 0.95) the IVF-list bucketing
@@ -35,18 +35,17 @@ import psutil
 MODEL = "react-micro"
 ROWS_PER_FILE = 20_000
 DRIVER = """
-import json, resource, sys, time
+import json, sys, time
 from react_ray.config import RetrieveConfig
 from react_ray.jobs.retrieve import run_retrieval
 config = RetrieveConfig.model_validate_json(sys.argv[1])
 start = time.perf_counter()
 result = run_retrieval(config)
 print("RESULT", json.dumps({"wall_s": time.perf_counter() - start, "pairs": result.pairs,
-    "stages_s": result.seconds, "steps": [[s, n] for s, n, _ in result.log.steps],
-    "driver_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    "stages_s": result.seconds, "steps": [[s, n] for s, n, _ in result.log.steps]}))
 """
 SINGLE = """
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 from react_ray.index.sharded import ShardedIndex
 from react_ray.models import build_model
@@ -58,8 +57,7 @@ clip = build_model(ModelConfig(name=sys.argv[3]))
 pairs, log = retrieve(load_task(sys.argv[1]), {"image": ShardedIndex(sys.argv[2])},
     lambda texts: clip.encode_texts(texts).detach().numpy())
 print("RESULT", json.dumps({"wall_s": time.perf_counter() - start, "pairs": len(pairs),
-    "steps": [[s, n] for s, n, _ in log.steps],
-    "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    "steps": [[s, n] for s, n, _ in log.steps]}))
 """
 
 
@@ -78,17 +76,25 @@ def ray_memory_mb(driver_pid: int) -> float:
     return total / 2**20
 
 
-def run_child(script: str, args: list[str], limit_s: float) -> tuple[dict | None, float]:
-    """Run a driver; -> (its RESULT, peak Ray memory while it ran)."""
+def run_child(script: str, args: list[str], limit_s: float) -> tuple[dict | None, float, float]:
+    """Run a driver; -> (its RESULT, its peak RSS, the Ray processes' peak while it ran).
+
+    Its peak is sampled here, not read from its ``ru_maxrss``: Linux carries the high-water mark
+    of the forked copy of this process across ``exec``, so the child would report this
+    process's size (the generated corpus) as its own."""
     env = os.environ | {"RAY_AUTH_MODE": "disabled"}
     child = subprocess.Popen(
         [sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True, env=env
     )
-    peak, done = [0.0], threading.Event()
+    peak, own, done = [0.0], [0.0], threading.Event()
 
     def sample():
         while not done.is_set():
             peak[0] = max(peak[0], ray_memory_mb(child.pid))
+            try:
+                own[0] = max(own[0], psutil.Process(child.pid).memory_info().rss / 2**20)
+            except psutil.NoSuchProcess:
+                pass
             done.wait(0.5)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -98,7 +104,7 @@ def run_child(script: str, args: list[str], limit_s: float) -> tuple[dict | None
     except subprocess.TimeoutExpired:
         child.kill()
         child.communicate()
-        return None, peak[0]
+        return None, own[0], peak[0]
     finally:
         done.set()
         sampler.join()
@@ -106,7 +112,7 @@ def run_child(script: str, args: list[str], limit_s: float) -> tuple[dict | None
     if child.returncode or not results:
         print(out[-3000:])
         raise RuntimeError(f"driver failed with code {child.returncode}")
-    return json.loads(results[-1][len("RESULT ") :]), peak[0]
+    return json.loads(results[-1][len("RESULT ") :]), own[0], peak[0]
 
 
 def corpus_centres(rng: np.random.Generator) -> np.ndarray:
@@ -176,14 +182,47 @@ def near_duplicate_recall(embeddings: str, sample: int, pairs: int) -> dict:
     }
 
 
+def prepare(emb: str, index: str, size: int, centres: np.ndarray) -> None:
+    """The corpus's embedding set (2% near-copies) and its IVF index."""
+    from react_ray.config import IndexConfig
+    from react_ray.jobs.index import build_index
+    from react_ray.synthetic.embeddings import write_clustered_embedding_set
+
+    write_clustered_embedding_set(
+        emb,
+        size // ROWS_PER_FILE,
+        ROWS_PER_FILE,
+        dim=centres.shape[1],
+        model=MODEL,
+        centres=centres,
+        spread=0.09,  # each image ~0.9 cosine from its centre
+        near_copies=0.02,
+    )
+    nlist = 1 << int(np.log2(4 * np.sqrt(size)))
+    build_index(
+        IndexConfig(
+            embeddings=emb,
+            output=index,
+            factory=f"IVF{nlist},Flat",
+            train_samples=64 * nlist,
+            tune_queries=50,
+            target_recall=0.9,
+        ),
+        progress=False,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="1000000,2000000,4000000")
-    parser.add_argument("--k", default="10,20,40", help="k_per_prompt for each size")
+    parser.add_argument("--k", default="7,14,28", help="k_per_prompt for each size")
     parser.add_argument("--single-process-up-to", type=int, default=4_000_000)
     parser.add_argument("--single-process-limit-s", type=float, default=1800)
     parser.add_argument("--recall-sample", type=int, default=100_000)
     parser.add_argument("--work", default=None)
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep corpora and indices already in --work"
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     ks = [int(k) for k in args.k.split(",")]
@@ -192,10 +231,8 @@ def main() -> None:
 
     import ray
 
-    from react_ray.config import IndexConfig, ModelConfig, RetrieveConfig
-    from react_ray.jobs.index import build_index
+    from react_ray.config import ModelConfig, RetrieveConfig
     from react_ray.ray_utils import start_local
-    from react_ray.synthetic.embeddings import write_clustered_embedding_set
 
     rng = np.random.default_rng(0)
     centres = corpus_centres(rng)
@@ -206,28 +243,8 @@ def main() -> None:
     for size, k in zip(sizes, ks):
         emb, index = os.path.join(work, f"emb-{size}"), os.path.join(work, f"index-{size}")
         started = time.perf_counter()
-        write_clustered_embedding_set(
-            emb,
-            size // ROWS_PER_FILE,
-            ROWS_PER_FILE,
-            dim=centres.shape[1],
-            model=MODEL,
-            centres=centres,
-            spread=0.09,  # each image ~0.9 cosine from its centre
-            near_copies=0.02,
-        )
-        nlist = 1 << int(np.log2(4 * np.sqrt(size)))
-        build_index(
-            IndexConfig(
-                embeddings=emb,
-                output=index,
-                factory=f"IVF{nlist},Flat",
-                train_samples=64 * nlist,
-                tune_queries=50,
-                target_recall=0.9,
-            ),
-            progress=False,
-        )
+        if not (args.reuse and os.path.exists(os.path.join(index, "manifest.json"))):
+            prepare(emb, index, size, centres)
         prepared = time.perf_counter() - started
         with open(task, "w") as f:
             f.write(
@@ -243,10 +260,12 @@ def main() -> None:
             workers={"max_actors": 2},
             ray_address=address,
         )
-        on_ray, cluster_peak = run_child(DRIVER, [config.model_dump_json()], 3600)
-        single = None
+        on_ray, driver_peak, cluster_peak = run_child(DRIVER, [config.model_dump_json()], 3600)
+        single, single_peak = None, None
         if size <= args.single_process_up_to:
-            single, _ = run_child(SINGLE, [task, index, MODEL], args.single_process_limit_s)
+            single, single_peak, _ = run_child(
+                SINGLE, [task, index, MODEL], args.single_process_limit_s
+            )
         row = {
             "vectors": size,
             "k_per_prompt": k,
@@ -255,12 +274,14 @@ def main() -> None:
             "pairs": on_ray["pairs"],
             "ray_wall_s": round(on_ray["wall_s"], 1),
             "ray_stages_s": on_ray["stages_s"],
-            "driver_peak_mb": round(on_ray["driver_peak_mb"]),
+            "driver_peak_mb": round(driver_peak),
             "ray_processes_peak_mb": round(cluster_peak),
             "pairs_per_s": round(on_ray["pairs"] / on_ray["wall_s"]),
             "single_wall_s": round(single["wall_s"], 1) if single else None,
-            "single_peak_mb": round(single["peak_mb"]) if single else None,
-            "same_pairs": single["pairs"] == on_ray["pairs"] if single else None,
+            "single_peak_mb": round(single_peak) if single else None,
+            "single_pairs": single["pairs"] if single else None,
+            "single_steps": single["steps"] if single else None,
+            "ray_steps": on_ray["steps"],
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
