@@ -600,6 +600,35 @@ class AccessConfig(StrictModel):
     )
 
 
+class SafetyConfig(StrictModel):
+    """How the LAION kNN API's ``use_safety_model`` and ``use_violence_detector`` are honoured
+    (docs/stages.md, "The LAION kNN API's options")."""
+
+    unsafe_threshold: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="use_safety_model drops a hit whose punsafe (LAION-5B's metadata, from "
+        "LAION's CLIP NSFW detector) is above this; clip back's safety model uses 0.5",
+    )
+    unsafe_labels: list[str] = Field(
+        default_factory=lambda: ["NSFW"],
+        description="...or whose NSFW column (LAION-400M's) is one of these (add UNSURE to be "
+        "strict)",
+    )
+    violence_prompts: Uri | None = Field(
+        default=None,
+        description="LAION's violence_detection_vit_b_32.npy (or _vit_l_14): a (2, dim) array; a "
+        "hit nearer row 1 than row 0 is dropped; None: violence_texts through the app's text tower",
+    )
+    violence_texts: list[str] = Field(
+        default_factory=lambda: ["a photo", "a violent photo of fighting, weapons or blood"],
+        min_length=2,
+        max_length=2,
+        description="[neutral, violent]: the detector's two prompts when no violence_prompts file",
+    )
+
+
 class RetrievalAppConfig(StrictModel):
     indices: dict[str, IndexPair] = Field(
         min_length=1, description="name -> its image and/or text index"
@@ -611,7 +640,30 @@ class RetrievalAppConfig(StrictModel):
     batching: bool = True
     max_batch_size: int = Field(default=64, ge=1)
     batch_wait_timeout_s: float = Field(default=0.005, ge=0)
-    max_k: int = Field(default=1000, ge=1)
+    max_k: int = Field(
+        default=10_000,
+        ge=1,
+        description="k and /knn-service's num_result_ids (clip-front asks for 3,000, and 10,000 "
+        "to download)",
+    )
+    colocate: bool = Field(
+        default=False,
+        description="encode and search inside the ingress replica: no hops between deployments "
+        "(the fastest layout when the model and the index fit one replica; needs shard_groups 1)",
+    )
+    columns_to_return: list[str] = Field(
+        default_factory=lambda: ["url", "image_path", "caption", "NSFW", "punsafe", "pwatermark"],
+        description="/knn-service: the metadata columns each hit carries, where the index holds "
+        "them (clip back's columns_to_return)",
+    )
+    safety: SafetyConfig = Field(default_factory=SafetyConfig)
+    aesthetic_embeddings: Uri | None = Field(
+        default=None,
+        description="folder holding LAION's aesthetic rating0.npy .. rating9.npy for the app's "
+        "model "
+        "(github.com/LAION-AI/aesthetic-predictor, vit_b_32_embeddings / vit_l_14_embeddings); "
+        "None: aesthetic_score with a non-zero aesthetic_weight is refused (422)",
+    )
     near_duplicate_threshold: float = Field(
         default=0.95,
         gt=0,
@@ -638,7 +690,7 @@ class RetrievalAppConfig(StrictModel):
         default=1000, ge=1, description="a text query (CLIP reads 77 tokens)"
     )
     max_dedup_hits: int = Field(
-        default=10_000,
+        default=30_000,
         ge=1,
         description="deduplicate=true: k x queries at most (each "
         "candidate travels with its vector)",
@@ -654,6 +706,15 @@ class RetrievalAppConfig(StrictModel):
         description="each shard group checks its manifests this often and swaps in a new version "
         "(react-ray index --append); None: only on POST /admin/reload",
     )
+
+    @model_validator(mode="after")
+    def _colocate_one_group(self) -> RetrievalAppConfig:
+        if self.colocate and self.shard_groups != 1:
+            raise ValueError(
+                f"colocate: the ingress holds the whole index, so shard_groups must be 1 "
+                f"(got {self.shard_groups})"
+            )
+        return self
 
 
 class ZeroShotAppConfig(StrictModel):

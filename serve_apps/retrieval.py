@@ -29,7 +29,7 @@ from typing import Annotated, Literal
 import numpy as np
 import pandas as pd
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field, model_validator
 from ray import serve
 
@@ -52,6 +52,7 @@ from serve_apps.common import (
     read_tokens,
     within,
 )
+from serve_apps.knn_options import AestheticSteering, ViolenceDetector, unit_rows, unsafe_mask
 
 Modality = Literal["image", "text"]
 PAGE = Path(__file__).with_name("search.html")
@@ -86,6 +87,18 @@ class SearchRequest(BaseModel):
         description="drop near-duplicate hits (by their stored vectors, "
         "cosine >= the app's near_duplicate_threshold) and repeated URLs",
     )
+    safe: bool = Field(
+        default=False,
+        description="drop unsafe hits: punsafe above safety.unsafe_threshold, or an unsafe NSFW "
+        "label (422 when the index has neither column)",
+    )
+    no_violence: bool = Field(
+        default=False, description="drop hits the violence detector flags (safety.violence_*)"
+    )
+    aesthetic_score: int | None = Field(
+        default=None, ge=0, le=9, description="steer the query toward this aesthetic rating"
+    )
+    aesthetic_weight: float = Field(default=0.0, ge=0, le=10, allow_inf_nan=False)
 
 
 class Hit(BaseModel):
@@ -129,14 +142,104 @@ KNN_REQUEST = {
                         "use_safety_model": {"type": "boolean"},
                         "use_violence_detector": {"type": "boolean"},
                         "use_mclip": {"type": "boolean"},
-                        "aesthetic_score": {"type": "string"},
-                        "aesthetic_weight": {"type": "string"},
+                        "aesthetic_score": {
+                            "type": ["integer", "string"],
+                            "description": "0-9, or a string of one; empty: none",
+                        },
+                        "aesthetic_weight": {
+                            "type": ["number", "string"],
+                            "description": "a number, or a string of one; empty: none",
+                        },
                     },
                 }
             }
         },
     }
 }
+
+
+# ---------------------------------------------------------------- the LAION kNN API's body
+def _call(target, method: str):
+    """A deployment's method through its handle (``.remote``), or, colocated, the object's own."""
+    bound = getattr(target, method)
+    return getattr(bound, "remote", bound)
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise HTTPException(422, f"{name}: expected true or false, got {value!r}"[:200])
+    return value
+
+
+def _number(body: dict, name: str, kind: type):
+    """clip back's int()/float() of a field that may be a number, a string of one, or empty."""
+    value = body.get(name)
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise HTTPException(422, f"{name}: expected a number, got {value!r}"[:200])
+    try:
+        number = kind(value)
+    except (ValueError, OverflowError):
+        raise HTTPException(422, f"{name}: expected a number, got {value!r}"[:200]) from None
+    if kind is int and isinstance(value, float) and value != number:
+        raise HTTPException(422, f"{name}: expected an integer, got {value!r}")
+    return number
+
+
+def knn_search_request(body) -> tuple[SearchRequest, int]:
+    """clip-retrieval's /knn-service body -> (our SearchRequest, num_result_ids); types are
+    checked as JSON gives them, and every option is honoured or refused."""
+    if not isinstance(body, dict):
+        raise HTTPException(422, "expected a JSON object")
+    for required in ("modality", "num_images", "indice_name"):
+        if required not in body:
+            raise HTTPException(422, f"{required}: required field is missing")
+    counts = {}
+    for name in ("num_images", "num_result_ids"):
+        value = body.get(name)
+        if name == "num_result_ids" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise HTTPException(422, f"{name}: expected a positive integer, got {value!r}"[:200])
+        counts[name] = value
+    if _flag(body, "use_mclip"):
+        raise HTTPException(
+            422,
+            "use_mclip: this server has no multilingual text encoder; send use_mclip=false "
+            "(the app encodes with its own model's text tower)",
+        )
+    aesthetic_score = _number(body, "aesthetic_score", int)
+    aesthetic_weight = _number(body, "aesthetic_weight", float)
+    if aesthetic_score is not None and aesthetic_weight is None:
+        raise HTTPException(422, "aesthetic_weight: required with aesthetic_score")
+    query_fields = {
+        "text": "text",
+        "image": "image",
+        "image_url": "image_url",
+        "embedding_input": "vector",
+    }
+    given = {
+        ours: body[theirs] for theirs, ours in query_fields.items() if body.get(theirs) is not None
+    }
+    try:
+        search = SearchRequest(
+            queries=[Query(**given)],
+            index=body["indice_name"],
+            modality=body["modality"],
+            k=counts["num_images"],
+            deduplicate=_flag(body, "deduplicate"),
+            safe=_flag(body, "use_safety_model"),
+            no_violence=_flag(body, "use_violence_detector"),
+            aesthetic_score=aesthetic_score,
+            aesthetic_weight=aesthetic_weight or 0.0,
+        )
+    except ValueError as error:  # pydantic's ValidationError: which field, what was wrong
+        raise HTTPException(422, str(error)) from None
+    return search, counts.get("num_result_ids", counts["num_images"])
 
 
 # ---------------------------------------------------------------- deployments
@@ -155,7 +258,7 @@ class QueryEncoder:
             method.set_max_batch_size(size)
             method.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
-    def decode_args(self) -> dict:
+    async def decode_args(self) -> dict:
         return self.clip.decode_args
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
@@ -211,12 +314,15 @@ class IndexShardGroup:
                     self.indices[key] = (
                         newer  # one assignment: a search holds either the old or the new index
                     )
-            return self.versions()
+            return self._versions()
 
-    def versions(self) -> dict[str, int]:
+    def _versions(self) -> dict[str, int]:
         return {
             f"{name}/{modality}": index.version for (name, modality), index in self.indices.items()
         }
+
+    async def versions(self) -> dict[str, int]:
+        return self._versions()
 
     async def reload(self) -> dict[str, int]:
         """Load every index whose manifest has a newer version, then swap it in; the versions now
@@ -290,7 +396,6 @@ guard_requests(app)
 class RetrievalAPI:
     def __init__(self, encoder, groups: list, config: dict, tokens: dict):
         self.config = RetrievalAppConfig.model_validate(config)
-        self.encoder, self.groups = encoder, groups
         app.state.guard = Guard(
             self.config.max_request_bytes, cors_origins=self.config.access.cors_origins, **tokens
         )
@@ -314,14 +419,53 @@ class RetrievalAPI:
                     f"index {key} was built with {manifest.model!r}, the app encodes with "
                     f"{self.config.model.name!r}"
                 )
+        if self.config.colocate:  # the same classes, called in this replica: no hops
+            encoder, groups = self._colocated()
+        self.encoder, self.groups = encoder, groups
+        self.aesthetic = (
+            AestheticSteering.load(self.config.aesthetic_embeddings, self.dim)
+            if self.config.aesthetic_embeddings
+            else None
+        )
+        self.violence = (
+            ViolenceDetector.from_file(self.config.safety.violence_prompts, self.dim)
+            if self.config.safety.violence_prompts
+            else None  # from safety.violence_texts, encoded on first use
+        )
+
+    def _colocated(self) -> tuple:
+        c = self.config
+        batch = dict(
+            batching=c.batching,
+            max_batch_size=c.max_batch_size,
+            batch_wait_timeout_s=c.batch_wait_timeout_s,
+        )
+        indices = {name: pair.model_dump() for name, pair in c.indices.items()}
+        return QueryEncoder.func_or_class(c.model.model_dump(), **batch), [
+            IndexShardGroup.func_or_class(
+                indices, 0, 1, **batch, reload_interval_s=c.reload_interval_s
+            )
+        ]
 
     # ------------------------------------------------------------ our API
     @app.post("/v1/search", response_model=SearchResponse)
     async def search_v1(self, request: SearchRequest) -> SearchResponse:
-        results = await within(self.config.request_timeout_s, self._search(request), "search")
+        found = await within(self.config.request_timeout_s, self._search(request), "search")
+        results = [
+            [
+                Hit(id=i, score=s, url=(m or {}).get("url"), caption=(m or {}).get("caption"))
+                for i, s, m in zip(hits["id"].tolist(), hits["score"].tolist(), hits["meta"])
+            ]
+            for hits in found
+        ]
         return SearchResponse(index=request.index, modality=request.modality, results=results)
 
-    async def _search(self, request: SearchRequest) -> list[list[Hit]]:
+    async def _search(
+        self, request: SearchRequest, candidates: int | None = None
+    ) -> list[pd.DataFrame]:
+        """Each query's best ``k`` hits after the request's filters: id, score, meta (the id's
+        metadata). ``candidates``: how many to search for the filters to choose from (the LAION
+        API's num_result_ids); by default k, or 3k when a filter may drop some."""
         key = (request.index, request.modality)
         if key not in self.manifests:
             known = sorted(f"{n}/{m}" for n, m in self.manifests)
@@ -330,69 +474,102 @@ class RetrievalAPI:
                 f"unknown index {request.index!r} with modality "
                 f"{request.modality!r}; known: {', '.join(known)}",
             )
-        if request.k > self.config.max_k:
-            raise HTTPException(422, f"k: got {request.k}; the limit is {self.config.max_k}")
+        for name, value in (("k", request.k), ("num_result_ids", candidates or 0)):
+            if value > self.config.max_k:
+                raise HTTPException(422, f"{name}: got {value}; the limit is {self.config.max_k}")
         if len(request.queries) > self.config.max_queries:
             raise HTTPException(
                 413, f"{len(request.queries)} queries; the limit is {self.config.max_queries}"
             )
-        if request.deduplicate and request.k * len(request.queries) > self.config.max_dedup_hits:
+        filtering = request.deduplicate or request.safe or request.no_violence
+        fetch_k = candidates or (request.k * 3 if filtering else request.k)
+        with_vectors = request.deduplicate or request.no_violence
+        if with_vectors and fetch_k * len(request.queries) > self.config.max_dedup_hits:
             raise HTTPException(
                 422,
-                f"deduplicate: k x queries = {request.k * len(request.queries):,}; the limit is "
+                f"deduplicate / violence filter: candidates x queries = "
+                f"{fetch_k * len(request.queries):,}; the limit is "
                 f"{self.config.max_dedup_hits:,} (each candidate travels with its vector)",
+            )
+        steering = self._steering(request)
+        if request.no_violence and self.violence is None:
+            encode = _call(self.encoder, "encode_texts")
+            texts = self.config.safety.violence_texts
+            self.violence = ViolenceDetector(
+                np.stack(await asyncio.gather(*(encode(t) for t in texts)))
             )
         vectors = np.stack(
             await asyncio.gather(*(self._encode(q, i) for i, q in enumerate(request.queries)))
         )
-        dedup = request.deduplicate
-        fetch_k = request.k * 3 if dedup else request.k  # room for the duplicates that go
+        if steering is not None:
+            vectors = self.aesthetic.steer(vectors, *steering)
         parts = await asyncio.gather(
             *(
-                g.search.remote((request.index, request.modality, fetch_k, dedup), vectors)
+                _call(g, "search")(
+                    (request.index, request.modality, fetch_k, with_vectors), vectors
+                )
                 for g in self.groups
             )
         )
-        scores, ids, *vectors = (
-            np.concatenate([p[i] for p in parts], 1) for i in range(3 if dedup else 2)
+        scores, ids, *hit_vectors = (
+            np.concatenate([p[i] for p in parts], 1) for i in range(3 if with_vectors else 2)
         )
-        scores, ids, *vectors = merge_topk(scores, ids, fetch_k, *vectors)
-        hit_vectors = vectors[0] if dedup else None
+        scores, ids, *hit_vectors = merge_topk(scores, ids, fetch_k, *hit_vectors)
         store = self.metadata[key]
 
-        # range search and file reads: off the event loop
-        def hits_with_metadata() -> list[list[Hit]]:
+        # filters and file reads: off the event loop
+        def filtered() -> list[pd.DataFrame]:
             results = []
             for q, (row_scores, row_ids) in enumerate(zip(scores, ids)):
                 found = row_ids >= 0
                 hits = pd.DataFrame({"id": row_ids[found], "score": row_scores[found]})
-                if dedup:
-                    hits = self._dedup(hits, hit_vectors[q][found], store)[: request.k]
-                metas = store.lookup(hits["id"].to_numpy())
-                results.append(
-                    [
-                        Hit(
-                            id=int(i),
-                            score=float(s),
-                            url=(m or {}).get("url"),
-                            caption=(m or {}).get("caption"),
-                        )
-                        for i, s, m in zip(hits["id"], hits["score"], metas)
-                    ]
-                )
+                if filtering:
+                    hits = self._filter(
+                        hits, hit_vectors[0][q][found] if with_vectors else None, store, request
+                    )
+                hits = hits[: request.k].reset_index(drop=True)
+                if "meta" not in hits:
+                    hits["meta"] = store.lookup(hits["id"].to_numpy())
+                results.append(hits)
             return results
 
-        return await asyncio.to_thread(hits_with_metadata)
+        return await asyncio.to_thread(filtered)
 
-    def _dedup(self, hits: pd.DataFrame, vectors: np.ndarray, store: MetadataStore) -> pd.DataFrame:
-        """Drop a hit whose stored vector is within the cosine threshold of a better hit, or whose
-        URL repeats."""
-        # PQ decodes ~unit
-        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        hits = remove_near_duplicates(hits, vectors, self.config.near_duplicate_threshold)
-        urls = [(m or {}).get("url") for m in store.lookup(hits["id"].to_numpy())]
-        repeated = pd.Series(urls).duplicated().to_numpy() & pd.notna(urls)
-        return hits[~repeated].reset_index(drop=True)
+    def _steering(self, request: SearchRequest) -> tuple[int, float] | None:
+        if request.aesthetic_score is None or not request.aesthetic_weight:
+            return None
+        if self.aesthetic is None:
+            raise HTTPException(
+                422,
+                "aesthetic_score: this server has no aesthetic embeddings for its model "
+                "(aesthetic_embeddings: LAION's rating0-9.npy); send aesthetic_weight 0 or no "
+                "aesthetic_score",
+            )
+        return request.aesthetic_score, request.aesthetic_weight
+
+    def _filter(
+        self,
+        hits: pd.DataFrame,
+        vectors: np.ndarray | None,
+        store: MetadataStore,
+        request: SearchRequest,
+    ) -> pd.DataFrame:
+        """The request's filters over the candidates, best first: violence, safety, then
+        near-duplicates (by stored vector) and repeated URLs among what is left."""
+        hits["meta"] = store.lookup(hits["id"].to_numpy())
+        keep = np.ones(len(hits), bool)
+        if request.no_violence:
+            keep &= ~self.violence.violent(vectors)
+        if request.safe:
+            keep &= ~unsafe_mask(list(hits["meta"]), self.config.safety, request.index)
+        hits = hits[keep].reset_index(drop=True)
+        if request.deduplicate:
+            vectors = unit_rows(vectors[keep])  # PQ decodes ~unit
+            hits = remove_near_duplicates(hits, vectors, self.config.near_duplicate_threshold)
+            urls = [(m or {}).get("url") for m in hits["meta"]]
+            repeated = pd.Series(urls).duplicated().to_numpy() & pd.notna(urls)
+            hits = hits[~repeated].reset_index(drop=True)
+        return hits
 
     async def _encode(self, query: Query, i: int) -> np.ndarray:
         what = f"queries[{i}]"
@@ -414,9 +591,9 @@ class RetrievalAPI:
                     f"{what}.text: {len(query.text):,} characters; the limit is "
                     f"{self.config.max_text_chars}",
                 )
-            return await self.encoder.encode_texts.remote(query.text)
+            return await _call(self.encoder, "encode_texts")(query.text)
         if self.decode_args is None:
-            self.decode_args = await self.encoder.decode_args.remote()
+            self.decode_args = await _call(self.encoder, "decode_args")()
         if query.image is not None:
             pixels = await asyncio.to_thread(
                 decode_base64_image,
@@ -444,7 +621,7 @@ class RetrievalAPI:
                 self.decode_args,
                 self.config.max_image_pixels,
             )
-        return await self.encoder.encode_images.remote(pixels)
+        return await _call(self.encoder, "encode_images")(pixels)
 
     # ------------------------------------------------------------ the LAION kNN API
     @app.get("/indices-list")
@@ -452,64 +629,26 @@ class RetrievalAPI:
         return sorted(self.config.indices)
 
     @app.post("/knn-service", openapi_extra=KNN_REQUEST)
-    async def knn_service(self, request: Request) -> list[dict]:
+    async def knn_service(self, request: Request) -> Response:
         try:
             body = await request.json()
         except ValueError:  # JSONDecodeError, bad UTF-8
             raise HTTPException(400, "the body is not valid JSON") from None
-        search, num_images = self._knn_search(body)
-        hits = (await within(self.config.request_timeout_s, self._search(search), "search"))[0][
-            :num_images
-        ]
-        return [
-            {"id": h.id, "similarity": h.score, "url": h.url, "caption": h.caption} for h in hits
-        ]
-
-    @staticmethod
-    def _knn_search(body) -> tuple[SearchRequest, int]:
-        """clip-retrieval's request body -> our SearchRequest; types checked as JSON gives them."""
-        if not isinstance(body, dict):
-            raise HTTPException(422, "expected a JSON object")
-        for required in ("modality", "num_images", "indice_name"):
-            if required not in body:
-                raise HTTPException(422, f"{required}: required field is missing")
-        counts = {}
-        for name in ("num_images", "num_result_ids"):
-            value = body.get(name)
-            if name == "num_result_ids" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise HTTPException(
-                    422, f"{name}: expected a positive integer, got {value!r}"[:200]
-                )
-            counts[name] = value
-        if not isinstance(body.get("deduplicate", False), bool):
-            raise HTTPException(
-                422, f"deduplicate: expected true or false, got {body['deduplicate']!r}"[:200]
-            )
-        query_fields = {
-            "text": "text",
-            "image": "image",
-            "image_url": "image_url",
-            "embedding_input": "vector",
-        }
-        given = {
-            ours: body[theirs]
-            for theirs, ours in query_fields.items()
-            if body.get(theirs) is not None
-        }
-        k = max(counts.values())
-        try:
-            search = SearchRequest(
-                queries=[Query(**given)],
-                index=body["indice_name"],
-                modality=body["modality"],
-                k=k,
-                deduplicate=body.get("deduplicate", False),
-            )
-        except ValueError as error:  # pydantic's ValidationError: which field, what was wrong
-            raise HTTPException(422, str(error)) from None
-        return search, counts["num_images"]
+        search, candidates = knn_search_request(body)
+        hits = (
+            await within(self.config.request_timeout_s, self._search(search, candidates), "search")
+        )[0]
+        columns = self.config.columns_to_return
+        return JSONResponse(
+            [
+                {
+                    **{c: m[c] for c in columns if m and m.get(c) is not None},
+                    "id": i,
+                    "similarity": s,
+                }
+                for i, s, m in zip(hits["id"].tolist(), hits["score"].tolist(), hits["meta"])
+            ]
+        )
 
     @app.post("/metadata")
     async def metadata(self, request: MetadataRequest) -> list[dict]:
@@ -539,14 +678,14 @@ class RetrievalAPI:
     @app.get("/readyz")
     async def readyz(self) -> dict:
         await asyncio.gather(
-            self.encoder.decode_args.remote(),
+            _call(self.encoder, "decode_args")(),
             *(
-                g.search.remote((n, m, 1, False), np.zeros((1, self.dim), np.float32))
+                _call(g, "search")((n, m, 1, False), np.zeros((1, self.dim), np.float32))
                 for g in self.groups
                 for n, m in list(self.manifests)[:1]
             ),
         )
-        versions = await asyncio.gather(*(g.versions.remote() for g in self.groups))
+        versions = await asyncio.gather(*(_call(g, "versions")() for g in self.groups))
         return {
             "status": "ready",
             "indices": sorted(self.config.indices),
@@ -557,10 +696,9 @@ class RetrievalAPI:
     @app.post("/admin/reload")
     async def reload(self) -> dict:
         """Pick up new index versions now (each group's replica that takes the call; the others
-        within
-        reload_interval_s). Answers with the versions each group serves afterwards."""
+        within reload_interval_s). Answers with the versions each group serves afterwards."""
         try:
-            versions = await asyncio.gather(*(g.reload.remote() for g in self.groups))
+            versions = await asyncio.gather(*(_call(g, "reload")() for g in self.groups))
         except (
             ValueError,
             FileNotFoundError,
@@ -578,20 +716,23 @@ class RetrievalAPI:
 def build_app(args: dict) -> serve.Application:
     """``serve deploy`` / ``serve.run`` entry: ``import_path: serve_apps.retrieval:build_app``."""
     config = RetrievalAppConfig.model_validate(args)
-    batch = dict(
-        batching=config.batching,
-        max_batch_size=config.max_batch_size,
-        batch_wait_timeout_s=config.batch_wait_timeout_s,
-    )
     cpus = {"ray_actor_options": config.replica.ray_options()}
-    encoder = QueryEncoder.options(**cpus).bind(config.model.model_dump(), **batch)
-    indices = {name: pair.model_dump() for name, pair in config.indices.items()}
-    groups = [
-        IndexShardGroup.options(name=f"IndexShardGroup{g}", **cpus).bind(
-            indices, g, config.shard_groups, **batch, reload_interval_s=config.reload_interval_s
+    if config.colocate:
+        encoder, groups = None, []
+    else:
+        batch = dict(
+            batching=config.batching,
+            max_batch_size=config.max_batch_size,
+            batch_wait_timeout_s=config.batch_wait_timeout_s,
         )
-        for g in range(config.shard_groups)
-    ]
+        encoder = QueryEncoder.options(**cpus).bind(config.model.model_dump(), **batch)
+        indices = {name: pair.model_dump() for name, pair in config.indices.items()}
+        groups = [
+            IndexShardGroup.options(name=f"IndexShardGroup{g}", **cpus).bind(
+                indices, g, config.shard_groups, **batch, reload_interval_s=config.reload_interval_s
+            )
+            for g in range(config.shard_groups)
+        ]
     return RetrievalAPI.options(**cpus).bind(
         encoder, groups, config.model_dump(mode="json"), read_tokens(config.access)
     )

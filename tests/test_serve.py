@@ -22,11 +22,9 @@ from faults import strip_png
 from hypothesis import HealthCheck, settings
 from PIL import Image
 from ports import free_port
+from served_corpus import MODEL, build_served_corpus
 
 from react_ray.config import (
-    CorpusConfig,
-    EmbedConfig,
-    GenerateConfig,
     IndexConfig,
     ModelConfig,
     RetrievalAppConfig,
@@ -36,13 +34,10 @@ from react_ray.config import (
 from react_ray.evaluate.zeroshot import zero_shot_classifier
 from react_ray.formats.embedding_set import load_embeddings
 from react_ray.index.sharded import ShardedIndex
-from react_ray.jobs.embed import run_embedding
 from react_ray.jobs.index import append_to_index, build_index
 from react_ray.models import build_model, export_react_checkpoint
-from react_ray.synthetic.corpus import generate_corpus
 
 pytestmark = pytest.mark.ray
-MODEL = ModelConfig(name="react-micro")
 ADMIN_TOKEN, API_TOKEN, FRONT_ORIGIN = (
     "admin-secret-for-tests",
     "api-secret-for-tests",
@@ -102,38 +97,7 @@ def served(ray_local, tmp_path_factory, s3_server):
     from serve_apps.run import start_apps
 
     root = tmp_path_factory.mktemp("serve")
-    generate_corpus(
-        GenerateConfig(
-            output=str(root / "corpus"),
-            corpus=CorpusConfig(
-                num_shards=2, samples_per_shard=40, eval_samples_per_class=1, formats=["webdataset"]
-            ),
-        ),
-        progress=False,
-    )
-    run_embedding(
-        EmbedConfig(
-            input=str(root / "corpus" / "webdataset"),
-            output=str(root / "emb"),
-            model=MODEL,
-            batch_size=32,
-            decode={"num_cpus": 0.5},
-            pool={"num_cpus": 0.5},
-        ),
-        progress=False,
-    )
-    for keys in ("image", "text"):
-        build_index(
-            IndexConfig(
-                embeddings=str(root / "emb"),
-                output=str(root / f"index-{keys}"),
-                keys=keys,
-                factory="IDMap,Flat",
-                num_shards=2,
-                tune_queries=10,
-                tasks={"num_cpus": 0.5},
-            )
-        )
+    build_served_corpus(root)
     # A "living" index over the first embedding file only; a test appends the second while serving.
     (root / "emb-living").mkdir()
     for path in [root / "emb" / "_embedding.json", *(root / "emb").glob("part-000000.*")]:
@@ -343,7 +307,7 @@ def test_shard_groups_check_for_new_versions_on_their_own(served, tmp_path):
         batch_wait_timeout_s=0.001,
         reload_interval_s=0.5,
     )
-    assert group.versions() == {"x/image": 1}
+    assert group._versions() == {"x/image": 1}
     for path in (served["root"] / "emb").glob("part-000001.*"):
         shutil.copy(path, emb / path.name)
     append_to_index(
@@ -354,7 +318,7 @@ def test_shard_groups_check_for_new_versions_on_their_own(served, tmp_path):
     while (check := group._reload_if_due()) is None and time.monotonic() < deadline:
         time.sleep(0.1)  # not due yet: the interval runs from construction
     check.join(timeout=60)
-    assert group.versions() == {"x/image": 2} and group._reload_if_due() is None  # checked just now
+    assert group._versions() == {"x/image": 2} and group._reload_if_due() is None  # checked just now
 
 
 def test_concurrent_requests_with_different_k_are_never_mixed(served):
@@ -506,7 +470,7 @@ def _bomb() -> bytes:
         (
             {"queries": [{"text": "x"}] * 3, "index": "demo", "k": 50, "deduplicate": True},
             422,
-            "deduplicate: k x queries = 150; the limit is 100",
+            "candidates x queries = 450; the limit is 100",
         ),
     ],
 )
@@ -604,6 +568,29 @@ def test_image_urls_are_fetched_only_where_allowed_and_within_a_deadline(served)
             "deduplicate: expected true or false",
         ),
         ("/knn-service", b"[1, 2]", 422, "expected a JSON object"),
+        *(
+            (
+                "/knn-service",
+                b'{"text": "x", "modality": "image", "indice_name": "demo", "num_images": 3, '
+                + extra
+                + b"}",
+                422,
+                message,
+            )
+            for extra, message in (
+                (b'"use_mclip": true', "use_mclip: this server has no multilingual text encoder"),
+                (b'"use_safety_model": "yes"', "use_safety_model: expected true or false"),
+                (b'"num_result_ids": 51', "num_result_ids: got 51; the limit is 50"),
+                (b'"aesthetic_score": "abc", "aesthetic_weight": 1', "aesthetic_score: expected"),
+                (b'"aesthetic_score": 3.5, "aesthetic_weight": 1', "expected an integer"),
+                (b'"aesthetic_score": 10, "aesthetic_weight": 1', "less than or equal to 9"),
+                (b'"aesthetic_score": 3', "aesthetic_weight: required with aesthetic_score"),
+                (
+                    b'"aesthetic_score": "3", "aesthetic_weight": "0.5"',
+                    "aesthetic_score: this server has no aesthetic embeddings",
+                ),
+            )
+        ),
         ("/metadata", b'{"indice_name": "demo", "ids": [18446744073709551616]}', 422, "ids"),
         ("/metadata", b'{"indice_name": "demo", "ids": [-1]}', 422, "ids"),
         ("/v1/search", b'{"queries": [{"text": "x"}], "index": "demo", "k": 1e400}', 422, "k"),
