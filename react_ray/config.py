@@ -744,13 +744,34 @@ class ServeConfig(StrictModel):
     zeroshot: ZeroShotAppConfig | None = None
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    ingress: Literal["proxy", "direct", "haproxy"] = Field(
+        default="proxy",
+        description="how HTTP reaches the apps on the local Ray this command starts: Serve's "
+        "proxy actor; direct (RAY_SERVE_ENABLE_DIRECT_INGRESS: the ingress replica listens "
+        "itself); haproxy (RAY_SERVE_ENABLE_HA_PROXY: the bundled HAProxy in front of the "
+        "replicas; fastest here, docs/performance.md; its stats and metrics ports 8404 and 9101 "
+        "listen on all interfaces). On a cluster, set these variables in its environment",
+    )
     ray_address: RayAddress = None
 
     @model_validator(mode="after")
     def _one_app(self) -> ServeConfig:
         if self.retrieval is None and self.zeroshot is None:
             raise ValueError("configure at least one app: retrieval and/or zeroshot")
+        if self.ingress != "proxy" and self.ray_address not in (None, "local"):
+            raise ValueError(
+                f"ingress {self.ingress!r} is chosen when Ray starts: set "
+                f"{INGRESS_ENV[self.ingress]}=1 in the cluster's environment instead (a "
+                "RayService's env, docs/operations.md)"
+            )
         return self
+
+
+# What ServeConfig.ingress sets before a local Ray starts (Ray Serve reads them at start).
+INGRESS_ENV = {
+    "direct": "RAY_SERVE_ENABLE_DIRECT_INGRESS",
+    "haproxy": "RAY_SERVE_ENABLE_HA_PROXY",
+}
 
 
 C = TypeVar("C", bound=StrictModel)

@@ -6,9 +6,10 @@ instead; it names the same ``build_app`` entry points.
 
 from __future__ import annotations
 
+import os
 import time
 
-from react_ray.config import ServeConfig
+from react_ray.config import INGRESS_ENV, ServeConfig
 from react_ray.ray_utils import connect
 
 ROUTES = {"retrieval": "/", "zeroshot": "/zeroshot"}
@@ -20,6 +21,8 @@ def start_apps(config: ServeConfig) -> dict[str, str]:
 
     from serve_apps import retrieval, zeroshot
 
+    if config.ingress in INGRESS_ENV:  # read by Serve's controller and replicas when they start
+        os.environ[INGRESS_ENV[config.ingress]] = "1"
     connect(config.ray_address)
     serve.start(http_options={"host": config.host, "port": config.port})
     builders = {"retrieval": retrieval.build_app, "zeroshot": zeroshot.build_app}

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from react_ray.config import ZeroShotAppConfig
-from react_ray.evaluate.zeroshot import zero_shot_classifier
+from react_ray.evaluate.zeroshot import classify_pixels, zero_shot_classifier
 from react_ray.retrieve.task import is_plain_template, load_task, shipped
 from serve_apps.common import Guard, decode_base64_image, guard_requests, read_tokens, within
 
@@ -155,14 +155,8 @@ class ZeroShotAPI:
         )
 
         def run():
-            from PIL import Image
-
             weights = self._classifier(model_id, clip, classnames, templates, deadline)
-            batch = torch.stack([clip.preprocess(Image.fromarray(p)) for p in pixels])
-            logits = (
-                float(clip.model.logit_scale.detach().exp()) * clip.encode_images(batch) @ weights.T
-            )
-            return torch.softmax(logits, dim=1).numpy()
+            return classify_pixels(clip, pixels, weights)
 
         probabilities = await asyncio.to_thread(run)
         k = min(request.top_k, len(classnames))

@@ -318,7 +318,8 @@ def test_shard_groups_check_for_new_versions_on_their_own(served, tmp_path):
     while (check := group._reload_if_due()) is None and time.monotonic() < deadline:
         time.sleep(0.1)  # not due yet: the interval runs from construction
     check.join(timeout=60)
-    assert group._versions() == {"x/image": 2} and group._reload_if_due() is None  # checked just now
+    # and checked just now: no second check is due
+    assert group._versions() == {"x/image": 2} and group._reload_if_due() is None
 
 
 def test_concurrent_requests_with_different_k_are_never_mixed(served):

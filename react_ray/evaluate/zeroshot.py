@@ -57,6 +57,15 @@ def zero_shot_classifier(
     return torch.stack(weights)
 
 
+def classify_pixels(clip: ClipModel, pixels: list, weights: torch.Tensor) -> np.ndarray:
+    """Decoded images (uint8 arrays) -> (N, C) class probabilities under ``weights``."""
+    from PIL import Image
+
+    batch = torch.stack([clip.preprocess(Image.fromarray(p)) for p in pixels])
+    logits = float(clip.model.logit_scale.detach().exp()) * clip.encode_images(batch) @ weights.T
+    return torch.softmax(logits, dim=1).numpy()
+
+
 # ---------------------------------------------------------------- labeled sets
 def _label_files(uri: str) -> tuple[str, list[str]]:
     """("webdataset", tar files) or ("folder", image files) for a labeled set at ``uri``."""
