@@ -4,8 +4,8 @@ python jobs/bench_serve.py [--vectors 1000000] [--seconds 10] [--connections 4,1
                            [--root DIR (reuses its index)] [--cpus 2 (to build it)]
 
 The benchmark builds a clustered embedding set of ``--vectors`` (react-micro's 32 dimensions, so
-queries go through the real text tower), an IVF index over it in 2 shards, and then starts, one
-at a time, each in a process of its own:
+queries go through the real text tower), the planner's index over it for a 2 GB budget in 2
+shards (HNSW32 at 1M), and then starts, one at a time, each in a process of its own:
 
 - ``bare``: one uvicorn + FastAPI process calling the same ``build_model``, ``ShardedIndex`` and
   ``MetadataStore`` (no Ray), the server a user would otherwise write;
@@ -343,7 +343,11 @@ def main() -> None:
     parser.add_argument("--connections", default="4,16,64")
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--root", type=Path, default=None, help="reuse (or keep) the index here")
-    parser.add_argument("--retrieval", default=",".join(RETRIEVAL).replace(", ", "+"))
+    parser.add_argument(
+        "--retrieval",
+        default=",".join(RETRIEVAL).replace(", ", "+"),
+        help="the servers to compare, comma-separated ('+' for ', '); empty: none",
+    )
     parser.add_argument("--zeroshot", default=",".join(ZEROSHOT).replace(", ", "+"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
