@@ -159,12 +159,6 @@ KNN_REQUEST = {
 
 
 # ---------------------------------------------------------------- the LAION kNN API's body
-def _call(target, method: str):
-    """A deployment's method through its handle (``.remote``), or, colocated, the object's own."""
-    bound = getattr(target, method)
-    return getattr(bound, "remote", bound)
-
-
 def _flag(body: dict, name: str) -> bool:
     value = body.get(name, False)
     if value is None:
@@ -240,6 +234,36 @@ def knn_search_request(body) -> tuple[SearchRequest, int]:
     except ValueError as error:  # pydantic's ValidationError: which field, what was wrong
         raise HTTPException(422, str(error)) from None
     return search, counts.get("num_result_ids", counts["num_images"])
+
+
+# ---------------------------------------------------------------- the parts and their calls
+# (above the ingress: its replicas saw only the module names defined before the class)
+def _call(target, method: str):
+    """A deployment's method through its handle (``.remote``), or, colocated, the object's own."""
+    bound = getattr(target, method)
+    return getattr(bound, "remote", bound)
+
+
+def _batching(config: RetrievalAppConfig) -> dict:
+    return dict(
+        batching=config.batching,
+        max_batch_size=config.max_batch_size,
+        batch_wait_timeout_s=config.batch_wait_timeout_s,
+    )
+
+
+def _encoder_args(config: RetrievalAppConfig) -> dict:
+    return dict(model=config.model.model_dump(), **_batching(config))
+
+
+def _group_args(config: RetrievalAppConfig, group: int) -> dict:
+    return dict(
+        indices={name: pair.model_dump() for name, pair in config.indices.items()},
+        group=group,
+        groups=config.shard_groups,
+        reload_interval_s=config.reload_interval_s,
+        **_batching(config),
+    )
 
 
 # ---------------------------------------------------------------- deployments
@@ -434,17 +458,8 @@ class RetrievalAPI:
         )
 
     def _colocated(self) -> tuple:
-        c = self.config
-        batch = dict(
-            batching=c.batching,
-            max_batch_size=c.max_batch_size,
-            batch_wait_timeout_s=c.batch_wait_timeout_s,
-        )
-        indices = {name: pair.model_dump() for name, pair in c.indices.items()}
-        return QueryEncoder.func_or_class(c.model.model_dump(), **batch), [
-            IndexShardGroup.func_or_class(
-                indices, 0, 1, **batch, reload_interval_s=c.reload_interval_s
-            )
+        return QueryEncoder.func_or_class(**_encoder_args(self.config)), [
+            IndexShardGroup.func_or_class(**_group_args(self.config, 0))
         ]
 
     # ------------------------------------------------------------ our API
@@ -556,7 +571,8 @@ class RetrievalAPI:
     ) -> pd.DataFrame:
         """The request's filters over the candidates, best first: violence, safety, then
         near-duplicates (by stored vector) and repeated URLs among what is left."""
-        hits["meta"] = store.lookup(hits["id"].to_numpy())
+        if request.safe or request.deduplicate:  # they read the metadata (punsafe, url)
+            hits["meta"] = store.lookup(hits["id"].to_numpy())
         keep = np.ones(len(hits), bool)
         if request.no_violence:
             keep &= ~self.violence.violent(vectors)
@@ -717,19 +733,13 @@ def build_app(args: dict) -> serve.Application:
     """``serve deploy`` / ``serve.run`` entry: ``import_path: serve_apps.retrieval:build_app``."""
     config = RetrievalAppConfig.model_validate(args)
     cpus = {"ray_actor_options": config.replica.ray_options()}
-    if config.colocate:
+    if config.colocate:  # the ingress builds both itself
         encoder, groups = None, []
     else:
-        batch = dict(
-            batching=config.batching,
-            max_batch_size=config.max_batch_size,
-            batch_wait_timeout_s=config.batch_wait_timeout_s,
-        )
-        encoder = QueryEncoder.options(**cpus).bind(config.model.model_dump(), **batch)
-        indices = {name: pair.model_dump() for name, pair in config.indices.items()}
+        encoder = QueryEncoder.options(**cpus).bind(**_encoder_args(config))
         groups = [
             IndexShardGroup.options(name=f"IndexShardGroup{g}", **cpus).bind(
-                indices, g, config.shard_groups, **batch, reload_interval_s=config.reload_interval_s
+                **_group_args(config, g)
             )
             for g in range(config.shard_groups)
         ]

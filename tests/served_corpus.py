@@ -35,16 +35,22 @@ def build_served_corpus(root: Path) -> dict[str, str]:
         ),
         progress=False,
     )
-    for keys in ("image", "text"):
-        build_index(
-            IndexConfig(
-                embeddings=str(root / "emb"),
-                output=str(root / f"index-{keys}"),
-                keys=keys,
-                factory="IDMap,Flat",
-                num_shards=2,
-                tune_queries=10,
-                tasks={"num_cpus": 0.5},
-            )
+    return {
+        keys: flat_index(root / "emb", root / f"index-{keys}", keys=keys, num_shards=2)
+        for keys in ("image", "text")
+    }
+
+
+def flat_index(embeddings: Path, output: Path, **options) -> str:
+    """An exact (IDMap,Flat) index over ``embeddings``, quickly tuned; -> its URI."""
+    build_index(
+        IndexConfig(
+            embeddings=str(embeddings),
+            output=str(output),
+            factory="IDMap,Flat",
+            tune_queries=10,
+            tasks={"num_cpus": 0.5},
+            **options,
         )
-    return {keys: str(root / f"index-{keys}") for keys in ("image", "text")}
+    )
+    return str(output)

@@ -21,10 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from ports import free_port
-from served_corpus import MODEL, build_served_corpus
+from served_corpus import MODEL, build_served_corpus, flat_index
 
-from react_ray.config import IndexConfig, RetrievalAppConfig, SafetyConfig
-from react_ray.jobs.index import build_index
+from react_ray.config import RetrievalAppConfig, SafetyConfig
 from react_ray.models import build_model
 from react_ray.synthetic.embeddings import write_clustered_embedding_set
 
@@ -159,15 +158,7 @@ def clients(ray_local, tmp_path_factory):
     write_clustered_embedding_set(
         str(root / "bare-emb"), num_files=1, rows_per_file=200, dim=query.size, model=MODEL.name
     )
-    build_index(
-        IndexConfig(
-            embeddings=str(root / "bare-emb"),
-            output=str(root / "bare-index"),
-            factory="IDMap,Flat",
-            tune_queries=10,
-            tasks={"num_cpus": 0.5},
-        )
-    )
+    flat_index(root / "bare-emb", root / "bare-index")
 
     front_dir = root / "front"
     shutil.copytree(clip_retrieval_dir().parent / "front" / "build", front_dir)

@@ -22,7 +22,7 @@ from faults import strip_png
 from hypothesis import HealthCheck, settings
 from PIL import Image
 from ports import free_port
-from served_corpus import MODEL, build_served_corpus
+from served_corpus import MODEL, build_served_corpus, flat_index
 
 from react_ray.config import (
     IndexConfig,
@@ -102,15 +102,7 @@ def served(ray_local, tmp_path_factory, s3_server):
     (root / "emb-living").mkdir()
     for path in [root / "emb" / "_embedding.json", *(root / "emb").glob("part-000000.*")]:
         shutil.copy(path, root / "emb-living" / path.name)
-    build_index(
-        IndexConfig(
-            embeddings=str(root / "emb-living"),
-            output=str(root / "index-living"),
-            factory="IDMap,Flat",
-            tune_queries=10,
-            tasks={"num_cpus": 0.5},
-        )
-    )
+    flat_index(root / "emb-living", root / "index-living")
     # A second "customized" model: the base with one weight changed, stored on S3.
     custom = build_model(MODEL)
     with torch.no_grad():
