@@ -5,7 +5,9 @@ python jobs/bench_serve.py [--vectors 1000000] [--seconds 10] [--connections 4,1
 
 The benchmark builds a clustered embedding set of ``--vectors`` (react-micro's 32 dimensions, so
 queries go through the real text tower), the planner's index over it for a 2 GB budget in 2
-shards (HNSW32 at 1M), and then starts, one at a time, each in a process of its own:
+shards (IVF4096,Flat at 1M, joined into one index at load; HNSW32 before the planner stopped
+choosing graphs for image keys: docs/performance.md's figures), and then starts, one at a
+time, each in a process of its own:
 
 - ``bare``: one uvicorn + FastAPI process calling the same ``build_model``, ``ShardedIndex`` and
   ``MetadataStore`` (no Ray), the server a user would otherwise write;

@@ -194,7 +194,10 @@ class IndexConfig(StrictModel):
         default=8, ge=1, description="embedding files added by one build task"
     )
     train_samples: int = Field(
-        default=100_000, ge=1, description="uniform random training sample size"
+        default=100_000,
+        ge=1,
+        description="uniform random training sample size; IVF builds draw at least 64 per coarse "
+        "list (up to 2M)",
     )
     seed: int = 0
     use_gpu: bool = Field(
@@ -636,6 +639,12 @@ class RetrievalAppConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     shard_groups: int = Field(
         default=1, ge=1, description="index replica groups, each holding every G-th shard"
+    )
+    memory_map: bool = Field(
+        default=False,
+        description="map the index files instead of reading them into each replica: instant "
+        "start and one page cache per node, but IVF shards are then searched side by side, 2-3x "
+        "slower per single query (docs/performance.md)",
     )
     batching: bool = True
     max_batch_size: int = Field(default=64, ge=1)

@@ -261,6 +261,7 @@ def _group_args(config: RetrievalAppConfig, group: int) -> dict:
         indices={name: pair.model_dump() for name, pair in config.indices.items()},
         group=group,
         groups=config.shard_groups,
+        memory_map=config.memory_map,
         reload_interval_s=config.reload_interval_s,
         **_batching(config),
     )
@@ -314,10 +315,11 @@ class IndexShardGroup:
         batching: bool,
         max_batch_size: int,
         batch_wait_timeout_s: float,
+        memory_map: bool = False,
         reload_interval_s: float | None = None,
     ):
         self.indices = {
-            (name, modality): ShardedIndex(uri, group=(group, groups))
+            (name, modality): ShardedIndex(uri, group=(group, groups), memory_map=memory_map)
             for name, pair in indices.items()
             for modality, uri in pair.items()
             if uri

@@ -23,24 +23,29 @@ from react_ray.index.sharded import (
 )
 from react_ray.index.tune import recall_at_k
 from react_ray.jobs.index import append_to_index, build_index
-from react_ray.synthetic.embeddings import write_clustered_embedding_set
+from react_ray.synthetic.embeddings import (
+    ClipSpace,
+    geometry_figures,
+    write_clustered_embedding_set,
+)
 
 GB = 2**30
 
 
 @pytest.mark.parametrize(
-    "n, dim, budget_gb, expected",
+    "n, dim, budget_gb, cross_modal, expected",
     [
-        (50_000, 512, 16, "IDMap,Flat"),
-        (1_000_000, 512, 16, "IDMap,HNSW32"),
-        (20_000_000, 512, 64, "IVF16384,Flat"),
-        (20_000_000, 512, 16, "IVF16384,SQ8"),
-        (20_000_000, 512, 4, "IVF16384,PQ128x8"),
-        (1_000_000_000, 512, 64, "OPQ32_128,IVF262144_HNSW32,PQ32x8"),
+        (50_000, 512, 16, False, "IDMap,Flat"),
+        (1_000_000, 512, 16, False, "IDMap,HNSW32"),
+        (1_000_000, 512, 16, True, "IVF4096,Flat"),  # captions against image keys: no graph
+        (20_000_000, 512, 64, False, "IVF16384,Flat"),
+        (20_000_000, 512, 16, False, "IVF16384,SQ8"),
+        (20_000_000, 512, 4, False, "IVF16384,PQ128x8"),
+        (1_000_000_000, 512, 64, False, "OPQ32_128,IVF262144_HNSW32,PQ32x8"),
     ],
 )
-def test_planner_picks_the_most_accurate_index_that_fits(n, dim, budget_gb, expected):
-    plan = plan_index(n, dim, budget_gb * GB)
+def test_planner_picks_the_most_accurate_index_that_fits(n, dim, budget_gb, cross_modal, expected):
+    plan = plan_index(n, dim, budget_gb * GB, cross_modal)
     assert plan.factory == expected and plan.estimated_bytes <= budget_gb * GB
 
 
@@ -174,6 +179,58 @@ def test_ivf_pq_recall_on_clustered_text_queries_and_tuning(ray_local, embedding
     np.testing.assert_array_equal(vectors.reshape(-1, 64), fetch_vectors(embeddings, found.ravel()))
 
 
+def test_synthetic_pairs_have_clips_geometry(tmp_path):
+    """The figures ClipGeometry's docstring states, at two dims: matched pairs only weakly similar,
+    the modalities in two cones far apart, a caption's own image not trivially its nearest."""
+    for dim in (64, 256):
+        space = ClipSpace(np.random.default_rng(0), dim, 300)
+        figures = geometry_figures(*space.pairs(np.random.default_rng(1), 5000))
+        assert 0.28 <= figures["matched_cosine"] <= 0.38, figures
+        assert 0.15 <= figures["unmatched_cosine"] <= 0.23, figures
+        assert 0.75 <= figures["modality_gap"] <= 0.87, figures
+        assert 0.35 <= figures["image_image_cosine"] <= 0.55, figures
+        assert 0.5 <= figures["text_text_cosine"] <= 0.7, figures
+        assert 0.01 < figures["text_to_image_r1"] < 0.5, figures
+    # the older isotropic clusters: a caption is its image plus noise
+    old = str(tmp_path / "old")
+    write_clustered_embedding_set(old, num_files=1, rows_per_file=2000, dim=64, geometry=None)
+    old_figures = geometry_figures(*(load_embeddings(old, c)[1] for c in ("img_emb", "txt_emb")))
+    assert old_figures["matched_cosine"] > 0.8 and old_figures["modality_gap"] < 0.1
+
+
+@pytest.mark.ray
+def test_co_located_ivf_shards_are_searched_as_one_index(ray_local, embeddings, tmp_path):
+    """Three IVF shards of one build (one trained coarse quantizer) are joined into one index at
+    load: one coarse search and one scan per query, the same hits as the build unsharded and as
+    the shards searched side by side (memory-mapped), at every nprobe, one query or a batch."""
+    one = _config(embeddings, str(tmp_path / "one"), factory="IVF32,Flat", target_recall=0.9)
+    built = build_index(one, progress=False)
+    (tmp_path / "three").mkdir()  # the same trained quantizer, so the same lists
+    (tmp_path / "three" / "_trained.index").write_bytes(
+        (tmp_path / "one" / "_trained.index").read_bytes()
+    )
+    three = one.model_copy(update={"output": str(tmp_path / "three"), "num_shards": 3})
+    assert len(build_index(three, progress=False).shards) == 3
+    joined, single = ShardedIndex(three.output), ShardedIndex(one.output)
+    mapped = ShardedIndex(three.output, memory_map=True)
+    assert (len(joined.shards), len(single.shards), len(mapped.shards)) == (1, 1, 3)
+    assert joined.ntotal == single.ntotal == mapped.ntotal == built.ntotal
+    assert joined.files == [s.file for s in IndexManifest.read(three.output).shards]
+    queries = load_embeddings(embeddings, "txt_emb")[1][3::41].astype(np.float32)
+    for nprobe in (1, 4, 32):
+        for index in (joined, single, mapped):
+            index.set_params({"nprobe": nprobe})
+        found = [index.search(queries, 10)[1] for index in (joined, single, mapped)]
+        assert np.array_equal(found[0], found[1]) and np.array_equal(found[0], found[2])
+        alone = np.concatenate([joined.search(q[None], 10)[1] for q in queries[:5]])
+        assert np.array_equal(alone, found[0][:5])
+    assert np.array_equal(found[0], _exact(embeddings, queries, 10)[1])  # all 32 lists: exact
+    # text queries on CLIP's geometry: the tuned nprobe reaches the target on other captions too
+    joined.set_params(built.search_params)
+    assert built.tuning["reached"] and built.search_params["nprobe"] < 32
+    assert recall_at_k(joined.search(queries, 10)[1], _exact(embeddings, queries, 10)[1]) >= 0.85
+
+
 @pytest.mark.ray
 def test_rebuild_in_another_shard_order_maps_ids_to_the_same_metadata(
     ray_local, embeddings, tmp_path
@@ -294,7 +351,7 @@ def _hide_markers(emb, names) -> dict:
 def test_append_equals_a_one_shot_build_and_a_crash_leaves_the_previous_version(
     ray_local, tmp_path, monkeypatch
 ):
-    from react_ray.index import build
+    from react_ray.index import build, sharded
 
     emb = tmp_path / "emb"
     write_clustered_embedding_set(str(emb), num_files=6, rows_per_file=800, dim=64)
@@ -327,15 +384,22 @@ def test_append_equals_a_one_shot_build_and_a_crash_leaves_the_previous_version(
     # The rerun finishes the append as planned; file 5 waits for the next one.
     (emb / "part-000005.done").write_bytes(late)
     grown = append_to_index(config, progress=False)  # the written shard is reused
-    new = served[
-        0
-    ].reloaded()  # a reload loads only the new shard of its group and keeps the old one
+    # a reload reads only the new shard of its group, joined to a copy of the one it holds
+    read, real_load = [], sharded.load_shard
+    monkeypatch.setattr(
+        sharded, "load_shard", lambda uri, *a: read.append(uri) or real_load(uri, *a)
+    )
+    held = served[0].shards[0].ntotal
+    new = served[0].reloaded()
+    monkeypatch.undo()
     assert (served[0].version, new.version, new.files) == (
         1,
         2,
         ["shard-00000.index", "shard-00002.index"],
     )
-    assert new.shards[0] is served[0].shards[0] and new.reloaded() is None
+    assert [uri.rsplit("/", 1)[-1] for uri in read] == ["shard-00002.index"]
+    assert served[0].shards[0].ntotal == held and new.ntotal == held + 1600  # the old one intact
+    assert new.reloaded() is None
     assert (grown.version, grown.ntotal, len(grown.shards)) == (2, 4000, 3)
     listed = [uri.rsplit("/", 1)[-1] for uri in grown.shards[2].embedding_files]
     assert sorted(listed) == ["part-000003.parquet", "part-000004.parquet"]

@@ -35,7 +35,7 @@ from react_ray.formats.embedding_set import (
     read_vectors,
 )
 from react_ray.formats.index_manifest import IndexAppend, IndexManifest, IndexShard
-from react_ray.index.plan import plan_index
+from react_ray.index.plan import plan_index, training_size
 from react_ray.index.sharded import ShardedIndex, write_metadata_file
 from react_ray.index.tune import exact_ground_truth, file_top_k, tune_search_params
 
@@ -180,7 +180,8 @@ def _trained_index(
     trained_uri = storage.join(config.output, "_trained.index")
     if storage.exists(trained_uri):
         return storage.read_bytes(trained_uri)
-    sample = training_sample(files, column, config.train_samples, config.seed, config.tasks)
+    size = training_size(factory, sum(f.rows for f in files), config.train_samples)
+    sample = training_sample(files, column, size, config.seed, config.tasks)
     trained = faiss.serialize_index(train(factory, sample, config.use_gpu)).tobytes()
     storage.write_bytes_atomic(trained_uri, trained)
     return trained
@@ -266,7 +267,10 @@ def plan_build(config: IndexConfig) -> BuildPlan:
     if config.factory:
         factory, reason = config.factory, "from config"
     else:
-        planned = plan_index(total, info.dim, config.memory_budget_gb * 2**30)
+        # image keys are searched with captions: text-to-image, a cross-modal search
+        planned = plan_index(
+            total, info.dim, config.memory_budget_gb * 2**30, cross_modal=config.keys == "image"
+        )
         factory, reason = planned.factory, f"planned: {planned}"
     if config.use_gpu and faiss.get_num_gpus() == 0:
         raise ValueError(
@@ -307,7 +311,7 @@ def build_planned(config: IndexConfig, plan: BuildPlan, progress: bool) -> Index
         shards=shards,
         ids={"layout": info.id_layout, "source_id": info.source_id},
         embeddings=config.embeddings,
-        train_samples=min(config.train_samples, plan.vectors),
+        train_samples=training_size(factory, plan.vectors, config.train_samples),
     )
     t = time.perf_counter()
     index = ShardedIndex(config.output, manifest=manifest, verify=False)

@@ -1,9 +1,9 @@
 """Choosing a FAISS index from N, dim and a memory budget, the way autofaiss's rules do.
 
-Exact ``Flat`` while it is small and fits; ``HNSW32`` while its graph fits; ``IVF,Flat`` while
-raw vectors fit; then ``IVF,PQ`` with the largest code that fits, and for very large N the
-``OPQ+IVF_HNSW+PQ`` layout (HNSW coarse quantizer over many lists). Sizes count the 8-byte
-id kept per vector and the coarse quantizer.
+Exact ``Flat`` while it is small and fits; ``HNSW32`` while its graph fits, for queries of the
+keys' own modality only; ``IVF,Flat`` while raw vectors fit; then ``IVF,PQ`` with the largest
+code that fits, and for very large N the ``OPQ+IVF_HNSW+PQ`` layout (HNSW coarse quantizer over
+many lists). Sizes count the 8-byte id kept per vector and the coarse quantizer.
 """
 
 from __future__ import annotations
@@ -40,20 +40,44 @@ def ivf_lists(n: int) -> int:
     return int(max(1, min(target, n // 39 or 1, 2**20)))
 
 
+def factory_nlist(factory: str) -> int | None:
+    """The number of coarse lists of an IVF factory string (``OPQ..,IVF4096_HNSW32,PQ..``)."""
+    coarse = next((p for p in factory.split(",") if p.startswith("IVF")), None)
+    return int(coarse[3:].split("_")[0]) if coarse else None
+
+
+POINTS_PER_LIST = 64  # k-means: faiss warns under 39 per centroid, autofaiss gives 100
+MAX_TRAIN_SAMPLES = 2_000_000  # beyond, k-means on CPU takes hours: train on GPUs (use_gpu)
+
+
+def training_size(factory: str, n: int, train_samples: int) -> int:
+    """Vectors to train on: ``train_samples``, raised to ``POINTS_PER_LIST`` per coarse list for
+    IVF (a thin sample leaves lists unbalanced and centroids off: lower recall at every nprobe,
+    measured in docs/performance.md), up to ``MAX_TRAIN_SAMPLES``; never more than ``n``."""
+    lists = factory_nlist(factory) or 0
+    return min(n, max(train_samples, min(POINTS_PER_LIST * lists, MAX_TRAIN_SAMPLES)))
+
+
 def pq_codes(dim: int) -> list[int]:
     """PQ code sizes (bytes per vector) below ``dim`` that divide it, largest first."""
     return [m for m in (256, 192, 128, 96, 64, 48, 32, 24, 16, 8) if m < dim and dim % m == 0]
 
 
-def plan_index(n: int, dim: int, memory_budget_bytes: float) -> IndexPlan:
-    """The most accurate index for ``n`` x ``dim`` vectors that fits ``memory_budget_bytes``."""
+def plan_index(
+    n: int, dim: int, memory_budget_bytes: float, cross_modal: bool = False
+) -> IndexPlan:
+    """The most accurate index for ``n`` x ``dim`` vectors that fits ``memory_budget_bytes``.
+    ``cross_modal``: the queries are of the other modality (captions against image keys, REACT's
+    retrieval). A graph built on image neighbourhoods serves them poorly: HNSW32 reached recall@10
+    0.95 at efSearch 512 (1.9 ms/query) where IVF,Flat reached 0.98 at 0.9 ms (200k x 128 of
+    CLIP's geometry; jobs/bench_index.py measures it at 1M), so the planner goes to IVF."""
     if n <= 0:
         raise ValueError(f"index plan: got {n} vectors; nothing to index")
     flat = n * (dim * 4 + ID_BYTES)
     if n <= FLAT_MAX_VECTORS and flat <= memory_budget_bytes:
         return IndexPlan("IDMap,Flat", flat, "exact search: small enough to scan")
     hnsw = n * (dim * 4 + 32 * 2 * 4 + ID_BYTES)
-    if n <= HNSW_MAX_VECTORS and hnsw <= memory_budget_bytes:
+    if n <= HNSW_MAX_VECTORS and hnsw <= memory_budget_bytes and not cross_modal:
         return IndexPlan("IDMap,HNSW32", hnsw, "graph search over raw vectors fits the budget")
     if n < OPQ_MIN_VECTORS:
         nlist = ivf_lists(n)

@@ -1,5 +1,6 @@
-"""Searching a sharded index: load a manifest, search every shard in parallel, merge the exact
-global top-k, and look ids up in O(1) without loading all metadata.
+"""Searching a sharded index: load a manifest, search its shards as one (IVF shards of a build
+joined under their shared coarse quantizer; others side by side, merged into the exact global
+top-k), and look ids up in O(1) without loading all metadata.
 
 The manifest (:class:`~react_ray.formats.index_manifest.IndexManifest`, written last by the
 build) names the model, dim, factory, search parameters and, per shard, its file, count and sha256.
@@ -37,8 +38,10 @@ def index_root(index_uri: str) -> str:
     return index_uri.rsplit("/", 1)[0] if index_uri.endswith(".json") else index_uri
 
 
-def load_shard(uri: str, expected: IndexShard | None = None, verify: bool = True) -> faiss.Index:
-    """Read one shard, memory-mapped where the index type allows; errors name the file."""
+def load_shard(
+    uri: str, expected: IndexShard | None = None, verify: bool = True, memory_map: bool = True
+) -> faiss.Index:
+    """Read one shard, memory-mapped where asked and the index type allows; errors name the file."""
     if not storage.exists(uri):
         raise FileNotFoundError(f"index shard missing: {uri}")
     path = storage.local_copy(uri)
@@ -49,16 +52,37 @@ def load_shard(uri: str, expected: IndexShard | None = None, verify: bool = True
                 f"index shard {uri} is corrupt: {size} bytes, checksum differs from the manifest "
                 f"({expected.bytes} bytes, sha256 {expected.sha256[:12]}...)"
             )
-    try:
-        return faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-    except RuntimeError:
-        pass  # this index type cannot be memory-mapped: read it whole
+    if memory_map:
+        try:
+            return faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError:
+            pass  # this index type cannot be memory-mapped: read it whole
     try:
         return faiss.read_index(path)
     except RuntimeError as error:
         raise ValueError(
             f"index shard {uri} cannot be read by faiss: {str(error).splitlines()[0]}"
         ) from None
+
+
+def is_ivf(index: faiss.Index) -> bool:
+    try:
+        faiss.extract_index_ivf(index)
+        return True
+    except RuntimeError:
+        return False
+
+
+def merged_ivf(parts: list[tuple[tuple[str, ...], faiss.Index, bool]]) -> faiss.Index:
+    """IVF shards of one build (they share its trained coarse quantizer) as one index: their
+    inverted lists joined, so a query is coarse-quantized once and scanned once, as if never
+    sharded. ``parts``: (files, index, owned); an index not owned (another ShardedIndex searches
+    it) is copied, never changed."""
+    (_, first, owned), *rest = parts
+    merged = first if owned else faiss.clone_index(first)
+    for _, other, owned in rest:
+        merged.merge_from(other if owned else faiss.clone_index(other), 0)  # 0: ids as they are
+    return merged
 
 
 def merge_topk(
@@ -190,7 +214,14 @@ def write_metadata_file(uri: str, table: pa.Table) -> None:
 
 
 class ShardedIndex:
-    """All shards of an index behind one ``search``; refuses a model or dim other than expected."""
+    """All shards of an index behind one ``search``; refuses a model or dim other than expected.
+
+    IVF shards are read into memory and joined into one index (:func:`merged_ivf`): a sharded
+    build searches exactly as fast as an unsharded one. ``memory_map=True`` maps the files instead
+    (instant start, page cache shared by the processes of a node) and searches the shards side by
+    side: measured 2-3x slower per single query (docs/performance.md). Graph (HNSW) and exact shards
+    cannot join: they are searched side by side, on a thread each.
+    """
 
     def __init__(
         self,
@@ -200,9 +231,11 @@ class ShardedIndex:
         verify: bool = True,
         manifest: IndexManifest | None = None,
         group: tuple[int, int] | None = None,
-        loaded: dict[str, faiss.Index] | None = None,
+        loaded: dict[tuple[str, ...], faiss.Index] | None = None,
+        memory_map: bool = False,
     ):
         self.index_uri, self.verify, self.group = index_uri, verify, group
+        self.memory_map = memory_map
         self.root = index_root(index_uri)
         self.manifest = manifest or IndexManifest.read(index_uri)
         if expect_model is not None and self.manifest.model != expect_model:
@@ -223,16 +256,24 @@ class ShardedIndex:
             for i, s in enumerate(self.manifest.shards)
             if group is None or i % group[1] == group[0]
         ]
-        self.files = [s.file for s in chosen]
-        self.shards = [
-            (loaded or {}).get(s.file) or load_shard(storage.join(self.root, s.file), s, verify)
-            for s in chosen
-        ]
+        # (files, index, owned): what an earlier version loaded is reused, the rest is read
+        parts, wanted = [], {s.file for s in chosen}
+        for files, index in (loaded or {}).items():
+            if set(files) <= wanted:
+                parts.append((files, index, False))
+                wanted -= set(files)
+        for s in chosen:
+            if s.file in wanted:
+                uri = storage.join(self.root, s.file)
+                parts.append(((s.file,), load_shard(uri, s, verify, memory_map), True))
+        if not memory_map and len(parts) > 1 and all(is_ivf(p[1]) for p in parts):
+            parts = [(tuple(f for p in parts for f in p[0]), merged_ivf(parts), True)]
+        self.parts = {files: index for files, index, _ in parts}
+        self._ivfs = [faiss.extract_index_ivf(s) for s in self.shards if is_ivf(s)]
         self.params = dict(self.manifest.search_params)
-        for shard in self.shards:
-            set_search_params(shard, self.params)
+        self.set_params(self.params)
         self.metadata = MetadataStore(storage.join(self.root, "metadata"))
-        self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.shards)))
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.parts)))
 
     @property
     def dim(self) -> int:
@@ -256,8 +297,19 @@ class ShardedIndex:
             self.verify,
             manifest,
             self.group,
-            dict(zip(self.files, self.shards)),
+            self.parts,
+            self.memory_map,
         )
+
+    @property
+    def files(self) -> list[str]:
+        """The shard files this index searches."""
+        return [file for files in self.parts for file in files]
+
+    @property
+    def shards(self) -> list[faiss.Index]:
+        """The faiss indices a search runs on: one for joined IVF shards, else one per shard."""
+        return list(self.parts.values())
 
     @property
     def ntotal(self) -> int:
@@ -267,6 +319,15 @@ class ShardedIndex:
         self.params = dict(params)
         for shard in self.shards:
             set_search_params(shard, self.params)
+
+    def _on_shards(self, search, queries: np.ndarray) -> list:
+        """``search(shard)`` on every shard: inline for one, on a thread each for several. An IVF
+        index spreads a single query's lists over its threads, a batch's queries otherwise."""
+        for ivf in self._ivfs:
+            ivf.parallel_mode = 1 if len(queries) == 1 else 0
+        if len(self.shards) == 1:
+            return [search(self.shards[0])]
+        return list(self._pool.map(search, self.shards))
 
     def _queries(self, queries: np.ndarray, k: int) -> np.ndarray:
         queries = np.ascontiguousarray(np.atleast_2d(queries), np.float32)
@@ -282,7 +343,10 @@ class ShardedIndex:
         """(n, dim) queries -> (scores, ids), each (n, k), best first; id -1 where fewer than k
         exist."""
         queries = self._queries(queries, k)
-        results = list(self._pool.map(lambda shard: shard.search(queries, k), self.shards))
+        results = self._on_shards(lambda shard: shard.search(queries, k), queries)
+        if len(results) == 1:  # one index: already the top-k, best first
+            scores, labels = results[0]
+            return np.where(labels < 0, -np.inf, scores), labels
         scores = np.concatenate([r[0] for r in results], axis=1)
         labels = np.concatenate([r[1] for r in results], axis=1)
         return merge_topk(scores, labels, k)
@@ -304,9 +368,7 @@ class ShardedIndex:
                 self.manifest.embeddings, labels[labels >= 0], self.manifest.key_column
             )
             return scores, labels, vectors
-        results = list(
-            self._pool.map(lambda shard: search_and_reconstruct(shard, queries, k), self.shards)
-        )
+        results = self._on_shards(lambda shard: search_and_reconstruct(shard, queries, k), queries)
         scores, labels, vectors = (
             np.concatenate([r[i] for r in results], axis=1) for i in range(3)
         )

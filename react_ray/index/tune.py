@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from react_ray.formats.embedding_set import read_vectors
+from react_ray.index.plan import factory_nlist
 
 KNOBS = {
     "ivf": ("nprobe", [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]),
@@ -90,7 +91,7 @@ def tune_search_params(
         return {"params": {}, "recall": recall_at_k(found, truth), "target": target, "curve": []}
     name, values = knob
     if name == "nprobe":
-        nlist = int(next(p for p in factory.split(",") if p.startswith("IVF"))[3:].split("_")[0])
+        nlist = factory_nlist(factory)
         values = [v for v in values if v <= nlist] or [nlist]
     chosen = None
     for value in values:
