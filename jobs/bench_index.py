@@ -36,7 +36,7 @@ from react_ray.config import IndexConfig
 from react_ray.formats.embedding_set import column_matrix, committed_files, read_parquet
 from react_ray.index.plan import factory_nlist, format_bytes
 from react_ray.index.sharded import ShardedIndex, set_search_params
-from react_ray.index.tune import knob_for
+from react_ray.index.tune import knob_for, recall_at_k
 from react_ray.jobs.index import build_index
 from react_ray.ray_utils import start_local
 from react_ray.synthetic.embeddings import geometry_figures, write_clustered_embedding_set
@@ -59,11 +59,6 @@ KNOB_VALUES = {
 }
 
 
-def overlap(found: np.ndarray, truth: np.ndarray, k: int) -> float:
-    """Mean recall@k of ``found``'s first k ids against the exact top k."""
-    return float(np.mean([len(set(f[:k]) & set(t[:k])) / k for f, t in zip(found, truth)]))
-
-
 def measure(search, queries: np.ndarray, truth: np.ndarray, singles: int) -> dict:
     """recall@10, recall@100 (batches of 256, k=100) and ms/query, single and batched."""
     search(queries[:BATCH])  # warm up
@@ -77,8 +72,8 @@ def measure(search, queries: np.ndarray, truth: np.ndarray, singles: int) -> dic
         search(q[None])
     single_ms = 1000 * (time.perf_counter() - start) / singles
     return {
-        "recall@10": round(overlap(found, truth, 10), 4),
-        "recall@100": round(overlap(found, truth, 100), 4),
+        "recall@10": round(recall_at_k(found[:, :10], truth[:, :10]), 4),
+        "recall@100": round(recall_at_k(found, truth), 4),
         "single_ms": round(single_ms, 4),
         "batch_ms": round(batch_ms, 4),
     }

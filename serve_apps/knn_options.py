@@ -11,6 +11,7 @@ from fastapi import HTTPException
 
 from react_ray.config import SafetyConfig
 from react_ray.formats import storage
+from react_ray.formats.embedding_set import unit_rows
 
 AESTHETIC_RATINGS = range(10)
 
@@ -37,10 +38,6 @@ def unsafe_mask(metas: list[dict | None], safety: SafetyConfig, index: str) -> n
             "metadata, so its hits cannot be filtered; send use_safety_model=false",
         )
     return unsafe
-
-
-def unit_rows(vectors: np.ndarray) -> np.ndarray:
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
 
 
 class ViolenceDetector:

@@ -35,6 +35,7 @@ from ray import serve
 
 from react_ray.config import ModelConfig, RetrievalAppConfig
 from react_ray.formats import storage
+from react_ray.formats.embedding_set import unit_rows
 from react_ray.formats.index_manifest import IndexManifest
 from react_ray.index.sharded import (
     MetadataStore,
@@ -52,7 +53,7 @@ from serve_apps.common import (
     read_tokens,
     within,
 )
-from serve_apps.knn_options import AestheticSteering, ViolenceDetector, unit_rows, unsafe_mask
+from serve_apps.knn_options import AestheticSteering, ViolenceDetector, unsafe_mask
 
 Modality = Literal["image", "text"]
 PAGE = Path(__file__).with_name("search.html")

@@ -112,6 +112,12 @@ def embedding_table(
     )
 
 
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Each row scaled to unit length (float32), as the set's vectors are; a zero row stays zero."""
+    norms = np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+    return (vectors / norms).astype(np.float32)
+
+
 def column_matrix(table: pa.Table, column: str) -> np.ndarray:
     """A fixed-size-list embedding column -> (N, D) float16 array (no copy per row)."""
     chunked = table.column(column).combine_chunks()

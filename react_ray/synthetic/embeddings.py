@@ -20,12 +20,9 @@ from react_ray.formats.embedding_set import (
     embedding_table,
     finish_shard,
     shard_name,
+    unit_rows,
     write_parquet,
 )
-
-
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -133,8 +130,7 @@ def clustered_vectors(
 ) -> np.ndarray:
     """Isotropic clusters: ``centres`` plus Gaussian noise, normalised (no modality structure)."""
     labels = rng.integers(len(centres), size=n)
-    vectors = centres[labels] + spread * rng.normal(size=(n, centres.shape[1])).astype(np.float32)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    return unit_rows(centres[labels] + spread * rng.normal(size=(n, centres.shape[1])))
 
 
 def write_clustered_embedding_set(
