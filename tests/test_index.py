@@ -14,6 +14,8 @@ from react_ray.config import IndexConfig
 from react_ray.formats import ids, storage
 from react_ray.formats.embedding_set import fetch_vectors, load_embeddings
 from react_ray.formats.index_manifest import IndexManifest
+from react_ray.index import sharded
+from react_ray.index.build import quantization_drift
 from react_ray.index.plan import plan_index
 from react_ray.index.sharded import (
     ShardedIndex,
@@ -21,7 +23,7 @@ from react_ray.index.sharded import (
     merge_topk,
     search_and_reconstruct,
 )
-from react_ray.index.tune import recall_at_k
+from react_ray.index.tune import REFINE_KNOB, recall_at_k
 from react_ray.jobs.index import append_to_index, build_index
 from react_ray.synthetic.embeddings import (
     ClipSpace,
@@ -37,8 +39,12 @@ GB = 2**30
     [
         (50_000, 512, 16, False, "IDMap,Flat"),
         (1_000_000, 512, 16, False, "IDMap,HNSW32"),
-        (1_000_000, 512, 16, True, "IVF4096,Flat"),  # captions against image keys: no graph
-        (20_000_000, 512, 64, False, "IVF16384,Flat"),
+        # captions against image keys: no graph; raw vectors re-rank fast-scan candidates
+        (1_000_000, 512, 16, True, "IDMap,IVF4096,PQ256x4fs,RFlat"),
+        (20_000_000, 512, 64, False, "IDMap,IVF16384,PQ256x4fs,RFlat"),
+        (20_000_000, 512, 40, False, "IVF16384,Flat"),  # raw vectors fit, the codes too do not
+        (1_000_000, 511, 16, True, "IVF4096,Flat"),  # an odd dim: no 2-d sub-quantizers
+        (1_000_000, 64, 16, True, "IVF4096,Flat"),  # too few dims for the codes to rank
         (20_000_000, 512, 16, False, "IVF16384,SQ8"),
         (20_000_000, 512, 4, False, "IVF16384,PQ128x8"),
         (1_000_000_000, 512, 64, False, "OPQ32_128,IVF262144_HNSW32,PQ32x8"),
@@ -64,7 +70,10 @@ def test_merge_topk_is_exact_and_drops_missing():
     assert top_ids.tolist() == [[1, 3, 2]] and np.allclose(top_scores, [[0.9, 0.8, 0.1]])
 
 
-@pytest.mark.parametrize("factory", ["IDMap,Flat", "IDMap,HNSW16", "IVF16,SQ8", "OPQ8,IVF16,PQ8x4"])
+@pytest.mark.parametrize(
+    "factory",
+    ["IDMap,Flat", "IDMap,HNSW16", "IDMap,IVF16,PQ16x4fs,RFlat", "IVF16,SQ8", "OPQ8,IVF16,PQ8x4"],
+)
 def test_search_and_reconstruct_returns_each_hits_stored_vector(factory):
     """What served deduplication compares: the same hits as search, with vectors close to the
     originals."""
@@ -109,6 +118,17 @@ def _exact(embeddings: str, queries: np.ndarray, k: int, column: str = "img_emb"
     return np.take_along_axis(scores, order, 1), all_ids[order]
 
 
+def assert_exact_hits(scores, found, exact_scores, exact_ids, atol=1e-5):
+    """The exact top-k (``exact_*`` hold k + 1 hits), up to the order of hits whose scores tie
+    within rounding (float16 keys summed in another order give another last bit)."""
+    k = found.shape[1]
+    np.testing.assert_allclose(scores, exact_scores[:, :k], atol=atol)
+    tied = np.abs(exact_scores[:, :, None] - exact_scores[:, None, :]) <= atol
+    tied = (tied.sum(axis=2) > 1)[:, :k]
+    # a tie at the k-th place may bring in the (k+1)-th: the scores above vouch for it
+    assert np.array_equal(found[~tied], exact_ids[:, :k][~tied])
+
+
 def test_tuning_ground_truth_is_exact_whatever_the_chunks_and_file_order(embeddings):
     """Each file's top-k over chunks of its rows, merged across files as results come: the exact
     top-k of the whole set (the index wiring runs the files on Ray tasks)."""
@@ -140,9 +160,7 @@ def test_sharded_flat_equals_single_exact_search(ray_local, embeddings, tmp_path
     index = ShardedIndex(str(tmp_path / "idx"), expect_model="synthetic", expect_dim=64)
     queries = load_embeddings(embeddings, "txt_emb")[1][::97].astype(np.float32)
     scores, found = index.search(queries, 10)
-    exact_scores, exact_ids = _exact(embeddings, queries, 10)
-    assert np.array_equal(found, exact_ids)
-    np.testing.assert_allclose(scores, exact_scores, atol=1e-5)
+    assert_exact_hits(scores, found, *_exact(embeddings, queries, 11))
     # Each hit maps back to its own metadata in O(1) (captions carry the id).
     for meta, id_ in zip(index.lookup(found[0]), found[0]):
         assert meta["caption"] == f"caption of {id_}" and meta["url"] == f"http://img/{id_}.jpg"
@@ -220,15 +238,71 @@ def test_co_located_ivf_shards_are_searched_as_one_index(ray_local, embeddings, 
     for nprobe in (1, 4, 32):
         for index in (joined, single, mapped):
             index.set_params({"nprobe": nprobe})
-        found = [index.search(queries, 10)[1] for index in (joined, single, mapped)]
-        assert np.array_equal(found[0], found[1]) and np.array_equal(found[0], found[2])
+        (scores, found), *others = [index.search(queries, 10) for index in (joined, single, mapped)]
+        assert all(np.array_equal(found, other[1]) for other in others)
         alone = np.concatenate([joined.search(q[None], 10)[1] for q in queries[:5]])
-        assert np.array_equal(alone, found[0][:5])
-    assert np.array_equal(found[0], _exact(embeddings, queries, 10)[1])  # all 32 lists: exact
+        assert np.array_equal(alone, found[:5])
+    assert_exact_hits(scores, found, *_exact(embeddings, queries, 11))  # all 32 lists: exact
     # text queries on CLIP's geometry: the tuned nprobe reaches the target on other captions too
     joined.set_params(built.search_params)
     assert built.tuning["reached"] and built.search_params["nprobe"] < 32
     assert recall_at_k(joined.search(queries, 10)[1], _exact(embeddings, queries, 10)[1]) >= 0.85
+
+
+@pytest.mark.ray
+def test_reranked_fast_scan_shards_join_keep_their_ids_and_tune_both_knobs(
+    ray_local, embeddings, tmp_path, monkeypatch
+):
+    """The planned index where raw vectors fit: fast-scan codes pick candidates, raw vectors
+    re-rank them. Three shards join into one (codes, raw vectors and id map appended in step):
+    with every list probed and every vector a candidate it is exact search, joined or side by
+    side. Tuned, it reaches the target with the fewest candidates that keep it, and gives exact
+    scores and the raw vectors of its hits; a large k re-ranks a bounded number of candidates; an
+    append's drift is measured on its codes."""
+    config = _config(
+        embeddings,
+        str(tmp_path / "idx"),
+        factory="IDMap,IVF32,PQ32x4fs,RFlat",
+        num_shards=3,
+        files_per_task=1,
+        target_recall=0.9,
+    )
+    built = build_index(config, progress=False)
+    joined, mapped = ShardedIndex(config.output), ShardedIndex(config.output, memory_map=True)
+    assert (len(built.shards), len(joined.shards), len(mapped.shards)) == (3, 1, 3)
+    assert joined.ntotal == mapped.ntotal == built.ntotal
+    queries = load_embeddings(embeddings, "txt_emb")[1][3::41].astype(np.float32)
+    exact_scores, exact_ids = _exact(embeddings, queries, 11)
+    for index in (joined, mapped):
+        index.set_params({"nprobe": 32, "k_factor_rf": built.ntotal})
+        assert_exact_hits(*index.search(queries, 10), exact_scores, exact_ids)
+    # tuned: nprobe with the most candidates, then the fewest candidates that keep the target
+    params, curve = built.search_params, built.tuning["curve"]
+    assert built.tuning["reached"] and set(params) == {"nprobe", "k_factor_rf"}
+    reached = next(i for i, p in enumerate(curve) if p["recall"] >= 0.9)
+    most = REFINE_KNOB[1][-1]
+    assert all(p["k_factor_rf"] == most for p in curve[: reached + 1]) and params["nprobe"] < 32
+    fewer = curve[reached + 1 :]
+    assert [p["k_factor_rf"] for p in fewer][-1] == params["k_factor_rf"]
+    assert all(p["recall"] < 0.9 for p in fewer[:-1]) and fewer[-1]["recall"] >= 0.9
+    joined.set_params(params)
+    scores, found, vectors = joined.search_with_vectors(queries, 10)
+    assert recall_at_k(found, exact_ids[:, :10]) >= 0.85
+    np.testing.assert_array_equal(vectors.reshape(-1, 64), fetch_vectors(embeddings, found.ravel()))
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, vectors), atol=1e-5)
+    # a large k re-ranks at most MAX_CANDIDATES per query: fewer candidates, still exact scores
+    joined.set_params({"nprobe": 32, "k_factor_rf": 64})
+    truth = _exact(embeddings, queries, 50)[1]
+    full = joined.search(queries, 50)[1]
+    monkeypatch.setattr(sharded, "MAX_CANDIDATES", 50)
+    scores, capped = joined.search(queries, 50)
+    assert (capped >= 0).all() and recall_at_k(capped, truth) < recall_at_k(full, truth)
+    vectors = fetch_vectors(embeddings, capped.ravel()).reshape(*capped.shape, 64)
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, vectors), atol=1e-5)
+    trained = (tmp_path / "idx" / "_trained.index").read_bytes()
+    images = load_embeddings(embeddings, "img_emb")[1].astype(np.float32)
+    drift = quantization_drift(trained, images[:2000], images[-2000:])
+    assert 0 < drift["old"]["code_error"] < 0.5 and 0.8 < drift["code_error_ratio"] < 1.25
 
 
 @pytest.mark.ray

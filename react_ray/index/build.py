@@ -36,7 +36,7 @@ from react_ray.formats.embedding_set import (
 )
 from react_ray.formats.index_manifest import IndexAppend, IndexManifest, IndexShard
 from react_ray.index.plan import plan_index, training_size
-from react_ray.index.sharded import ShardedIndex, write_metadata_file
+from react_ray.index.sharded import ShardedIndex, merge_into, refine_of, write_metadata_file
 from react_ray.index.tune import exact_ground_truth, file_top_k, tune_search_params
 
 KEY_COLUMNS = {"image": "img_emb", "text": "txt_emb"}
@@ -102,7 +102,7 @@ def _merge_shard(partial_uris: list[str], shard_uri: str) -> dict:
         if merged is None:
             merged = index
         else:
-            merged.merge_from(index, 0)  # 0: keep the stable ids as they are
+            merge_into(merged, index)
     data = faiss.serialize_index(merged).tobytes()
     storage.write_bytes_atomic(shard_uri, data)
     described = {
@@ -348,13 +348,22 @@ def quantization_drift(trained: bytes, old: np.ndarray, new: np.ndarray) -> dict
     except RuntimeError:
         return None
     centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    ivf = faiss.downcast_index(ivf)
+    refine = refine_of(index)  # re-ranked: the candidates come from the base index's codes
+    codec = faiss.downcast_index(refine.base_index) if refine is not None else index
     figures = {}
-    for name, x in (("old", old), ("new", new)):
-        codes = np.sum((x - index.sa_decode(index.sa_encode(x))) ** 2, axis=1)
+    for name, raw in (("old", old), ("new", new)):
+        x = raw
         if isinstance(index, faiss.IndexPreTransform):  # the quantizer sees transformed vectors
             for i in range(index.chain.size()):
                 x = faiss.downcast_VectorTransform(index.chain.at(i)).apply(x)
         _, lists = ivf.quantizer.search(np.ascontiguousarray(x, np.float32), 1)
+        if isinstance(ivf, faiss.IndexIVFPQFastScan):
+            # its standalone codec crashes faiss 1.15: its product quantizer on the residuals
+            r = np.ascontiguousarray(x - centroids[lists.ravel()] if ivf.by_residual else x)
+            codes = np.sum((r - ivf.pq.decode(ivf.pq.compute_codes(r))) ** 2, axis=1)
+        else:
+            codes = np.sum((raw - codec.sa_decode(codec.sa_encode(raw))) ** 2, axis=1)
         counts = np.bincount(lists.ravel(), minlength=ivf.nlist).astype(np.float64)
         figures[name] = {
             "coarse_error": float(np.mean(np.sum((x - centroids[lists.ravel()]) ** 2, axis=1))),

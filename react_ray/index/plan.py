@@ -1,9 +1,11 @@
 """Choosing a FAISS index from N, dim and a memory budget, the way autofaiss's rules do.
 
 Exact ``Flat`` while it is small and fits; ``HNSW32`` while its graph fits, for queries of the
-keys' own modality only; ``IVF,Flat`` while raw vectors fit; then ``IVF,PQ`` with the largest
-code that fits, and for very large N the ``OPQ+IVF_HNSW+PQ`` layout (HNSW coarse quantizer over
-many lists). Sizes count the 8-byte id kept per vector and the coarse quantizer.
+keys' own modality only; while raw vectors fit, IVF with 4-bit fast-scan PQ codes that pick
+candidates and the raw vectors to re-rank them (``IDMap,IVF..,PQ{d/2}x4fs,RFlat``), else
+``IVF,Flat``; then ``IVF,SQ8``, ``IVF,PQ`` with the largest code that fits, and for very large N
+the ``OPQ+IVF_HNSW+PQ`` layout (HNSW coarse quantizer over many lists). Sizes count the 8-byte
+id kept per vector and the coarse quantizer.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from dataclasses import dataclass
 ID_BYTES = 8
 FLAT_MAX_VECTORS = 200_000  # exact search stays fast enough below this
 HNSW_MAX_VECTORS = 10_000_000
+# Below this dim 4-bit codes of 2 dims each rank too coarsely for re-ranking to pay (32-d: recall@10
+# stalled at 0.97 with 640 candidates; 64-d: no faster than IVF,Flat one query at a time)
+REFINE_MIN_DIM = 128
 OPQ_MIN_VECTORS = 50_000_000
 
 
@@ -38,6 +43,11 @@ def ivf_lists(n: int) -> int:
     """A power of two near 4 * sqrt(N), with at least 39 training points per list."""
     target = 2 ** round(math.log2(max(4 * math.sqrt(n), 1)))
     return int(max(1, min(target, n // 39 or 1, 2**20)))
+
+
+def is_refined(factory: str) -> bool:
+    """Whether the index re-ranks its candidates with raw vectors (``..,RFlat``)."""
+    return factory.endswith(",RFlat")
 
 
 def factory_nlist(factory: str) -> int | None:
@@ -86,6 +96,12 @@ def plan_index(
         nlist = min(2 ** round(math.log2(n / 3000)), 2**18)
         coarse, quantizer, opq = f"IVF{nlist}_HNSW32", nlist * (dim * 4 + 32 * 2 * 4), "OPQ{m}_{d},"
     candidates = [
+        (
+            f"IDMap,{coarse},PQ{dim // 2}x4fs,RFlat",
+            n * (dim * 4 + dim // 4 + 2 * ID_BYTES),  # raw, codes, ids of the map and the lists
+            "raw vectors fit: fast-scan codes pick candidates, raw vectors re-rank them "
+            "(IVF,Flat's recall, 6-10x faster in batches, 1.6-2.7x one at a time)",
+        ),
         (f"{coarse},Flat", flat, "raw vectors fit; inverted lists prune the scan"),
         (f"{coarse},SQ8", n * (dim + ID_BYTES), "8-bit scalar codes fit"),
     ]
@@ -98,6 +114,8 @@ def plan_index(
         for m in pq_codes(dim)
     ]
     for factory, size, reason in candidates:
+        if "x4fs" in factory and (dim % 2 or dim < REFINE_MIN_DIM):
+            continue  # 2 dimensions per sub-quantizer, and enough of them to rank candidates
         if size + quantizer <= memory_budget_bytes:
             return IndexPlan(factory, size + quantizer, reason)
     smallest = n * (8 + ID_BYTES) + quantizer

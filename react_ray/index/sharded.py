@@ -73,6 +73,51 @@ def is_ivf(index: faiss.Index) -> bool:
         return False
 
 
+def refine_of(index: faiss.Index) -> faiss.IndexRefine | None:
+    """The re-ranking layer of an ``IDMap,IVF..,PQ..x4fs,RFlat`` index (fast-scan codes find
+    candidates, the raw vectors re-rank them), or None for any other layout."""
+    if isinstance(index, faiss.IndexIDMap):
+        inner = faiss.downcast_index(index.index)
+        if isinstance(inner, faiss.IndexRefine):
+            return inner
+    return None
+
+
+# Candidates one query re-ranks, whatever k: REACT's retrieval asks for up to 100,000 hits per
+# prompt in batches of 1,024, and 10,000 x k_factor 64 would ask the codes for 7.9 GB of them.
+MAX_CANDIDATES = 32_768
+
+
+def refine_params(index: faiss.Index, k: int) -> faiss.SearchParameters | None:
+    """Per-search parameters that keep ``k * k_factor_rf`` within ``MAX_CANDIDATES`` (never below
+    k), or None where the index's own apply."""
+    refine = refine_of(index)
+    if refine is None or k * refine.k_factor <= MAX_CANDIDATES:
+        return None
+    return faiss.IndexRefineSearchParameters(k_factor=max(1.0, MAX_CANDIDATES / k))
+
+
+def merge_into(target: faiss.Index, other: faiss.Index) -> None:
+    """Append ``other``'s vectors, stable ids kept, to ``target``: two indices of one trained build.
+    faiss merges IVF and flat indices itself, not a re-ranked one: its codes, raw vectors (both
+    numbered by row) and id map are appended one by one."""
+    refine, other_refine = refine_of(target), refine_of(other)
+    if refine is None:
+        target.merge_from(other, 0)  # 0: keep the stable ids as they are
+        return
+    # the other's rows 0..n-1 follow the target's
+    faiss.downcast_index(refine.base_index).merge_from(
+        faiss.downcast_index(other_refine.base_index), refine.ntotal
+    )
+    faiss.downcast_index(refine.refine_index).merge_from(
+        faiss.downcast_index(other_refine.refine_index), 0
+    )
+    refine.ntotal += other_refine.ntotal
+    id_map = np.concatenate([faiss.vector_to_array(m) for m in (target.id_map, other.id_map)])
+    faiss.copy_array_to_vector(id_map, target.id_map)
+    target.ntotal = len(id_map)
+
+
 def merged_ivf(parts: list[tuple[tuple[str, ...], faiss.Index, bool]]) -> faiss.Index:
     """IVF shards of one build (they share its trained coarse quantizer) as one index: their
     inverted lists joined, so a query is coarse-quantized once and scanned once, as if never
@@ -81,7 +126,7 @@ def merged_ivf(parts: list[tuple[tuple[str, ...], faiss.Index, bool]]) -> faiss.
     (_, first, owned), *rest = parts
     merged = first if owned else faiss.clone_index(first)
     for _, other, owned in rest:
-        merged.merge_from(other if owned else faiss.clone_index(other), 0)  # 0: ids as they are
+        merge_into(merged, other if owned else faiss.clone_index(other))
     return merged
 
 
@@ -101,21 +146,29 @@ def search_and_reconstruct(
     index: faiss.Index, queries: np.ndarray, k: int
 ) -> tuple[np.ndarray, ...]:
     """faiss's search_and_reconstruct (IVF decodes its own lists; Flat, HNSW, SQ reconstruct from
-    storage),
-    also through an IDMap, whose inner index numbers the vectors 0..n-1. Fast-scan PQ cannot: see
+    storage), also through an IDMap, whose inner index numbers the vectors 0..n-1; a re-ranked
+    index gives the raw vectors it re-ranked with. Fast-scan PQ alone cannot: see
     :func:`decodable`."""
     if isinstance(index, faiss.IndexIDMap):
-        scores, rows, vectors = faiss.downcast_index(index.index).search_and_reconstruct(queries, k)
+        refine = refine_of(index)
+        if refine is not None:
+            scores, rows = refine.search(queries, k, params=refine_params(index, k))
+            raw = faiss.downcast_index(refine.refine_index)
+            vectors = raw.reconstruct_batch(np.maximum(rows, 0).ravel()).reshape(*rows.shape, -1)
+        else:
+            inner = faiss.downcast_index(index.index)
+            scores, rows, vectors = inner.search_and_reconstruct(queries, k)
         id_map = faiss.vector_to_array(index.id_map)
         return scores, np.where(rows >= 0, id_map[np.maximum(rows, 0)], -1), vectors
     return index.search_and_reconstruct(queries, k)
 
 
 def decodable(index: faiss.Index) -> bool:
-    """False for fast-scan PQ: it has no search_and_reconstruct, and faiss 1.15 crashes (segfault)
-    when
-    decoding the lists of a fast-scan index read back from a file, so its vectors come from
-    elsewhere."""
+    """False for fast-scan PQ without raw vectors to re-rank with: it has no
+    search_and_reconstruct, and faiss 1.15 crashes (segfault) when decoding the lists of a
+    fast-scan index read back from a file, so its vectors come from elsewhere."""
+    if refine_of(index) is not None:
+        return True
     try:
         return not isinstance(
             faiss.downcast_index(faiss.extract_index_ivf(index)), faiss.IndexIVFFastScan
@@ -343,7 +396,9 @@ class ShardedIndex:
         """(n, dim) queries -> (scores, ids), each (n, k), best first; id -1 where fewer than k
         exist."""
         queries = self._queries(queries, k)
-        results = self._on_shards(lambda shard: shard.search(queries, k), queries)
+        results = self._on_shards(
+            lambda shard: shard.search(queries, k, params=refine_params(shard, k)), queries
+        )
         if len(results) == 1:  # one index: already the top-k, best first
             scores, labels = results[0]
             return np.where(labels < 0, -np.inf, scores), labels
