@@ -95,13 +95,16 @@ def plan_index(
     else:  # billions: ~3k vectors per list, an HNSW graph over the list centroids, OPQ before PQ
         nlist = min(2 ** round(math.log2(n / 3000)), 2**18)
         coarse, quantizer, opq = f"IVF{nlist}_HNSW32", nlist * (dim * 4 + 32 * 2 * 4), "OPQ{m}_{d},"
-    candidates = [
+    # fast-scan codes of 2 dims per sub-quantizer, enough of them to rank candidates
+    reranked = [
         (
             f"IDMap,{coarse},PQ{dim // 2}x4fs,RFlat",
             n * (dim * 4 + dim // 4 + 2 * ID_BYTES),  # raw, codes, ids of the map and the lists
             "raw vectors fit: fast-scan codes pick candidates, raw vectors re-rank them "
             "(IVF,Flat's recall, 6-10x faster in batches, 1.6-2.7x one at a time)",
-        ),
+        )
+    ]
+    candidates = (reranked if dim % 2 == 0 and dim >= REFINE_MIN_DIM else []) + [
         (f"{coarse},Flat", flat, "raw vectors fit; inverted lists prune the scan"),
         (f"{coarse},SQ8", n * (dim + ID_BYTES), "8-bit scalar codes fit"),
     ]
@@ -114,8 +117,6 @@ def plan_index(
         for m in pq_codes(dim)
     ]
     for factory, size, reason in candidates:
-        if "x4fs" in factory and (dim % 2 or dim < REFINE_MIN_DIM):
-            continue  # 2 dimensions per sub-quantizer, and enough of them to rank candidates
         if size + quantizer <= memory_budget_bytes:
             return IndexPlan(factory, size + quantizer, reason)
     smallest = n * (8 + ID_BYTES) + quantizer
