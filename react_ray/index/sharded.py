@@ -88,10 +88,9 @@ def refine_of(index: faiss.Index) -> faiss.IndexRefine | None:
 MAX_CANDIDATES = 32_768
 
 
-def refine_params(index: faiss.Index, k: int) -> faiss.SearchParameters | None:
+def refine_params(refine: faiss.IndexRefine | None, k: int) -> faiss.SearchParameters | None:
     """Per-search parameters that keep ``k * k_factor_rf`` within ``MAX_CANDIDATES`` (never below
-    k), or None where the index's own apply."""
-    refine = refine_of(index)
+    k), or None where the index's own apply (``refine``: :func:`refine_of` the index)."""
     if refine is None or k * refine.k_factor <= MAX_CANDIDATES:
         return None
     return faiss.IndexRefineSearchParameters(k_factor=max(1.0, MAX_CANDIDATES / k))
@@ -152,7 +151,7 @@ def search_and_reconstruct(
     if isinstance(index, faiss.IndexIDMap):
         refine = refine_of(index)
         if refine is not None:
-            scores, rows = refine.search(queries, k, params=refine_params(index, k))
+            scores, rows = refine.search(queries, k, params=refine_params(refine, k))
             raw = faiss.downcast_index(refine.refine_index)
             vectors = raw.reconstruct_batch(np.maximum(rows, 0).ravel()).reshape(*rows.shape, -1)
         else:
@@ -322,7 +321,10 @@ class ShardedIndex:
         if not memory_map and len(parts) > 1 and all(is_ivf(p[1]) for p in parts):
             parts = [(tuple(f for p in parts for f in p[0]), merged_ivf(parts), True)]
         self.parts = {files: index for files, index, _ in parts}
+        # looked up once: a single query costs ~0.1 ms, and each SWIG lookup a few us
+        self._refines = [refine_of(s) for s in self.shards]
         self._ivfs = [faiss.extract_index_ivf(s) for s in self.shards if is_ivf(s)]
+        self._parallel_mode = None
         self.params = dict(self.manifest.search_params)
         self.set_params(self.params)
         self.metadata = MetadataStore(storage.join(self.root, "metadata"))
@@ -374,13 +376,17 @@ class ShardedIndex:
             set_search_params(shard, self.params)
 
     def _on_shards(self, search, queries: np.ndarray) -> list:
-        """``search(shard)`` on every shard: inline for one, on a thread each for several. An IVF
-        index spreads a single query's lists over its threads, a batch's queries otherwise."""
-        for ivf in self._ivfs:
-            ivf.parallel_mode = 1 if len(queries) == 1 else 0
-        if len(self.shards) == 1:
-            return [search(self.shards[0])]
-        return list(self._pool.map(search, self.shards))
+        """``search(shard, its refine_of)`` on every shard: inline for one, on a thread each for
+        several. An IVF index spreads a single query's lists over its threads, a batch's queries
+        otherwise."""
+        mode = 1 if len(queries) == 1 else 0
+        if mode != self._parallel_mode:
+            for ivf in self._ivfs:
+                ivf.parallel_mode = mode
+            self._parallel_mode = mode
+        if len(self._refines) == 1:
+            return [search(self.shards[0], self._refines[0])]
+        return list(self._pool.map(search, self.shards, self._refines))
 
     def _queries(self, queries: np.ndarray, k: int) -> np.ndarray:
         queries = np.ascontiguousarray(np.atleast_2d(queries), np.float32)
@@ -397,7 +403,8 @@ class ShardedIndex:
         exist."""
         queries = self._queries(queries, k)
         results = self._on_shards(
-            lambda shard: shard.search(queries, k, params=refine_params(shard, k)), queries
+            lambda shard, refine: shard.search(queries, k, params=refine_params(refine, k)),
+            queries,
         )
         if len(results) == 1:  # one index: already the top-k, best first
             scores, labels = results[0]
@@ -423,7 +430,9 @@ class ShardedIndex:
                 self.manifest.embeddings, labels[labels >= 0], self.manifest.key_column
             )
             return scores, labels, vectors
-        results = self._on_shards(lambda shard: search_and_reconstruct(shard, queries, k), queries)
+        results = self._on_shards(
+            lambda shard, _: search_and_reconstruct(shard, queries, k), queries
+        )
         scores, labels, vectors = (
             np.concatenate([r[i] for r in results], axis=1) for i in range(3)
         )
