@@ -74,10 +74,8 @@ class DemoTrainingConfig(StrictModel):
 
 class DemoConfig(StrictModel):
     """The end-to-end demo: pre-train a small base CLIP on one corpus, then REACT it for the shapes
-    task
-    with pairs retrieved from another, larger one (REACT: CLIP pre-trained on WIT-400M, retrieval
-    from
-    LAION-400M, which the base never saw)."""
+    task with pairs retrieved from another, larger one (REACT: CLIP pre-trained on WIT-400M,
+    retrieval from LAION-400M, which the base never saw)."""
 
     output: Uri = "runs/demo"
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(name="react-mini"))

@@ -4,8 +4,7 @@ POST ``/v1/classify`` with base64 images and either class names (+ templates) or
 the model is chosen by the ``serve_multiplexed_model_id`` header or the ``model`` field. Models
 load on demand from local or ``s3://`` checkpoints through Serve's model multiplexing, at most
 ``REACT_RAY_MODELS_PER_REPLICA`` (default 3) per replica, least recently used leaving first;
-prompt-ensemble
-classifiers are cached per (model, classes, templates).
+prompt-ensemble classifiers are cached per (model, classes, templates).
 """
 
 import asyncio

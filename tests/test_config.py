@@ -176,8 +176,7 @@ def test_every_path_field_is_resolved_against_the_current_directory_where_config
     stage, tmp_path, monkeypatch
 ):
     """Ray Train, Ray Data workers and Serve replicas run in other directories (and Ray Train
-    refuses
-    a relative storage path): local paths become absolute once, when the config is built."""
+    refuses a relative storage path): local paths become absolute once, when the config is built."""
     import yaml
 
     monkeypatch.chdir(tmp_path)

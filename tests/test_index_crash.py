@@ -1,6 +1,5 @@
 """``index --append`` killed with SIGKILL at random points, as a real process: readers always see
-the
-previous version or the next one, and a rerun finishes with every id exactly once.
+the previous version or the next one, and a rerun finishes with every id exactly once.
 
 Each run is a child process with its own private Ray (started before the clock for the kill runs,
 so the kill lands in the append's own work); the kill ends the child's whole process group.

@@ -99,8 +99,7 @@ def run_script(clone: Path, script: str, timeout: float) -> str:
 @pytest.mark.slow
 def test_the_readme_first_command_runs_the_demo_and_react_beats_its_base(clone):
     """``./run demo`` as the README writes it: every stage, and REACT above its base with a 95%
-    interval
-    whose lower bound is above zero."""
+    interval whose lower bound is above zero."""
     command = fenced_blocks((clone / "README.md").read_text())[0][0]
     start = time.perf_counter()
     stdout = run_script(clone, command, timeout=2400)

@@ -495,9 +495,8 @@ def test_malformed_and_oversized_bodies_then_still_serving(served):
 
 def test_image_urls_are_fetched_only_where_allowed_and_within_a_deadline(served):
     """The guarded app may fetch from 127.0.0.1 (its config says so): the image works, but a
-    redirect
-    into the metadata service, a drip-feeding server and a non-HTTP server are each a 400 naming the
-    reason, never an OS error text; the drip ends at the deadline."""
+    redirect into the metadata service, a drip-feeding server and a non-HTTP server are each a
+    400 naming the reason, never an OS error text; the drip ends at the deadline."""
     url, images = served["urls"]["guarded"], served["images"]
     auth = {"Authorization": f"Bearer {API_TOKEN}"}
 

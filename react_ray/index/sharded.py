@@ -133,8 +133,7 @@ def merge_topk(
     scores: np.ndarray, labels: np.ndarray, k: int, *more: np.ndarray
 ) -> tuple[np.ndarray, ...]:
     """Per-shard top-k lists side by side (n, S*k) -> the exact global top-k (n, k), best first;
-    arrays in
-    ``more`` (e.g. the hits' vectors, (n, S*k, d)) are picked alongside."""
+    arrays in ``more`` (e.g. the hits' vectors, (n, S*k, d)) are picked alongside."""
     scores = np.where(labels < 0, -np.inf, scores)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     rows = np.arange(len(order))[:, None]
@@ -185,8 +184,7 @@ def set_search_params(index: faiss.Index, params: dict) -> None:
 
 class MetadataStore:
     """id -> {key, url, caption, and the source's metadata columns} in O(1): one memory-mapped Arrow
-    file per
-    embedding file, dense by row."""
+    file per embedding file, dense by row."""
 
     def __init__(self, metadata_uri: str, max_open: int = 256, recheck_missing_s: float = 30.0):
         self.root, self.max_open, self.recheck_missing_s = metadata_uri, max_open, recheck_missing_s
@@ -340,8 +338,8 @@ class ShardedIndex:
 
     def reloaded(self) -> ShardedIndex | None:
         """The index at its current manifest version, sharing the shards already loaded; None if
-        unchanged.
-        Searches running on this object finish on it (shard files are immutable once listed)."""
+        unchanged. Searches running on this object finish on it (shard files are immutable once
+        listed)."""
         manifest = IndexManifest.read(self.index_uri)
         if manifest.version == self.version:
             return None
@@ -417,10 +415,8 @@ class ShardedIndex:
         self, queries: np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`search`, plus each hit's vector as the index stores it (n, k, dim): exact for Flat
-        and
-        HNSW, decoded for PQ / SQ, read from the embedding files for fast-scan PQ; what
-        near-duplicate
-        removal among results compares."""
+        and HNSW, decoded for PQ / SQ, read from the embedding files for fast-scan PQ; what
+        near-duplicate removal among results compares."""
         queries = self._queries(queries, k)
         # exact vectors from the embedding files
         if not all(decodable(shard) for shard in self.shards):

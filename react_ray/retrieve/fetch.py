@@ -4,10 +4,10 @@ Pure Python (http.client, PIL); the materialization stage runs it in threads ins
 the retrieval app for ``image_url`` queries, so a URL is treated as hostile: http(s) only; the
 host is resolved once and every address checked (loopback, private, link-local, multicast and
 reserved ones refused unless in ``allowed_networks``), and the connection goes to that checked
-address
-(DNS cannot change between check and connect); each redirect is checked the same way; one
-deadline bounds the whole fetch, retries included, even against a server that drips a byte at a
-time; the body is capped; every error becomes a reason (never an exception, never an OS message).
+address (DNS cannot change between check and connect); each redirect is checked the same way;
+one deadline bounds the whole fetch, retries included, even against a server that drips a byte
+at a time; the body is capped; every error becomes a reason (never an exception, never an OS
+message).
 """
 
 from __future__ import annotations

@@ -274,8 +274,7 @@ def read_rows(uri: str, start: int, stop: int) -> pd.DataFrame:
 
 def standard_rows(rows: pd.DataFrame, start: int, config: MaterializeConfig) -> pd.DataFrame:
     """``url`` and ``caption`` from the configured columns; a file without ids (a plain URL list
-    such
-    as REACT's imagenet_10m.parquet) gets each row's position in the file as its id."""
+    such as REACT's imagenet_10m.parquet) gets each row's position in the file as its id."""
     rows = rows.rename(columns={config.url_col: "url", config.caption_col: "caption"})
     if "id" not in rows.columns:
         rows.insert(0, "id", range(start, start + len(rows)))
