@@ -276,6 +276,11 @@ def test_reranked_fast_scan_shards_join_keep_their_ids_and_tune_both_knobs(
     for index in (joined, mapped):
         index.set_params({"nprobe": 32, "k_factor_rf": built.ntotal})
         assert_exact_hits(*index.search(queries, 10), exact_scores, exact_ids)
+        # one at a time, the probed lists spread over the threads: the same exact hits
+        for i, query in enumerate(queries):
+            found = index.search(query, 10)
+            assert_exact_hits(*found, exact_scores[i : i + 1], exact_ids[i : i + 1])
+        assert {ivf.implem for ivf, _ in index._fast_scans} == {15}
     # tuned: nprobe with the most candidates, then the fewest candidates that keep the target
     params, curve = built.search_params, built.tuning["curve"]
     assert built.tuning["reached"] and set(params) == {"nprobe", "k_factor_rf"}
@@ -556,3 +561,33 @@ def test_metadata_lookups_touch_storage_once_per_file(tmp_path, monkeypatch):
     assert len(calls) == 3
     store.lookup(wanted)
     assert len(calls) == 3
+
+
+def test_fast_scan_routines_picked_for_speed_give_faiss_own_hits():
+    """Where :func:`fast_scan_implem` takes another of faiss's routines than faiss would (one
+    query probing many lists; batches of 256-d and more probing few), a re-ranked fast-scan
+    index still gives faiss's own choice's hits: the exact top-k of the probed lists."""
+    from react_ray.index.sharded import fast_scan_implem
+
+    rng = np.random.default_rng(5)
+    dim, n = 256, 4000
+    centres = rng.normal(size=(30, dim))
+    vectors = centres[rng.integers(0, 30, n)] + 0.5 * rng.normal(size=(n, dim))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    index = faiss.index_factory(dim, "IDMap,IVF32,PQ128x4fs,RFlat", faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    index.add_with_ids(vectors, np.arange(n, dtype=np.int64) * 3 + 1)
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    faiss.downcast_index(index.index).k_factor = 8
+    queries = vectors[:40] + 0.3 * rng.normal(size=(40, dim)).astype(np.float32)
+    for batch, nprobe, k in ((queries[:1], 16, 10), (queries[:1], 32, 50), (queries, 4, 10)):
+        ivf.nprobe = nprobe
+        chosen = fast_scan_implem(len(batch), dim, nprobe, 8 * k)
+        assert chosen in (14, 15)
+        ivf.implem = 0
+        want_scores, want_ids = index.search(batch, k)
+        ivf.implem = chosen
+        scores, ids = index.search(batch, k)
+        np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
+        assert np.mean(ids == want_ids) > 0.99  # scores equal: differ only where hits tie
+    assert fast_scan_implem(256, 128, 4, 80) == fast_scan_implem(1, 128, 4, 80) == 0

@@ -96,6 +96,27 @@ def refine_params(refine: faiss.IndexRefine | None, k: int) -> faiss.SearchParam
     return faiss.IndexRefineSearchParameters(k_factor=max(1.0, MAX_CANDIDATES / k))
 
 
+def candidates(refine: faiss.IndexRefine | None, k: int) -> int:
+    """Hits a search of ``k`` asks the codes for: ``k``, or ``k * k_factor_rf`` to re-rank, within
+    ``MAX_CANDIDATES`` (as :func:`refine_params` keeps it)."""
+    return k if refine is None else max(k, min(int(k * refine.k_factor), MAX_CANDIDATES))
+
+
+def fast_scan_implem(queries: int, dim: int, nprobe: int, wanted: int) -> int:
+    """Which of faiss's fast-scan search routines (``IndexIVFFastScan.implem``) serves ``queries``
+    ``dim``-d queries probing ``nprobe`` lists for ``wanted`` hits each. faiss's own choice (0)
+    scans a single query's lists on one thread and gives each thread a slice of a batch, each
+    slice coarse-quantized on its own; 14 (heap) and 15 (reservoir, faiss's own pick past 20
+    hits) quantize a batch at once and spread its (query, list) pairs over the threads. Measured
+    side by side on 1M x 128 and x 512, 2 cores: one query, from 16 lists on, 1.1-1.7x faster
+    (x 512, nprobe 1024: 6.80 -> 3.89 ms); batches of 256 at 512-d, up to 64 lists and 100 hits,
+    1.1-2.0x (nprobe 1: 0.071 -> 0.035 ms a query), where at 128-d faiss's choice stays faster."""
+    spread = 14 if wanted <= 20 else 15
+    if queries == 1:
+        return spread if nprobe >= 16 else 0
+    return spread if dim >= 256 and nprobe <= 64 and wanted <= 100 else 0
+
+
 def merge_into(target: faiss.Index, other: faiss.Index) -> None:
     """Append ``other``'s vectors, stable ids kept, to ``target``: two indices of one trained build.
     faiss merges IVF and flat indices itself, not a re-ranked one: its codes, raw vectors (both
@@ -322,7 +343,13 @@ class ShardedIndex:
         # looked up once: a single query costs ~0.1 ms, and each SWIG lookup a few us
         self._refines = [refine_of(s) for s in self.shards]
         self._ivfs = [faiss.extract_index_ivf(s) for s in self.shards if is_ivf(s)]
-        self._parallel_mode = None
+        ivfs = [
+            (faiss.downcast_index(faiss.extract_index_ivf(shard)), refine)
+            for shard, refine in zip(self.shards, self._refines)
+            if is_ivf(shard)
+        ]  # (its IVF, its refine_of) for each IVF shard, and those of fast-scan codes:
+        self._fast_scans = [(ivf, r) for ivf, r in ivfs if isinstance(ivf, faiss.IndexIVFFastScan)]
+        self._threading = None
         self.params = dict(self.manifest.search_params)
         self.set_params(self.params)
         self.metadata = MetadataStore(storage.join(self.root, "metadata"))
@@ -372,19 +399,27 @@ class ShardedIndex:
         self.params = dict(params)
         for shard in self.shards:
             set_search_params(shard, self.params)
+        self._threading = None  # nprobe and k_factor_rf decide it too
 
-    def _on_shards(self, search, queries: np.ndarray) -> list:
-        """``search(shard, its refine_of)`` on every shard: inline for one, on a thread each for
-        several. An IVF index spreads a single query's lists over its threads, a batch's queries
-        otherwise."""
-        mode = 1 if len(queries) == 1 else 0
-        if mode != self._parallel_mode:
-            for ivf in self._ivfs:
-                ivf.parallel_mode = mode
-            self._parallel_mode = mode
+    def _on_shards(self, search, queries: np.ndarray, k: int) -> list:
+        """``search(shard, its refine_of)`` on every shard for ``k`` hits per query: inline for
+        one, on a thread each for several."""
+        self._prepare(len(queries), k)
         if len(self._refines) == 1:
             return [search(self.shards[0], self._refines[0])]
         return list(self._pool.map(search, self.shards, self._refines))
+
+    def _prepare(self, n: int, k: int) -> None:
+        """How each IVF shard spreads ``n`` queries of ``k`` hits over its threads: a single
+        query's lists, a batch's queries otherwise; set only when it changes (a few us each)."""
+        threading = (n == 1, k)
+        if threading == self._threading:
+            return
+        for ivf in self._ivfs:
+            ivf.parallel_mode = 1 if n == 1 else 0
+        for ivf, refine in self._fast_scans:
+            ivf.implem = fast_scan_implem(n, ivf.d, ivf.nprobe, candidates(refine, k))
+        self._threading = threading
 
     def _queries(self, queries: np.ndarray, k: int) -> np.ndarray:
         queries = np.ascontiguousarray(np.atleast_2d(queries), np.float32)
@@ -403,6 +438,7 @@ class ShardedIndex:
         results = self._on_shards(
             lambda shard, refine: shard.search(queries, k, params=refine_params(refine, k)),
             queries,
+            k,
         )
         if len(results) == 1:  # one index: already the top-k, best first
             scores, labels = results[0]
@@ -427,7 +463,7 @@ class ShardedIndex:
             )
             return scores, labels, vectors
         results = self._on_shards(
-            lambda shard, _: search_and_reconstruct(shard, queries, k), queries
+            lambda shard, _: search_and_reconstruct(shard, queries, k), queries, k
         )
         scores, labels, vectors = (
             np.concatenate([r[i] for r in results], axis=1) for i in range(3)
