@@ -101,7 +101,7 @@ def plan_index(
             f"IDMap,{coarse},PQ{dim // 2}x4fs,RFlat",
             n * (dim * 4 + dim // 4 + 2 * ID_BYTES),  # raw, codes, ids of the map and the lists
             "raw vectors fit: fast-scan codes pick candidates, raw vectors re-rank them "
-            "(IVF,Flat's recall, 7-17x faster in batches, 2-4x one at a time)",
+            "(IVF,Flat's recall, 6-13x faster in batches, 1.6-4x one at a time)",
         )
     ]
     candidates = (reranked if dim % 2 == 0 and dim >= REFINE_MIN_DIM else []) + [

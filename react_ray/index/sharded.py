@@ -108,9 +108,10 @@ def fast_scan_implem(queries: int, dim: int, nprobe: int, wanted: int) -> int:
     scans a single query's lists on one thread and gives each thread a slice of a batch, each
     slice coarse-quantized on its own; 14 (heap) and 15 (reservoir, faiss's own pick past 20
     hits) quantize a batch at once and spread its (query, list) pairs over the threads. Measured
-    side by side on 1M x 128 and x 512, 2 cores: one query, from 16 lists on, 1.1-1.7x faster
-    (x 512, nprobe 1024: 6.80 -> 3.89 ms); batches of 256 at 512-d, up to 64 lists and 100 hits,
-    1.1-2.0x (nprobe 1: 0.071 -> 0.035 ms a query), where at 128-d faiss's choice stays faster."""
+    side by side on 1M x 128 and x 512, 2 cores: one query, x 512 from 16 lists on 1.1-1.7x
+    faster (nprobe 1024: 6.80 -> 3.89 ms), x 128 from 128 on 1.2-1.5x and even at 16-64; batches
+    of 256 at 512-d, up to 64 lists and 100 hits, 1.1-2.0x (nprobe 1: 0.071 -> 0.035 ms a
+    query), where at 128-d faiss's choice stays faster."""
     spread = 14 if wanted <= 20 else 15
     if queries == 1:
         return spread if nprobe >= 16 else 0
