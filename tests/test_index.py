@@ -591,3 +591,16 @@ def test_fast_scan_routines_picked_for_speed_give_faiss_own_hits():
         np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
         assert np.mean(ids == want_ids) > 0.99  # scores equal: differ only where hits tie
     assert fast_scan_implem(256, 128, 4, 80) == fast_scan_implem(1, 128, 4, 80) == 0
+
+
+def test_first_top_k_keeps_what_a_stable_sort_keeps():
+    """Linear-time top-k of the ground truth: the same positions as a stable full sort, ties at
+    the k-th included (scores drawn from 6 values: every row is full of ties)."""
+    from react_ray.index.tune import first_top_k
+
+    rng = np.random.default_rng(11)
+    for k in (1, 5, 40):
+        scores = rng.integers(0, 6, size=(30, 50)).astype(np.float32)
+        want = np.sort(np.argsort(-scores, axis=1, kind="stable")[:, :k], axis=1)
+        assert np.array_equal(first_top_k(scores, k), want)
+    assert np.array_equal(first_top_k(scores[:, :3], 5), np.tile(np.arange(3), (30, 1)))

@@ -34,9 +34,24 @@ def file_top_k(
     best = _empty_top_k(len(queries), k)
     for start in range(0, len(ids), chunk_rows):
         scores = queries @ vectors[start : start + chunk_rows].T
-        chunk_ids = np.broadcast_to(ids[start : start + chunk_rows], scores.shape)
-        best = merge_top_k([best, (scores, chunk_ids)], k)
+        keep = first_top_k(scores, k)
+        chunk_ids = ids[start : start + chunk_rows][keep]
+        best = merge_top_k([best, (np.take_along_axis(scores, keep, 1), chunk_ids)], k)
     return best
+
+
+def first_top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Each row's positions of its k best scores, ties at the k-th broken by the earlier position,
+    in position order: what a stable full sort would keep, in linear time (sorting every chunk
+    took most of an index build's tuning: 23 s for 200 queries over 1M vectors)."""
+    if scores.shape[1] <= k:
+        return np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+    kth = np.partition(scores, -k, axis=1)[:, -k, None]
+    above = scores > kth
+    ties = scores == kth
+    room = k - above.sum(axis=1, keepdims=True)
+    keep = above | (ties & (np.cumsum(ties, axis=1) <= room))
+    return np.nonzero(keep)[1].reshape(len(scores), k)
 
 
 def _empty_top_k(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
