@@ -343,12 +343,12 @@ class ShardedIndex:
         self.parts = {files: index for files, index, _ in parts}
         # looked up once: a single query costs ~0.1 ms, and each SWIG lookup a few us
         self._refines = [refine_of(s) for s in self.shards]
-        self._ivfs = [faiss.extract_index_ivf(s) for s in self.shards if is_ivf(s)]
-        ivfs = [
+        ivfs = [  # (its IVF, its refine_of) for each IVF shard
             (faiss.downcast_index(faiss.extract_index_ivf(shard)), refine)
             for shard, refine in zip(self.shards, self._refines)
             if is_ivf(shard)
-        ]  # (its IVF, its refine_of) for each IVF shard, and those of fast-scan codes:
+        ]
+        self._ivfs = [ivf for ivf, _ in ivfs]
         self._fast_scans = [(ivf, r) for ivf, r in ivfs if isinstance(ivf, faiss.IndexIVFFastScan)]
         self._threading = None
         self.params = dict(self.manifest.search_params)
