@@ -44,7 +44,7 @@ def ray_head():
     """A head of our own; yields (dashboard address, environment for the CLI)."""
     # short: Ray's socket paths must fit 107 bytes
     temp_dir = tempfile.mkdtemp(prefix="rr-", dir="/tmp")
-    dashboard = free_port()
+    dashboard, agent = free_port(), free_port()
     # The head runs as in our image (cluster/Dockerfile sets RAYLET_ENV).
     env = (
         RAYLET_ENV
@@ -62,6 +62,7 @@ def ray_head():
             "--node-ip-address=127.0.0.1",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}",
+            f"--dashboard-agent-listen-port={agent}",
             f"--ray-client-server-port={free_port()}",
             "--num-cpus=2",
             f"--temp-dir={temp_dir}",
@@ -75,20 +76,29 @@ def ray_head():
     )
     address = f"http://127.0.0.1:{dashboard}"
     try:
+        import requests
         from ray.job_submission import JobSubmissionClient
 
+        # The job server answers once the dashboard is up, but hands each submission to the head's
+        # agent, which it waits for only 10 s ("No available agent to submit job"): on a loaded
+        # machine the agent can start later than that. It registers as its HTTP server starts.
         deadline = time.time() + 120
-        while True:  # the job server answers once the dashboard is up
-            try:
-                JobSubmissionClient(address).list_jobs()
-                break
-            except Exception:
-                if head.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(
-                        "ray start --head failed: "
-                        f"{head.stderr.read() if head.poll() else 'timeout'}"
-                    ) from None
-                time.sleep(0.5)
+
+        def wait_for(ready) -> None:
+            while True:
+                try:
+                    return ready()
+                except Exception:
+                    if head.poll() is not None or time.time() > deadline:
+                        raise RuntimeError(
+                            "ray start --head failed: "
+                            f"{head.stderr.read() if head.poll() else 'timeout'}"
+                        ) from None
+                    time.sleep(0.5)
+
+        wait_for(lambda: JobSubmissionClient(address).list_jobs())
+        agent_health = f"http://127.0.0.1:{agent}/api/healthz"
+        wait_for(lambda: requests.get(agent_health, timeout=5).raise_for_status())
         yield address, env
     finally:
         head.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
@@ -135,12 +145,9 @@ def test_a_small_pipeline_submitted_as_a_ray_job_succeeds(ray_head, tmp_path):
         submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
     )
     client = JobSubmissionClient(address)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-2000:])
     status = client.get_job_status("react-ray-test")
-    assert result.returncode == 0 and status == JobStatus.SUCCEEDED, (
-        status,
-        result.stdout[-3000:],
-        result.stderr[-2000:],
-    )
+    assert status == JobStatus.SUCCEEDED, (status, result.stdout[-3000:])
     logs = client.get_job_logs("react-ray-test")
     assert "corpus: 80 pairs" in logs and "embed: 2 input shards" in logs
     # The job wrote where it was told; its outputs are complete and consistent.
