@@ -79,8 +79,8 @@ def train(factory: str, sample: np.ndarray, use_gpu: bool) -> faiss.Index:
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.cp.niter = COARSE_KMEANS_ITERATIONS
-    if use_gpu and ivf is not None:  # the coarse k-means on every GPU; the rest trains on CPU
-        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
+        if use_gpu:  # the coarse k-means on every GPU; the rest trains on CPU
+            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
     index.train(sample)
     return index
 
