@@ -9,7 +9,9 @@ Slow (minutes): ``./run test tests/test_cluster.py``.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import threading
 import time
 
@@ -17,6 +19,7 @@ import numpy as np
 import pytest
 
 from react_ray.config import CorpusConfig, EmbedConfig, GenerateConfig, ModelConfig, TrainConfig
+from react_ray.embed.pipeline import start_ledger
 from react_ray.formats import ids
 from react_ray.formats.embedding_set import load_embeddings, read_stats
 from react_ray.jobs.embed import run_embedding
@@ -222,6 +225,49 @@ def test_a_gpu_node_lost_mid_embedding_still_gives_every_id_exactly_once(cluster
             for n in range(CORPUS.num_shards)
         )
     )
+
+
+def test_the_read_ledger_starts_while_nodes_are_being_lost(cluster):
+    """Right after four nodes are killed, before the cluster has noticed, five ledgers start and
+    answer: each is leased from the driver's node, not from a node picked at random (which an
+    actor that reserves nothing gets: CI saw a resumed run's ledger die unborn on a lost node)."""
+    import ray
+
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(4)]
+    cluster.wait_for_nodes()
+    for node in nodes:
+        cluster.remove_node(node, allow_graceful=False)
+    ledgers = [start_ledger() for _ in range(5)]
+    assert ray.get([ledger.drain.remote() for ledger in ledgers], timeout=300) == [[]] * 5
+
+
+def test_a_killed_read_ledger_costs_a_resume_not_the_run(cluster, corpus, tmp_path, caplog):
+    """The run's ``ReadLedger`` process is killed once a shard is committed: the run resumes the
+    shards not committed, and every id comes out once. (Here, with the log records kept, the
+    resumed run once waited for ever for a GPU: the warning kept the error, whose frames kept
+    the failed run's actor.)"""
+    from ray._private import state
+
+    cluster.add_node(**GPU_NODE)
+    cluster.wait_for_nodes()
+
+    def kill_the_ledger():
+        ledgers = [
+            actor["Pid"]
+            for actor in state.actors().values()
+            if actor["ActorClassName"] == "ReadLedger" and actor["State"] == "ALIVE"
+        ]
+        assert len(ledgers) == 1, ledgers
+        os.kill(ledgers[0], signal.SIGKILL)
+
+    config = embed_config(corpus, str(tmp_path / "emb"), min_actors=1, max_actors=1)
+    with caplog.at_level(logging.WARNING, logger="react_ray.embed.pipeline"):
+        summary, _ = embed_while(config, kill_the_ledger, when=first_shard_done)
+    assert summary.rows_embedded == TOTAL and summary.skipped == {}
+    assert_every_id_exactly_once(config.output)
+    resumed = [r.getMessage() for r in caplog.records if "resuming the" in r.getMessage()]
+    assert len(resumed) == 1 and "ReadLedger" in resumed[0], resumed
+    print(f"\nledger killed: {resumed[0].splitlines()[-1]}")
 
 
 def test_a_training_node_lost_resumes_from_the_last_checkpoint(cluster, corpus, tmp_path):

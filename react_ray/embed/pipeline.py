@@ -192,7 +192,10 @@ def _recorder(ledger: ray.actor.ActorHandle):
     """``read_blocks``' callback: each shard's size to the ledger, before its last block leaves."""
 
     def record(read: ShardRead) -> None:
-        ray.get(ledger.record.remote(read))
+        try:
+            ray.get(ledger.record.remote(read))
+        except ray.exceptions.RayActorError as lost:
+            raise LedgerLost(f"shard {read.shard}'s size could not be recorded: {lost}") from None
 
     return record
 
@@ -233,9 +236,15 @@ def embed_pending(config: EmbedConfig, plan: EmbeddingPlan, progress: bool) -> R
     return timing
 
 
+class LedgerLost(RuntimeError):
+    """A reader found the run's ``ReadLedger`` gone. Raised in its place: Ray cannot bring the
+    actor's own error back to the driver through Ray Data (``UnserializableException``)."""
+
+
 # A node lost (a reclaimed spot instance) usually costs a retried task; now and then Ray Data gives
 # up on the dataset instead (ActorUnavailableError). The committed shards stand: resume the rest.
 NODE_LOSS = (
+    LedgerLost,
     ray.exceptions.RayActorError,
     ray.exceptions.NodeDiedError,
     ray.exceptions.ObjectLostError,
@@ -254,7 +263,11 @@ def _embed_resuming(
             pending = [s for s in pending if not embedding_set.is_done(config.output, s.name)]
             if not resumes_left:
                 raise
-            log.warning("embed: %s; resuming the %d shards not committed", lost, len(pending))
+            # Its text only: the error's frames hold the failed run's actors (and their GPUs)
+            # for as long as a log handler keeps the record.
+            log.warning("embed: %s; resuming the %d shards not committed", str(lost), len(pending))
+            if not pending:  # lost after the last commit
+                return
 
 
 class RunTiming:
@@ -274,8 +287,7 @@ def _embed_shards(
 ) -> None:
     run_id = uuid.uuid4().hex[:8]
     by_number = {s.number: s for s in pending}
-    # Beside the driver: readers leave each shard's size here before its last rows go downstream.
-    ledger = ray.remote(ReadLedger).options(num_cpus=0, scheduling_strategy=_this_node()).remote()
+    ledger = start_ledger()
     tally, commits = ShardTally(), []
     bar = tqdm(total=len(pending), desc="embed shards", unit="shard", disable=not progress)
 
@@ -319,7 +331,25 @@ def _embed_shards(
     shard_writer.remove_leftover_parts(config.output)
 
 
-def _this_node():
+# The ledger's only reservation. An actor that reserves nothing is leased from a node the GCS picks
+# at random, which may be a node being lost and not yet known dead: the actor then dies unborn
+# (seen in CI, resuming after a lost GPU node). One that reserves anything is leased from its
+# owner's node. Memory, not CPUs: a head is often started with --num-cpus 0.
+LEDGER_MEMORY_BYTES = 2**20
+
+
+def start_ledger() -> ray.actor.ActorHandle:
+    """The run's ``ReadLedger``, beside the driver: readers leave each shard's size there before
+    its last rows go downstream."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    driver_node = ray.get_runtime_context().get_node_id()
+    return (
+        ray.remote(ReadLedger)
+        .options(
+            num_cpus=0,
+            memory=LEDGER_MEMORY_BYTES,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(driver_node, soft=True),
+        )
+        .remote()
+    )
