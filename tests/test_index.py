@@ -243,6 +243,20 @@ def test_co_located_ivf_shards_are_searched_as_one_index(ray_local, embeddings, 
         alone = np.concatenate([joined.search(q[None], 10)[1] for q in queries[:5]])
         assert np.array_equal(alone, found[:5])
     assert_exact_hits(scores, found, *_exact(embeddings, queries, 11))  # all 32 lists: exact
+    # one list probed for half the set: each row ends in missing hits, scored -inf, alone or not
+    joined.set_params({"nprobe": 1})
+    k = joined.ntotal // 2
+    batch = joined.search(queries[:3], k)
+    for i, query in enumerate(queries[:3]):
+        for scores_of, found_of in (
+            joined.search(query[None], k),
+            (batch[0][i : i + 1], batch[1][i : i + 1]),
+        ):
+            missing = found_of[0] < 0
+            assert (
+                0 < missing.sum() < k and missing[-1] and np.isneginf(scores_of[0][missing]).all()
+            )
+            assert np.isfinite(scores_of[0][~missing]).all()
     # text queries on CLIP's geometry: the tuned nprobe reaches the target on other captions too
     joined.set_params(built.search_params)
     assert built.tuning["reached"] and built.search_params["nprobe"] < 32

@@ -436,14 +436,18 @@ class ShardedIndex:
         """(n, dim) queries -> (scores, ids), each (n, k), best first; id -1 where fewer than k
         exist."""
         queries = self._queries(queries, k)
-        results = self._on_shards(
-            lambda shard, refine: shard.search(queries, k, params=refine_params(refine, k)),
-            queries,
-            k,
-        )
-        if len(results) == 1:  # one index: already the top-k, best first
-            scores, labels = results[0]
-            return np.where(labels < 0, -np.inf, scores), labels
+
+        def on(shard: faiss.Index, refine: faiss.IndexRefine | None) -> tuple:
+            return shard.search(queries, k, params=refine_params(refine, k))
+
+        if len(self._refines) == 1:  # one index: already the top-k, best first
+            # inline: a cheap single query takes ~40 us, and each step around it a few
+            self._prepare(len(queries), k)
+            scores, labels = on(self.shards[0], self._refines[0])
+            if len(labels) > 1 or labels[0, -1] < 0:  # a row short of k hits ends in -1s
+                scores = np.where(labels < 0, -np.inf, scores)
+            return scores, labels
+        results = self._on_shards(on, queries, k)
         scores = np.concatenate([r[0] for r in results], axis=1)
         labels = np.concatenate([r[1] for r in results], axis=1)
         return merge_topk(scores, labels, k)
