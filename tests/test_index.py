@@ -40,8 +40,8 @@ GB = 2**30
         (50_000, 512, 16, False, "IDMap,Flat"),
         (1_000_000, 512, 16, False, "IDMap,HNSW32"),
         # captions against image keys: no graph; raw vectors re-rank fast-scan candidates
-        (1_000_000, 512, 16, True, "IDMap,IVF4096,PQ256x4fs,RFlat"),
-        (20_000_000, 512, 64, False, "IDMap,IVF16384,PQ256x4fs,RFlat"),
+        (1_000_000, 512, 16, True, "IDMap,IVF2048,PQ256x4fs,RFlat"),
+        (20_000_000, 512, 64, False, "IDMap,IVF8192,PQ256x4fs,RFlat"),
         (20_000_000, 512, 40, False, "IVF16384,Flat"),  # raw vectors fit, the codes too do not
         (1_000_000, 511, 16, True, "IVF4096,Flat"),  # an odd dim: no 2-d sub-quantizers
         (1_000_000, 64, 16, True, "IVF4096,Flat"),  # too few dims for the codes to rank
