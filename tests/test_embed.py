@@ -35,6 +35,20 @@ def _config(input_uri: str, output: str, **kw) -> EmbedConfig:
     )
 
 
+def vector_encodings(path: str) -> set[str]:
+    """The parquet encodings of a file's embedding columns' data pages."""
+    metadata = pq.ParquetFile(path).metadata
+    return {
+        encoding
+        for group in range(metadata.num_row_groups)
+        for c in range(metadata.num_columns)
+        if (column := metadata.row_group(group).column(c)).path_in_schema.split(".")[0]
+        in ("img_emb", "txt_emb")
+        for encoding in column.encodings
+        if encoding != "RLE"  # the definition levels'
+    }
+
+
 # ---------------------------------------------------------------- no Ray
 
 
@@ -235,6 +249,7 @@ def test_pipeline_counts_every_fault_and_embeds_the_rest(
         atol=3e-3,
     )
     assert table.schema.field("img_emb").type == pa.list_(pa.float16(), 32)
+    assert vector_encodings(f"{out}/part-000000.parquet") == {"PLAIN"}  # no dictionary to decode
 
     again = run_embedding(_config(str(inputs), out), progress=False)  # resume: nothing left to do
     assert again.this_run_shards == 0 and again.rows_embedded == summary.rows_embedded
@@ -340,6 +355,7 @@ def test_laion_embedding_ingestion_keeps_ids_aligned(ray_local, tmp_path):
         assert json.loads(meta) == {"punsafe": row / 100}
     img, txt = column_matrix(table, "img_emb"), column_matrix(table, "txt_emb")
     np.testing.assert_allclose(img.astype(np.float32), -txt.astype(np.float32), atol=1e-3)
+    assert vector_encodings(f"{out}/part-000007.parquet") == {"PLAIN"}  # read fast, like the rest
 
 
 @pytest.mark.s3

@@ -314,6 +314,7 @@ def test_reranked_fast_scan_shards_join_keep_their_ids_and_tune_both_knobs(
     truth = _exact(embeddings, queries, 50)[1]
     full = joined.search(queries, 50)[1]
     monkeypatch.setattr(sharded, "MAX_CANDIDATES", 50)
+    joined.set_params({"nprobe": 32, "k_factor_rf": 64})  # the cap is read with the params
     scores, capped = joined.search(queries, 50)
     assert (capped >= 0).all() and recall_at_k(capped, truth) < recall_at_k(full, truth)
     vectors = fetch_vectors(embeddings, capped.ravel()).reshape(*capped.shape, 64)

@@ -121,7 +121,9 @@ def ingest_file(config: EmbedConfig, shard: InputShard, dim: int) -> embedding_s
                         object,
                     )[valid],
                 )
-                writer = writer or pq.ParquetWriter(out, table.schema)
+                writer = writer or pq.ParquetWriter(
+                    out, table.schema, **embedding_set.parquet_options(table.schema)
+                )
                 writer.write_table(table)
                 for i in np.flatnonzero(~valid):
                     stats.skipped_records.append(

@@ -167,9 +167,20 @@ def fetch_vectors(embeddings: str, id_list: np.ndarray, column: str = "img_emb")
     return out
 
 
+VECTOR_COLUMNS = ("img_emb", "txt_emb")
+
+
+def parquet_options(schema: pa.Schema) -> dict:
+    """Writer options: parquet's dictionary encoding for every column but the embeddings. A
+    float16 vector column holds thousands of distinct values a page, so the dictionary saves
+    ~5% of the file and costs every reader: 10,000 x 512 read in 0.116 s with it, 0.022 s
+    without; a 1M x 512 index build, which reads the vectors four times, 84.7 -> 65.3 s."""
+    return {"use_dictionary": [name for name in schema.names if name not in VECTOR_COLUMNS]}
+
+
 def write_parquet(uri: str, table: pa.Table) -> None:
     with storage.atomic_writer(uri) as f:
-        pq.write_table(table, f)
+        pq.write_table(table, f, **parquet_options(table.schema))
 
 
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
