@@ -18,7 +18,12 @@ from PIL import Image
 from react_ray.config import CorpusConfig, EmbedConfig, GenerateConfig, ModelConfig
 from react_ray.formats import ids, storage
 from react_ray.formats.decode import decode_image
-from react_ray.formats.embedding_set import column_matrix, load_embeddings, read_parquet
+from react_ray.formats.embedding_set import (
+    VECTOR_COLUMNS,
+    column_matrix,
+    load_embeddings,
+    read_parquet,
+)
 from react_ray.formats.readers import InputShard, list_input_shards, read_shard
 from react_ray.formats.shard_writer import ShardRead
 from react_ray.jobs.embed import run_embedding
@@ -43,7 +48,7 @@ def vector_encodings(path: str) -> set[str]:
         for group in range(metadata.num_row_groups)
         for c in range(metadata.num_columns)
         if (column := metadata.row_group(group).column(c)).path_in_schema.split(".")[0]
-        in ("img_emb", "txt_emb")
+        in VECTOR_COLUMNS
         for encoding in column.encodings
         if encoding != "RLE"  # the definition levels'
     }

@@ -347,7 +347,7 @@ class ShardedIndex:
         self._refines = [refine_of(s) for s in self._shards]
         ivfs = [  # (its IVF, its refine_of) for each IVF shard
             (faiss.downcast_index(faiss.extract_index_ivf(shard)), refine)
-            for shard, refine in zip(self.shards, self._refines)
+            for shard, refine in zip(self._shards, self._refines)
             if is_ivf(shard)
         ]
         self._ivfs = [ivf for ivf, _ in ivfs]
@@ -396,11 +396,11 @@ class ShardedIndex:
 
     @property
     def ntotal(self) -> int:
-        return sum(s.ntotal for s in self.shards)
+        return sum(s.ntotal for s in self._shards)
 
     def set_params(self, params: dict) -> None:
         self.params = dict(params)
-        for shard in self.shards:
+        for shard in self._shards:
             set_search_params(shard, self.params)
         self._threading = None  # nprobe and k_factor_rf decide it too
 
@@ -470,7 +470,7 @@ class ShardedIndex:
         near-duplicate removal among results compares."""
         queries = self._queries(queries, k)
         # exact vectors from the embedding files
-        if not all(decodable(shard) for shard in self.shards):
+        if not all(decodable(shard) for shard in self._shards):
             scores, labels = self.search(queries, k)
             vectors = np.zeros((*labels.shape, self.dim), np.float32)
             vectors[labels >= 0] = fetch_vectors(
